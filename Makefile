@@ -1,0 +1,50 @@
+# Inference-PIO developer targets. `make build` is an editable install into the active Python.
+PYTHON ?= python3
+BUILD := build
+SAN_LIB := $(BUILD)/sanitize/libtensor_ops.so
+ASAN_RT := $(shell gcc -print-file-name=libasan.so)
+UBSAN_RT := $(shell gcc -print-file-name=libubsan.so)
+
+.PHONY: build install-test test test-c test-sanitize test-gpu bench bench-gpu clean
+
+build:
+	$(PYTHON) -m pip install -q setuptools wheel cffi ninja
+	$(PYTHON) -m pip install -q --no-build-isolation -e .
+
+# torch first, pinned to the CPU build, so nothing pulls a CUDA build of it.
+install-test:
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+test: install-test
+	$(PYTHON) -m pytest -q tests
+
+# The C API used straight from C, against the installed library.
+test-c: install-test
+	$(PYTHON) tests/c/run_c_tests.py
+
+# The C kernels and their tests under AddressSanitizer + UBSan: the library is rebuilt with the
+# sanitizers and preloaded, so its soname stands in for the installed library in the C tests and
+# the kernel test suite.
+test-sanitize: install-test
+	$(PYTHON) csrc/build.py --out $(SAN_LIB) --sanitize --cuda 0
+	$(PYTHON) tests/c/run_c_tests.py --lib $(SAN_LIB)
+	LD_PRELOAD="$(ASAN_RT) $(UBSAN_RT) $(abspath $(SAN_LIB))" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/kernels tests/test_tensor.py
+
+# On a machine with an NVIDIA GPU (the lent H200): the whole suite, CUDA compiled in.
+test-gpu:
+	INFERENCE_PIO_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation -e .
+	$(PYTHON) -m pytest -q tests
+
+bench: install-test
+	$(PYTHON) benchmarks/bench_kernels.py --threads 2 --json benchmarks/results/kernels-cpu.json
+
+bench-gpu:
+	INFERENCE_PIO_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation -e .
+	$(PYTHON) benchmarks/bench_kernels.py --json benchmarks/results/kernels-gpu-host.json
+
+clean:
+	rm -rf $(BUILD) python/inference_pio/*.so python/inference_pio/_tensor_ops.c \
+	       python/inference_pio/include *.egg-info python/*.egg-info

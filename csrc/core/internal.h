@@ -1,0 +1,117 @@
+/*
+ * internal.h - what the library's own files share and users never see.
+ * Everything declared after the visibility pragma stays out of the shared library's
+ * exported symbols, so internal helpers can share the public `to_` prefix.
+ */
+#ifndef TO_INTERNAL_H
+#define TO_INTERNAL_H
+
+#include "tensor_ops.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#pragma GCC visibility push(hidden)
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- errors (core/error.c) ---- */
+/* Records a printf-style message for the calling thread and returns status. */
+int to_fail(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define TO_TRY(expr)                 \
+    do {                             \
+        int to_try_status_ = (expr); \
+        if (to_try_status_ != TO_OK) \
+            return to_try_status_;   \
+    } while (0)
+
+/* ---- tensor descriptors (core/check.c) ---- */
+/* Bit masks of dtypes for to_check_dtype. */
+#define TO_MASK(d) (1u << (d))
+#define TO_FLOAT_DTYPES (TO_MASK(TO_F32) | TO_MASK(TO_F16) | TO_MASK(TO_BF16))
+#define TO_INDEX_DTYPES (TO_MASK(TO_I32) | TO_MASK(TO_I64))
+#define TO_ALL_DTYPES ((1u << TO_DTYPE_COUNT) - 1u)
+
+/* Non-null, known dtype and device, rank <= TO_MAX_DIMS, non-negative shape and strides, and
+ * every reachable element inside nbytes. `op` and `name` go into the error message. */
+int to_check_tensor(const to_tensor *t, const char *op, const char *name);
+int to_check_dtype(const to_tensor *t, unsigned mask, const char *op, const char *name);
+int to_check_ndim(const to_tensor *t, int ndim, const char *op, const char *name);
+int to_check_same_shape(const to_tensor *a, const to_tensor *b, const char *op, const char *na,
+                        const char *nb);
+/* Every tensor of the NULL-terminated list is on the device of the first. */
+int to_check_same_device(const char *op, const to_tensor *first, ...);
+int64_t to_numel(const to_tensor *t);
+int to_is_contiguous(const to_tensor *t);
+/* Rows are all dimensions but the last flattened; a 0-d tensor is one row of one element. */
+int64_t to_num_rows(const to_tensor *t);
+int64_t to_row_len(const to_tensor *t);
+int64_t to_row_stride_last(const to_tensor *t); /* stride of the last dimension (1 for 0-d) */
+int64_t to_row_offset(const to_tensor *t, int64_t row); /* element offset of row `row` */
+/* Error unless the tensor is on the CPU; used by ops with no CUDA kernel yet. */
+int to_require_cpu(const to_tensor *t, const char *op);
+
+/* ---- dtypes (core/dtype.c) ---- */
+static inline float to_bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+static inline uint16_t to_f32_to_bf16(float f) {
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) /* NaN: keep it a (quiet) NaN */
+        return (uint16_t)((v.u >> 16) | 0x40u);
+    v.u += 0x7fffu + ((v.u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(v.u >> 16);
+}
+float to_f16_to_f32(uint16_t h);
+uint16_t to_f32_to_f16(float f);
+/* dst[i] = float(src[i * stride]) for i < n, any dtype. */
+void to_load_f32(float *dst, const void *src, int dtype, int64_t n, int64_t stride);
+/* dst[i * stride] = convert(src[i]) for i < n, any dtype (to integers: truncate, saturate). */
+void to_store_f32(void *dst, int dtype, const float *src, int64_t n, int64_t stride);
+/* Address of element `offset` (in elements) of a buffer of `dtype`. */
+static inline void *to_elem_ptr(void *base, int dtype, int64_t offset) {
+    return (char *)base + offset * (int64_t)to_dtype_size(dtype);
+}
+
+/* ---- CPU features (core/simd.c) ---- */
+/* Level used by kernels now: detected, lowered by to_set_simd or INFERENCE_PIO_SIMD. */
+int to_simd(void);
+#define TO_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TO_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+/* ---- threads (core/threads.c) ---- */
+/* Runs fn(ctx, ith, nth) once on each of nth threads (the caller is thread 0) and returns when
+ * all are done. Called from inside a pool thread it runs fn(ctx, 0, 1) inline. */
+typedef void (*to_thread_fn)(void *ctx, int ith, int nth);
+void to_parallel_run(to_thread_fn fn, void *ctx);
+/* Splits [0, n) into one contiguous range per thread, each at least min_chunk long (so small
+ * work stays on one thread), and calls fn(ctx, begin, end) for each non-empty range. */
+typedef void (*to_range_fn)(void *ctx, int64_t begin, int64_t end);
+void to_parallel_for(int64_t n, int64_t min_chunk, to_range_fn fn, void *ctx);
+/* Per-thread scratch memory, 64-byte aligned, kept between calls; slot 0..3 are independent.
+ * Returns NULL only when memory runs out. */
+void *to_scratch(int slot, size_t nbytes);
+
+/* ---- host memory (core/alloc.c) ---- */
+void *to_host_alloc(size_t nbytes); /* 64-byte aligned, NULL on failure */
+void to_host_free(void *p);
+
+/* ---- CUDA (csrc/cuda, or core/no_cuda.c when the build has none) ---- */
+int to_cuda_alloc(int device_index, int64_t nbytes, void **out);
+int to_cuda_free(int device_index, void *ptr);
+int to_cuda_count(int *out);
+int to_cuda_sync(int device_index);
+/* Copies nbytes between contiguous buffers; kind: 0 host->device, 1 device->host, 2 device->device. */
+int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes, int kind);
+int to_cuda_compiled(void);
+
+#ifdef __cplusplus
+}
+#endif
+#pragma GCC visibility pop
+
+#endif

@@ -1,0 +1,134 @@
+// device.cu - GPUs: count, a caching allocator, copies and synchronisation.
+//
+// The caching allocator keeps freed blocks in per-device free lists bucketed by rounded size,
+// so steady-state decode never calls cudaMalloc/cudaFree (both synchronise the device).
+// Sizes round up to 512 bytes below 1 MiB and to 2 MiB above, which bounds the waste while
+// letting a freed block serve later requests of nearby sizes.
+#include "internal.h"
+
+#include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceCache {
+    std::multimap<size_t, void *> free_blocks;    // size -> block
+    std::unordered_map<void *, size_t> live_sizes; // block -> size, for blocks handed out
+};
+
+std::mutex cache_lock;
+DeviceCache caches[kMaxDevices];
+
+int cuda_fail(cudaError_t err, const char *what) {
+    return to_fail(TO_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(err), cudaGetErrorName(err));
+}
+
+size_t round_size(int64_t nbytes) {
+    size_t n = nbytes > 0 ? (size_t)nbytes : 1;
+    size_t unit = n < (1u << 20) ? 512 : (2u << 20);
+    return (n + unit - 1) / unit * unit;
+}
+
+int check_device(int device_index, const char *what) {
+    int count = 0;
+    to_cuda_count(&count);
+    if (device_index < 0 || device_index >= count || device_index >= kMaxDevices)
+        return to_fail(TO_ERR_DEVICE, "%s: no GPU with index %d (%d visible)", what, device_index, count);
+    cudaError_t err = cudaSetDevice(device_index);
+    return err == cudaSuccess ? TO_OK : cuda_fail(err, what);
+}
+
+// Returns every cached block of a device to the driver (used when cudaMalloc fails).
+void release_cached(int device_index) {
+    for (auto &kv : caches[device_index].free_blocks)
+        cudaFree(kv.second);
+    caches[device_index].free_blocks.clear();
+}
+
+}  // namespace
+
+extern "C" {
+
+int to_cuda_compiled(void) { return 1; }
+
+int to_cuda_count(int *out) {
+    int n = 0;
+    // No driver or no GPU: report zero devices rather than an error.
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        n = 0;
+    }
+    *out = n;
+    return TO_OK;
+}
+
+int to_cuda_alloc(int device_index, int64_t nbytes, void **out) {
+    *out = nullptr;
+    TO_TRY(check_device(device_index, "to_alloc"));
+    size_t size = round_size(nbytes);
+    std::lock_guard<std::mutex> guard(cache_lock);
+    DeviceCache &cache = caches[device_index];
+    auto it = cache.free_blocks.lower_bound(size);
+    // reuse a cached block unless it is more than twice what was asked for
+    if (it != cache.free_blocks.end() && it->first <= 2 * size) {
+        *out = it->second;
+        cache.live_sizes[it->second] = it->first;
+        cache.free_blocks.erase(it);
+        return TO_OK;
+    }
+    void *p = nullptr;
+    cudaError_t err = cudaMalloc(&p, size);
+    if (err == cudaErrorMemoryAllocation) {
+        cudaGetLastError();
+        release_cached(device_index);
+        err = cudaMalloc(&p, size);
+    }
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        return to_fail(err == cudaErrorMemoryAllocation ? TO_ERR_OUT_OF_MEMORY : TO_ERR_CUDA,
+                       "to_alloc: cannot allocate %lld bytes on cuda:%d: %s", (long long)nbytes,
+                       device_index, cudaGetErrorString(err));
+    }
+    cache.live_sizes[p] = size;
+    *out = p;
+    return TO_OK;
+}
+
+int to_cuda_free(int device_index, void *ptr) {
+    if (device_index < 0 || device_index >= kMaxDevices)
+        return to_fail(TO_ERR_DEVICE, "to_free: no GPU with index %d", device_index);
+    std::lock_guard<std::mutex> guard(cache_lock);
+    DeviceCache &cache = caches[device_index];
+    auto it = cache.live_sizes.find(ptr);
+    if (it == cache.live_sizes.end())
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "to_free: %p was not allocated by to_alloc on cuda:%d",
+                       ptr, device_index);
+    cache.free_blocks.emplace(it->second, ptr);
+    cache.live_sizes.erase(it);
+    return TO_OK;
+}
+
+int to_cuda_sync(int device_index) {
+    TO_TRY(check_device(device_index, "to_cuda_synchronize"));
+    cudaError_t err = cudaDeviceSynchronize();
+    return err == cudaSuccess ? TO_OK : cuda_fail(err, "to_cuda_synchronize");
+}
+
+int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes, int kind) {
+    TO_TRY(check_device(device_index, "to_copy"));
+    static const cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
+                                           cudaMemcpyDeviceToDevice};
+    if (kind < 0 || kind > 2)
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "to_copy: bad copy kind %d", kind);
+    // Synchronous on the default stream: the host buffer may be reused as soon as we return.
+    cudaError_t err = cudaMemcpy(dst, src, (size_t)nbytes, kinds[kind]);
+    return err == cudaSuccess ? TO_OK : cuda_fail(err, "to_copy");
+}
+
+}  // extern "C"

@@ -1,0 +1,166 @@
+/*
+ * tensor_ops.h - the one public C API of libtensor_ops.
+ *
+ * Conventions
+ *  - Every symbol starts with `to_` (types, functions) or `TO_` (constants).
+ *  - Every function returns a to_status. TO_OK is 0; on failure a message for the
+ *    calling thread is available from to_last_error() until its next failing call.
+ *  - Tensors are passed as `const to_tensor *` descriptors. Strides are counted in
+ *    elements, never negative; a stride of 0 broadcasts. `nbytes` is how many bytes
+ *    may be touched starting at `data`: every call checks that the largest offset
+ *    its shape and strides reach lies inside it.
+ *  - Outputs come first in the argument list. Outputs must not overlap inputs unless
+ *    a function says it may work in place.
+ *  - Ops dispatch on the tensors' device inside the library; all tensors of one call
+ *    must be on the same device (only to_copy moves data between devices).
+ *
+ * The part between the CDEF markers is read by cffi (python/inference_pio/_ffi_build.py):
+ * keep it free of preprocessor expressions other than plain integer #defines.
+ */
+#ifndef TENSOR_OPS_H
+#define TENSOR_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CDEF-BEGIN */
+#define TO_MAX_DIMS 8
+
+typedef enum {
+    TO_OK = 0,
+    TO_ERR_INVALID_ARGUMENT = 1, /* null pointer, bad rank, bad parameter value */
+    TO_ERR_DTYPE = 2,            /* a dtype the op does not take, or mismatched dtypes */
+    TO_ERR_SHAPE = 3,            /* shapes that do not fit together */
+    TO_ERR_BOUNDS = 4,           /* buffer too small for shape/strides, index out of range */
+    TO_ERR_DEVICE = 5,           /* wrong or mixed devices, no such GPU */
+    TO_ERR_OUT_OF_MEMORY = 6,
+    TO_ERR_UNSUPPORTED = 7,      /* valid request this build or device cannot serve */
+    TO_ERR_CUDA = 8,             /* an error reported by the CUDA runtime */
+    TO_ERR_INTERNAL = 9
+} to_status;
+
+typedef enum {
+    TO_F32 = 0,
+    TO_F16 = 1,
+    TO_BF16 = 2,
+    TO_I8 = 3,
+    TO_I32 = 4,
+    TO_I64 = 5,
+    TO_U8 = 6,
+    TO_DTYPE_COUNT = 7
+} to_dtype;
+
+typedef enum {
+    TO_CPU = 0,
+    TO_CUDA = 1
+} to_device;
+
+typedef enum {
+    TO_SIMD_SCALAR = 0, /* portable C, no vector extensions beyond the baseline ABI */
+    TO_SIMD_AVX2 = 1,   /* AVX2 + FMA + F16C */
+    TO_SIMD_AVX512 = 2  /* AVX-512 F/BW/VL (+ AVX2 paths where no AVX-512 one exists) */
+} to_simd_level;
+
+typedef struct to_tensor {
+    void *data;          /* address of element [0, 0, ...] */
+    int64_t nbytes;      /* bytes addressable from data */
+    int32_t dtype;       /* to_dtype */
+    int32_t device;      /* to_device */
+    int32_t device_index;
+    int32_t ndim;        /* 0 .. TO_MAX_DIMS */
+    int64_t shape[TO_MAX_DIMS];
+    int64_t strides[TO_MAX_DIMS];
+} to_tensor;
+
+/* ---- errors and library facts ---- */
+const char *to_last_error(void);
+const char *to_status_name(int status);
+const char *to_dtype_name(int dtype);
+int to_dtype_size(int dtype);                   /* bytes per element, 0 if unknown */
+int to_version(void);                           /* major * 10000 + minor * 100 + patch */
+
+/* ---- CPU features and threads ---- */
+int to_simd_detected(void);                     /* best level this CPU and build support */
+int to_simd_active(void);                       /* level kernels use now */
+int to_set_simd(int level);                     /* force a level <= detected (tests) */
+int to_num_threads(void);
+int to_set_num_threads(int n);                  /* resizes the persistent pool */
+
+/* ---- memory ---- */
+/* Host memory is 64-byte aligned. Device memory comes from a caching allocator. */
+int to_alloc(int device, int device_index, int64_t nbytes, void **out);
+int to_free(int device, int device_index, void *ptr);
+int to_cuda_device_count(int *out);             /* 0 when no driver/GPU or no CUDA build */
+int to_cuda_available(void);                    /* 1 if this build has CUDA code compiled in */
+int to_cuda_synchronize(int device_index);
+
+/* ---- copies and element-wise ops ---- */
+/* out = x converted to out's dtype; any strides; x and out may be on different devices
+ * (host<->device copies need contiguous tensors of the same dtype). */
+int to_copy(const to_tensor *out, const to_tensor *x);
+int to_fill(const to_tensor *out, double value);
+/* out = a + b, out = a * b: same shapes (broadcast by passing stride-0 views). In place allowed. */
+int to_add(const to_tensor *out, const to_tensor *a, const to_tensor *b);
+int to_mul(const to_tensor *out, const to_tensor *a, const to_tensor *b);
+/* out = x * scale */
+int to_scale(const to_tensor *out, const to_tensor *x, double scale);
+/* out[..., i] = silu(gate[..., i]) * up[..., i]; silu(z) = z / (1 + exp(-z)) */
+int to_silu_mul(const to_tensor *out, const to_tensor *gate, const to_tensor *up);
+/* softmax over the last dimension, computed in f32 */
+int to_softmax(const to_tensor *out, const to_tensor *x);
+
+/* ---- normalisation ---- */
+/* out = x / sqrt(mean(x^2) + eps) * weight, over the last dimension; weight [d] */
+int to_rms_norm(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps);
+/* residual += x (in place, in residual's dtype); out = rms_norm(residual) * weight */
+int to_add_rms_norm(const to_tensor *out, const to_tensor *residual, const to_tensor *x,
+                    const to_tensor *weight, double eps);
+
+/* ---- rotary embedding ---- */
+/* x: [T, H, D] (any float dtype, any strides), positions: [T] i32/i64, inv_freq: [R/2] f32
+ * with R = rotary_dim <= D, even. angle = float(pos) * inv_freq[i]; cos and sin are multiplied
+ * by attention_scaling. Rotate-half (NeoX) pairs (i, i + R/2); interleaved pairs (2i, 2i+1)
+ * and writes the rotated slice de-interleaved (HF's GLM form). Dims >= R are copied.
+ * out may be x (in place). */
+int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
+            const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling);
+
+/* ---- matrix products ---- */
+/* out[M, N] = x[M, K] . w[N, K]^T  (weights in the checkpoint's [out, in] layout).
+ * x, w, out: f32, f16 or bf16, accumulation in f32. w and out need unit stride in their
+ * last dimension; x may have any strides. bias [N] optional (NULL). */
+int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
+
+/* ---- lookups and reductions ---- */
+/* out[t, :] = table[ids[t], :]; ids i32/i64 in [0, rows) */
+int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids);
+/* out[r] = index of the largest value of row r (first one on ties); out i64 [rows] */
+int to_argmax(const to_tensor *out, const to_tensor *x);
+/* values/indices [rows, k]: the k largest of each row, descending, lower index first on ties.
+ * values has x's dtype or f32; indices i32 or i64. */
+int to_topk(const to_tensor *values, const to_tensor *indices, const to_tensor *x, int k);
+
+/* ---- MoE routing ---- */
+/* Groups the (token, slot) assignments of values [T, k] (i32/i64 expert ids in [0, num_values))
+ * by value, stably:
+ *   order   [T*k]            i32/i64: assignment ids a = t*k + j, sorted by value
+ *   offsets [num_values + 1] i32/i64: rows of value e are order[offsets[e] : offsets[e+1]]
+ *   rows    [T*k, D] (optional, may be NULL): rows[i] = x[order[i] / k], x [T, D]  */
+int to_gather_by_value(const to_tensor *rows, const to_tensor *order, const to_tensor *offsets,
+                       const to_tensor *x, const to_tensor *values, int num_values);
+/* out[index[i], :] += weight[i] * src[i, :]; out [T, D], src [N, D], index [N] i32/i64,
+ * weight [N] f32 (optional, NULL means 1). Deterministic: contributions to a row are added
+ * in increasing i. */
+int to_scatter_add_by_index(const to_tensor *out, const to_tensor *src, const to_tensor *index,
+                            const to_tensor *weight);
+/* CDEF-END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TENSOR_OPS_H */

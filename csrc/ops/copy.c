@@ -1,0 +1,31 @@
+/* copy.c - to_copy and to_fill: validation and device dispatch. */
+#include "internal.h"
+#include "cpu/cpu_ops.h"
+
+int to_copy(const to_tensor *out, const to_tensor *x) {
+    TO_TRY(to_check_tensor(out, "to_copy", "out"));
+    TO_TRY(to_check_tensor(x, "to_copy", "x"));
+    TO_TRY(to_check_same_shape(out, x, "to_copy", "out", "x"));
+    if (to_numel(out) == 0)
+        return TO_OK;
+    if (out->device == TO_CPU && x->device == TO_CPU)
+        return to_cpu_copy(out, x);
+    /* Anything touching a GPU moves bytes as they are: same dtype, contiguous, one memcpy. */
+    if (out->dtype != x->dtype || !to_is_contiguous(out) || !to_is_contiguous(x))
+        return to_fail(TO_ERR_UNSUPPORTED, "to_copy: copies to or from a GPU need the same dtype "
+                       "on both sides and contiguous tensors (convert on one side first)");
+    int64_t nbytes = to_numel(x) * to_dtype_size(x->dtype);
+    if (out->device == TO_CUDA && x->device == TO_CPU)
+        return to_cuda_memcpy(out->device_index, out->data, x->data, nbytes, 0);
+    if (out->device == TO_CPU && x->device == TO_CUDA)
+        return to_cuda_memcpy(x->device_index, out->data, x->data, nbytes, 1);
+    if (out->device_index != x->device_index)
+        return to_fail(TO_ERR_UNSUPPORTED, "to_copy: copies between two GPUs go through the host");
+    return to_cuda_memcpy(out->device_index, out->data, x->data, nbytes, 2);
+}
+
+int to_fill(const to_tensor *out, double value) {
+    TO_TRY(to_check_tensor(out, "to_fill", "out"));
+    TO_TRY(to_require_cpu(out, "to_fill"));
+    return to_cpu_fill(out, value);
+}

@@ -1,0 +1,167 @@
+"""The op functions: thin wrappers that allocate outputs and call libtensor_ops.
+
+Every function takes an optional `out=` tensor to write into (no allocation on hot paths);
+without it a new contiguous output is returned. Inputs may be any strided views; the library
+validates dtypes, shapes, strides, devices and buffer sizes and raises a TensorOpsError
+subclass with its message when something does not fit.
+"""
+from . import dtypes
+from ._lib import check, ffi, lib
+from .dtypes import get_dtype
+from .tensor import Tensor
+
+_NULL = ffi.NULL
+
+
+def _out(out, shape, dtype, like):
+    """`out` checked for writability, or a new tensor of shape/dtype on like's device."""
+    if out is None:
+        return Tensor.empty(shape, dtype=dtype, device=like.storage.device)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a Tensor, got {type(out).__name__}")
+    out._check_writable()
+    return out
+
+
+def _broadcast(a, b):
+    """Both operands expanded (stride 0, no copy) to their common shape, numpy-style."""
+    if not isinstance(b, Tensor):
+        b = Tensor.full((), b, dtype=a.dtype, device=a.storage.device)
+    if not isinstance(a, Tensor):
+        a = Tensor.full((), a, dtype=b.dtype, device=b.storage.device)
+    if a.shape == b.shape:
+        return a, b
+    n = max(a.ndim, b.ndim)
+    sa, sb = (1,) * (n - a.ndim) + a.shape, (1,) * (n - b.ndim) + b.shape
+    shape = []
+    for x, y in zip(sa, sb):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(f"shapes {list(a.shape)} and {list(b.shape)} do not broadcast")
+        shape.append(y if x == 1 else x)
+    return a.expand(*shape), b.expand(*shape)
+
+
+def copy(out, x):
+    """out <- x, converting dtype (out and x have the same shape; x may broadcast)."""
+    return out.copy_(x)
+
+
+def cast(x, dtype):
+    return x.to(dtype=dtype)
+
+
+def add(a, b, out=None):
+    a, b = _broadcast(a, b)
+    out = _out(out, a.shape, a.dtype, a)
+    check(lib.to_add(out._desc, a._desc, b._desc))
+    return out
+
+
+def mul(a, b, out=None):
+    a, b = _broadcast(a, b)
+    out = _out(out, a.shape, a.dtype, a)
+    check(lib.to_mul(out._desc, a._desc, b._desc))
+    return out
+
+
+def scale(x, factor, out=None):
+    out = _out(out, x.shape, x.dtype, x)
+    check(lib.to_scale(out._desc, x._desc, float(factor)))
+    return out
+
+
+def silu_mul(gate, up, out=None):
+    """silu(gate) * up, the gated MLP's activation."""
+    out = _out(out, gate.shape, gate.dtype, gate)
+    check(lib.to_silu_mul(out._desc, gate._desc, up._desc))
+    return out
+
+
+def softmax(x, out=None):
+    """Softmax over the last dimension (computed in float32)."""
+    out = _out(out, x.shape, x.dtype, x)
+    check(lib.to_softmax(out._desc, x._desc))
+    return out
+
+
+def rms_norm(x, weight, eps, out=None):
+    out = _out(out, x.shape, x.dtype, x)
+    check(lib.to_rms_norm(out._desc, x._desc, weight._desc, float(eps)))
+    return out
+
+
+def add_rms_norm(residual, x, weight, eps, out=None):
+    """residual += x (in place); returns rms_norm(residual) * weight."""
+    residual._check_writable()
+    out = _out(out, residual.shape, x.dtype, residual)
+    check(lib.to_add_rms_norm(out._desc, residual._desc, x._desc, weight._desc, float(eps)))
+    return out
+
+
+def rope(x, positions, inv_freq, rotary_dim=None, interleaved=False, attention_scaling=1.0, out=None):
+    """Rotary embedding of x [T, H, D] at positions [T]; pass out=x to rotate in place."""
+    rotary_dim = x.shape[-1] if rotary_dim is None else rotary_dim
+    out = _out(out, x.shape, x.dtype, x)
+    check(lib.to_rope(out._desc, x._desc, positions._desc, inv_freq._desc, int(rotary_dim),
+                      int(bool(interleaved)), float(attention_scaling)))
+    return out
+
+
+def matmul(x, w, bias=None, out=None, out_dtype=None):
+    """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N], accumulated in float32."""
+    lead = x.shape[:-1]
+    x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+    dtype = get_dtype(out_dtype) if out_dtype is not None else x.dtype
+    out = _out(out, lead + (w.shape[0],) if w.ndim == 2 else lead, dtype, x)
+    out2 = out if out.ndim == 2 else out.view(-1, out.shape[-1])
+    check(lib.to_matmul(out2._desc, x2._desc, w._desc, bias._desc if bias is not None else _NULL))
+    return out
+
+
+def embedding(table, ids, out=None):
+    """Rows of table [V, D] picked by ids (int32/int64, any shape) -> ids.shape + [D]."""
+    flat = ids.reshape(-1)
+    out = _out(out, ids.shape + (table.shape[-1],), table.dtype, table)
+    out2 = out.view(-1, table.shape[-1]) if out.ndim != 2 else out
+    check(lib.to_embedding(out2._desc, table._desc, flat._desc))
+    return out
+
+
+def argmax(x, out=None):
+    """Index of the largest value along the last dimension (int64, shape x.shape[:-1])."""
+    out = _out(out, x.shape[:-1], dtypes.int64, x)
+    check(lib.to_argmax(out._desc, x._desc))
+    return out
+
+
+def topk(x, k, values=None, indices=None):
+    """The k largest values of each row (descending) and their int64 indices."""
+    shape = x.shape[:-1] + (k,)
+    values = _out(values, shape, x.dtype, x)
+    indices = _out(indices, shape, dtypes.int64, x)
+    check(lib.to_topk(values._desc, indices._desc, x._desc, int(k)))
+    return values, indices
+
+
+def gather_by_value(values, num_values, x=None):
+    """MoE routing: groups the assignments of values [T, k] (expert ids) by value.
+    Returns (order [T*k] int64, offsets [num_values + 1] int64, rows [T*k, D] or None), where
+    rows of expert e are order[offsets[e]:offsets[e+1]] and rows[i] = x[order[i] // k]."""
+    n = values.numel()
+    order = Tensor.empty((n,), dtype=dtypes.int64, device=values.storage.device)
+    offsets = Tensor.empty((num_values + 1,), dtype=dtypes.int64, device=values.storage.device)
+    rows = None
+    if x is not None:
+        rows = Tensor.empty((n, x.shape[-1]), dtype=x.dtype, device=x.storage.device)
+    check(lib.to_gather_by_value(rows._desc if rows is not None else _NULL, order._desc, offsets._desc,
+                                 x._desc if x is not None else _NULL, values._desc, int(num_values)))
+    return order, offsets, rows
+
+
+def scatter_add_by_index(out, src, index, weight=None):
+    """out[index[i]] += weight[i] * src[i] (weight defaults to 1); returns out."""
+    out._check_writable()
+    check(lib.to_scatter_add_by_index(out._desc, src._desc, index._desc,
+                                      weight._desc if weight is not None else _NULL))
+    return out
+
