@@ -5,7 +5,7 @@ SAN_LIB := $(BUILD)/sanitize/libtensor_ops.so
 ASAN_RT := $(shell gcc -print-file-name=libasan.so)
 UBSAN_RT := $(shell gcc -print-file-name=libubsan.so)
 
-.PHONY: build install-test test test-c test-sanitize test-gpu bench bench-gpu clean
+.PHONY: build install-test test test-c test-sanitize test-gpu bench clean
 
 build:
 	$(PYTHON) -m pip install -q setuptools wheel cffi ninja
@@ -33,17 +33,19 @@ test-sanitize: install-test
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/kernels tests/test_tensor.py
 
-# On a machine with an NVIDIA GPU (the lent H200): the whole suite, CUDA compiled in.
+# On a machine with an NVIDIA GPU (the lent H200, which has no network: the build runs in
+# place with the setuptools, cffi and ninja already there, nothing is pip-installed).
+INPLACE = INFERENCE_PIO_CUDA=1 $(PYTHON) setup.py -q build_ext --inplace
+RUN_INPLACE = PYTHONPATH=$(CURDIR)/python:$$PYTHONPATH
+
 test-gpu:
-	INFERENCE_PIO_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation -e .
-	$(PYTHON) -m pytest -q tests
+	$(INPLACE)
+	$(RUN_INPLACE) $(PYTHON) -c "import inference_pio as ip; print('GPUs visible:', ip.cuda_device_count())"
+	$(RUN_INPLACE) $(PYTHON) tests/c/run_c_tests.py
+	$(RUN_INPLACE) $(PYTHON) -m pytest -q tests
 
 bench: install-test
 	$(PYTHON) benchmarks/bench_kernels.py --threads 2 --json benchmarks/results/kernels-cpu.json
-
-bench-gpu:
-	INFERENCE_PIO_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation -e .
-	$(PYTHON) benchmarks/bench_kernels.py --json benchmarks/results/kernels-gpu-host.json
 
 clean:
 	rm -rf $(BUILD) python/inference_pio/*.so python/inference_pio/_tensor_ops.c \

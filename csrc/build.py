@@ -67,6 +67,7 @@ def write_ninja(build_dir, out, sanitize, nvcc):
     cu_srcs = sources(["cuda"], ".cu") if nvcc else []
     lines = [
         "ninja_required_version = 1.3",
+        f"builddir = {build_dir}",  # .ninja_log and .ninja_deps go here, not into the cwd
         f"cflags = {' '.join(cflags + includes)}",
         "rule cc",
         "  command = gcc -MMD -MF $out.d $cflags -c $in -o $out",
