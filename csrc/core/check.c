@@ -2,6 +2,7 @@
 #include "internal.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 
 int to_check_tensor(const to_tensor *t, const char *op, const char *name) {
@@ -14,22 +15,29 @@ int to_check_tensor(const to_tensor *t, const char *op, const char *name) {
     if (t->ndim < 0 || t->ndim > TO_MAX_DIMS)
         return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s has rank %d (0..%d allowed)", op, name,
                        t->ndim, TO_MAX_DIMS);
-    int64_t numel = 1, last = 0;
+    int empty = 0;
     for (int i = 0; i < t->ndim; i++) {
-        /* the 2^40 cap keeps the byte arithmetic below from overflowing */
-        if (t->shape[i] < 0 || t->strides[i] < 0 || t->shape[i] > (1LL << 40) ||
-            t->strides[i] > (1LL << 40))
-            return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s has a negative or huge shape or "
-                           "stride in dim %d", op, name, i);
-        numel *= t->shape[i];
-        if (t->shape[i] > 0)
-            last += (t->shape[i] - 1) * t->strides[i];
+        if (t->shape[i] < 0 || t->strides[i] < 0)
+            return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s has a negative shape or stride in dim %d",
+                           op, name, i);
+        empty |= t->shape[i] == 0;
     }
-    if (numel == 0)
-        return TO_OK;
+    if (empty)
+        return TO_OK; /* no element is ever touched */
+    /* bytes from data to the end of the farthest element, refusing what overflows int64 */
+    int64_t need = 0, reach;
+    int overflow = 0;
+    for (int i = 0; i < t->ndim; i++) {
+        overflow |= __builtin_mul_overflow(t->shape[i] - 1, t->strides[i], &reach);
+        overflow |= __builtin_add_overflow(need, reach, &need);
+    }
+    overflow |= __builtin_add_overflow(need, 1, &need);
+    overflow |= __builtin_mul_overflow(need, (int64_t)to_dtype_size(t->dtype), &need);
+    if (overflow)
+        return to_fail(TO_ERR_BOUNDS, "%s: %s has a shape and strides whose extent overflows 64 bits",
+                       op, name);
     if (!t->data)
         return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s has a NULL data pointer", op, name);
-    int64_t need = (last + 1) * to_dtype_size(t->dtype);
     if (t->nbytes < need)
         return to_fail(TO_ERR_BOUNDS, "%s: %s needs %lld bytes for its shape and strides but its "
                        "buffer holds %lld", op, name, (long long)need, (long long)t->nbytes);
@@ -136,4 +144,88 @@ int64_t to_row_offset(const to_tensor *t, int64_t row) {
         row /= n;
     }
     return off;
+}
+
+/* ---- aliasing: a written tensor may share memory with an input only as exactly its view ---- */
+
+/* [lo, hi): the bytes t reaches (hi == lo when t is empty) */
+static void byte_span(const to_tensor *t, uintptr_t *lo, uintptr_t *hi) {
+    int64_t last = 0;
+    for (int i = 0; i < t->ndim; i++) {
+        if (t->shape[i] == 0) {
+            *lo = *hi = (uintptr_t)t->data;
+            return;
+        }
+        last += (t->shape[i] - 1) * t->strides[i];
+    }
+    *lo = (uintptr_t)t->data;
+    *hi = *lo + (uintptr_t)((last + 1) * to_dtype_size(t->dtype));
+}
+
+int to_same_view(const to_tensor *a, const to_tensor *b) {
+    if (a->data != b->data || a->dtype != b->dtype || a->ndim != b->ndim || a->device != b->device ||
+        a->device_index != b->device_index)
+        return 0;
+    for (int i = 0; i < a->ndim; i++) {
+        if (a->shape[i] != b->shape[i])
+            return 0;
+        if (a->shape[i] > 1 && a->strides[i] != b->strides[i])
+            return 0;
+    }
+    return 1;
+}
+
+int to_spans_overlap(const to_tensor *a, const to_tensor *b) {
+    if (a->device != b->device || a->device_index != b->device_index)
+        return 0;
+    uintptr_t alo, ahi, blo, bhi;
+    byte_span(a, &alo, &ahi);
+    byte_span(b, &blo, &bhi);
+    if (alo == ahi || blo == bhi)
+        return 0;
+    return alo < bhi && blo < ahi;
+}
+
+int to_check_writable(const to_tensor *t, const char *op, const char *name) {
+    /* Dimensions longer than one, by increasing stride (insertion sort of at most 8). No element
+     * is reached twice if each stride steps past the largest offset the smaller dims reach. */
+    int64_t shape[TO_MAX_DIMS], stride[TO_MAX_DIMS];
+    int n = 0;
+    for (int i = 0; i < t->ndim; i++) {
+        if (t->shape[i] == 0)
+            return TO_OK; /* empty: nothing is written */
+        if (t->shape[i] == 1)
+            continue;
+        int j = n++;
+        while (j > 0 && stride[j - 1] > t->strides[i]) {
+            stride[j] = stride[j - 1];
+            shape[j] = shape[j - 1];
+            j--;
+        }
+        stride[j] = t->strides[i];
+        shape[j] = t->shape[i];
+    }
+    int64_t reach = 0;
+    for (int i = 0; i < n; i++) {
+        if (stride[i] <= reach)
+            return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s is written but some of its elements "
+                           "share memory (a stride-0 broadcast dimension or overlapping strides); "
+                           "pass a tensor with distinct elements", op, name);
+        reach += stride[i] * (shape[i] - 1);
+    }
+    return TO_OK;
+}
+
+int to_check_no_alias(const to_tensor *w, const to_tensor *r, int allow_same_view, const char *op,
+                      const char *wname, const char *rname) {
+    if (!to_spans_overlap(w, r))
+        return TO_OK;
+    if (allow_same_view && to_same_view(w, r))
+        return TO_OK;
+    if (allow_same_view)
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s overlaps %s in memory but is not the same "
+                       "view (working in place needs exactly the same data pointer, dtype, shape "
+                       "and strides)", op, wname, rname);
+    return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s overlaps %s in memory, which this op does not "
+                   "allow", op, wname, rname);
 }

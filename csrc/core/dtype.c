@@ -72,12 +72,22 @@ static float load_one(const void *p, int dtype, int64_t i) {
     return 0.0f;
 }
 
-/* float -> integer truncates toward zero (as C casts and torch do), saturating at the range */
-static int64_t trunc_clamp(float x, double lo, double hi) {
+/* float -> integer truncates toward zero (as C casts and torch do) and saturates at the range;
+ * NaN gives 0. Shared with the int64 fill, hence double. */
+int64_t to_double_to_i64(double x) {
     if (x != x)
         return 0;
-    double r = trunc((double)x);
-    return (int64_t)(r < lo ? lo : r > hi ? hi : r);
+    double r = trunc(x);
+    if (r >= 9223372036854775808.0) /* 2^63: the first double above INT64_MAX */
+        return INT64_MAX;
+    if (r < -9223372036854775808.0)
+        return INT64_MIN;
+    return (int64_t)r;
+}
+
+static int64_t trunc_clamp(float x, int64_t lo, int64_t hi) {
+    int64_t v = to_double_to_i64(x);
+    return v < lo ? lo : v > hi ? hi : v;
 }
 
 static void store_one(void *p, int dtype, int64_t i, float x) {
@@ -86,8 +96,8 @@ static void store_one(void *p, int dtype, int64_t i, float x) {
     case TO_F16: ((uint16_t *)p)[i] = to_f32_to_f16(x); break;
     case TO_BF16: ((uint16_t *)p)[i] = to_f32_to_bf16(x); break;
     case TO_I8: ((int8_t *)p)[i] = (int8_t)trunc_clamp(x, -128, 127); break;
-    case TO_I32: ((int32_t *)p)[i] = (int32_t)trunc_clamp(x, -2147483648.0, 2147483647.0); break;
-    case TO_I64: ((int64_t *)p)[i] = trunc_clamp(x, -9.2233720368547758e18, 9.2233720368547748e18); break;
+    case TO_I32: ((int32_t *)p)[i] = (int32_t)trunc_clamp(x, INT32_MIN, INT32_MAX); break;
+    case TO_I64: ((int64_t *)p)[i] = to_double_to_i64(x); break;
     case TO_U8: ((uint8_t *)p)[i] = (uint8_t)trunc_clamp(x, 0, 255); break;
     }
 }

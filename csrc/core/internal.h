@@ -49,6 +49,23 @@ int64_t to_num_rows(const to_tensor *t);
 int64_t to_row_len(const to_tensor *t);
 int64_t to_row_stride_last(const to_tensor *t); /* stride of the last dimension (1 for 0-d) */
 int64_t to_row_offset(const to_tensor *t, int64_t row); /* element offset of row `row` */
+/* Aliasing. A tensor an op writes must not address one element twice, and may share memory
+ * with an input only when it is exactly that input's view (then each element is read before
+ * it is written, which every kernel guarantees). */
+/* 1 when a and b are the same view: same device, data pointer, dtype, shape, and the same
+ * strides in every dimension longer than one. */
+int to_same_view(const to_tensor *a, const to_tensor *b);
+/* 1 when the byte ranges that a and b reach intersect (conservative: interleaved views of one
+ * buffer count as overlapping even if no element is shared). Empty tensors overlap nothing. */
+int to_spans_overlap(const to_tensor *a, const to_tensor *b);
+/* Error (TO_ERR_INVALID_ARGUMENT) when t, which the op writes, has two index tuples reaching
+ * one element: a stride-0 dimension of size > 1, or strides that do not nest (conservative:
+ * dimensions sorted by stride must each step past everything the smaller ones reach). */
+int to_check_writable(const to_tensor *t, const char *op, const char *name);
+/* Error (TO_ERR_INVALID_ARGUMENT) when written tensor w overlaps read tensor r, unless
+ * allow_same_view and w is exactly r's view. */
+int to_check_no_alias(const to_tensor *w, const to_tensor *r, int allow_same_view, const char *op,
+                      const char *wname, const char *rname);
 /* Error unless the tensor is on the CPU; used by ops with no CUDA kernel yet. */
 int to_require_cpu(const to_tensor *t, const char *op);
 
@@ -72,6 +89,8 @@ uint16_t to_f32_to_f16(float f);
 void to_load_f32(float *dst, const void *src, int dtype, int64_t n, int64_t stride);
 /* dst[i * stride] = convert(src[i]) for i < n, any dtype (to integers: truncate, saturate). */
 void to_store_f32(void *dst, int dtype, const float *src, int64_t n, int64_t stride);
+/* Truncates toward zero, saturating at the int64 range; NaN gives 0. */
+int64_t to_double_to_i64(double x);
 /* Address of element `offset` (in elements) of a buffer of `dtype`. */
 static inline void *to_elem_ptr(void *base, int dtype, int64_t offset) {
     return (char *)base + offset * (int64_t)to_dtype_size(dtype);

@@ -150,8 +150,14 @@ void to_parallel_run(to_thread_fn fn, void *ctx) {
     inside_pool = 1;
     fn(ctx, 0, pool_size);
     inside_pool = 0;
-    while (atomic_load_explicit(&pending, memory_order_acquire) > 0)
-        cpu_relax();
+    /* wait for the workers; yield when they take long (a worker may have been descheduled on an
+     * oversubscribed machine, and spinning would keep it from running) */
+    for (int spins = 0; atomic_load_explicit(&pending, memory_order_acquire) > 0; spins++) {
+        if (spins < SPIN_ROUNDS)
+            cpu_relax();
+        else
+            sched_yield();
+    }
     pthread_mutex_unlock(&job_lock);
 }
 

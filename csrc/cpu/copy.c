@@ -101,8 +101,7 @@ static void fill_rows(void *arg, int64_t begin, int64_t end) {
 int to_cpu_fill(const to_tensor *out, double value) {
     struct fill_job job = {out, {0}};
     if (is_int(out->dtype)) {
-        double v = isnan(value) ? 0 : trunc(value);
-        store_i64(job.pattern, out->dtype, 0, v < -9.2e18 ? INT64_MIN : v > 9.2e18 ? INT64_MAX : (int64_t)v);
+        store_i64(job.pattern, out->dtype, 0, to_double_to_i64(value));
     } else {
         float f = (float)value;
         to_store_f32(job.pattern, out->dtype, &f, 1, 1);

@@ -425,18 +425,28 @@ def _empty_nested(shape):
     return [_empty_nested(shape[1:]) for _ in range(shape[0])]
 
 
-def _flatten(data, depth, shape, out):
-    if isinstance(data, (list, tuple)):
-        if len(shape) <= depth:
-            shape.append(len(data))
-        elif shape[depth] != len(data):
-            raise ValueError("ragged nested sequence: every row must have the same length")
-        for x in data:
-            _flatten(x, depth + 1, shape, out)
-    else:
-        if depth != len(shape):
+def _shape_of(data):
+    """The shape a nested sequence claims along its first elements."""
+    shape = []
+    while isinstance(data, (list, tuple)):
+        shape.append(len(data))
+        if not data:
+            break
+        data = data[0]
+    return shape
+
+
+def _flatten(data, shape, depth, out):
+    """Appends the scalars of `data` to out, checking that it has exactly `shape`."""
+    if depth == len(shape):
+        if isinstance(data, (list, tuple)):
             raise ValueError("ragged nested sequence: mixed scalars and sequences")
         out.append(data)
+        return
+    if not isinstance(data, (list, tuple)) or len(data) != shape[depth]:
+        raise ValueError("ragged nested sequence: every row must have the same length")
+    for x in data:
+        _flatten(x, shape, depth + 1, out)
 
 
 def tensor(data, dtype=None, device="cpu"):
@@ -444,8 +454,8 @@ def tensor(data, dtype=None, device="cpu"):
     The dtype defaults to float32 when any value is a float, else int64."""
     if isinstance(data, Tensor):
         return data.to(device=device, dtype=dtype).clone()
-    shape, flat = [], []
-    _flatten(data, 0, shape, flat)
+    shape, flat = _shape_of(data), []
+    _flatten(data, shape, 0, flat)
     if dtype is None:
         dtype = dtypes.float32 if any(isinstance(x, float) for x in flat) else dtypes.int64
     dtype = get_dtype(dtype)

@@ -1,0 +1,41 @@
+/* embedding.c - to_embedding: validation and device dispatch.
+ * Everything but the id values is checked here; the CPU kernel checks the ids (that needs their
+ * data) before it writes anything. out must not overlap table or ids. */
+#include "internal.h"
+#include "cpu/embedding.h"
+
+#define OP "to_embedding"
+
+int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids) {
+    TO_TRY(to_check_tensor(out, OP, "out"));
+    TO_TRY(to_check_tensor(table, OP, "table"));
+    TO_TRY(to_check_tensor(ids, OP, "ids"));
+
+    TO_TRY(to_check_dtype(ids, TO_INDEX_DTYPES, OP, "ids"));
+    /* Any dtype is looked up as bytes; a conversion on the way is only done between floats
+     * (an integer table converted through f32 would not be exact). */
+    if (out->dtype != table->dtype) {
+        TO_TRY(to_check_dtype(table, TO_FLOAT_DTYPES, OP, "table (out has another dtype)"));
+        TO_TRY(to_check_dtype(out, TO_FLOAT_DTYPES, OP, "out (table has another dtype)"));
+    }
+
+    TO_TRY(to_check_ndim(table, 2, OP, "table [V, D]"));
+    TO_TRY(to_check_ndim(ids, 1, OP, "ids [T]"));
+    TO_TRY(to_check_ndim(out, 2, OP, "out [T, D]"));
+    TO_TRY(to_check_same_device(OP, out, table, ids, (const to_tensor *)NULL));
+
+    int64_t T = ids->shape[0], D = table->shape[1];
+    if (out->shape[0] != T || out->shape[1] != D)
+        return to_fail(TO_ERR_SHAPE, OP ": out has shape [%lld, %lld], expected [T, D] = [%lld, %lld] "
+                       "(ids has %lld entries, table rows have %lld values)",
+                       (long long)out->shape[0], (long long)out->shape[1], (long long)T, (long long)D,
+                       (long long)T, (long long)D);
+    /* Threads write different rows: out must not reach one element twice, nor any input byte
+     * (a lookup cannot work in place). */
+    TO_TRY(to_check_writable(out, OP, "out"));
+    TO_TRY(to_check_no_alias(out, table, 0, OP, "out", "table"));
+    TO_TRY(to_check_no_alias(out, ids, 0, OP, "out", "ids"));
+
+    TO_TRY(to_require_cpu(out, OP));
+    return to_cpu_embedding(out, table, ids);
+}

@@ -1,0 +1,58 @@
+/* matmul.c - to_matmul: validation and device dispatch.
+ * Everything about the arguments is checked here, so the kernels in cpu/matmul.c may trust
+ * shapes, strides and dtypes. */
+#include "internal.h"
+#include "cpu/matmul.h"
+
+#define OP "to_matmul"
+
+int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias) {
+    TO_TRY(to_check_tensor(out, OP, "out"));
+    TO_TRY(to_check_tensor(x, OP, "x"));
+    TO_TRY(to_check_tensor(w, OP, "w"));
+    if (bias)
+        TO_TRY(to_check_tensor(bias, OP, "bias"));
+
+    TO_TRY(to_check_dtype(out, TO_FLOAT_DTYPES, OP, "out"));
+    TO_TRY(to_check_dtype(x, TO_FLOAT_DTYPES, OP, "x"));
+    TO_TRY(to_check_dtype(w, TO_FLOAT_DTYPES, OP, "w"));
+    if (bias)
+        TO_TRY(to_check_dtype(bias, TO_FLOAT_DTYPES, OP, "bias"));
+
+    TO_TRY(to_check_ndim(x, 2, OP, "x [M, K]"));
+    TO_TRY(to_check_ndim(w, 2, OP, "w [N, K]"));
+    TO_TRY(to_check_ndim(out, 2, OP, "out [M, N]"));
+    if (bias)
+        TO_TRY(to_check_ndim(bias, 1, OP, "bias [N]"));
+
+    /* bias may be NULL, which also ends the argument list */
+    TO_TRY(to_check_same_device(OP, out, x, w, bias, (const to_tensor *)NULL));
+
+    int64_t M = x->shape[0], K = x->shape[1], N = w->shape[0];
+    if (w->shape[1] != K)
+        return to_fail(TO_ERR_SHAPE, OP ": x is [%lld, %lld] but w is [%lld, %lld]: the inner "
+                       "dimensions (K) differ (w is [N, K] = [out_features, in_features])",
+                       (long long)M, (long long)K, (long long)N, (long long)w->shape[1]);
+    if (out->shape[0] != M || out->shape[1] != N)
+        return to_fail(TO_ERR_SHAPE, OP ": out has shape [%lld, %lld], expected [M, N] = [%lld, %lld]",
+                       (long long)out->shape[0], (long long)out->shape[1], (long long)M, (long long)N);
+    if (bias && bias->shape[0] != N)
+        return to_fail(TO_ERR_SHAPE, OP ": bias has shape [%lld], expected [N] = [%lld]",
+                       (long long)bias->shape[0], (long long)N);
+
+    /* The kernels read weight rows and write output rows as contiguous runs. A stride does not
+     * matter along a dimension of one element. */
+    if (K > 1 && w->strides[1] != 1)
+        return to_fail(TO_ERR_INVALID_ARGUMENT, OP ": w must have unit stride in its last dimension, "
+                       "got stride %lld (make it contiguous first)", (long long)w->strides[1]);
+    if (N > 1 && out->strides[1] != 1)
+        return to_fail(TO_ERR_INVALID_ARGUMENT, OP ": out must have unit stride in its last "
+                       "dimension, got stride %lld", (long long)out->strides[1]);
+    /* Threads write different rows at once; rows that share elements would race. */
+    if (M > 1 && N > 0 && out->strides[0] < N)
+        return to_fail(TO_ERR_INVALID_ARGUMENT, OP ": out rows overlap (row stride %lld < N = %lld)",
+                       (long long)out->strides[0], (long long)N);
+
+    TO_TRY(to_require_cpu(out, OP));
+    return to_cpu_matmul(out, x, w, bias);
+}
