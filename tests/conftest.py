@@ -5,8 +5,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
-import inference_pio as ip  # noqa: E402
+import torch  # noqa: E402
+
 from inference_pio import runtime  # noqa: E402
+
+# torch's OpenMP workers spin after each parallel region, as ours do after each job; on a small
+# machine the two pools fight over the cores and every call slows down several times over. The
+# oracle's tensors are small: one torch thread is plenty.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["native", "scalar"])
@@ -22,7 +28,6 @@ def simd(request):
 @pytest.fixture
 def gen():
     """A torch generator seeded freshly each run (the seed is printed on failure)."""
-    import torch
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     return torch.Generator().manual_seed(seed)

@@ -67,8 +67,9 @@ def test_tensor_construction_errors():
 
 
 def test_ragged_scalar_then_list():
-    with pytest.raises(ValueError, match="ragged"):
-        ip.tensor([1, [2]])
+    for data in ([1, [2]], [[1], [[2]]], [[1, 2], [3, [4]]], [[[1]], [2]]):
+        with pytest.raises(ValueError, match="ragged"):
+            ip.tensor(data)
 
 
 def test_empty_zeros_full():

@@ -24,7 +24,9 @@
 #include <immintrin.h>
 #include <stdatomic.h>
 
+#ifndef GEMV_MAX_ROWS
 #define GEMV_MAX_ROWS 4 /* up to this many rows of x take the GEMV path */
+#endif
 #ifndef PF_ELEMS
 #define PF_ELEMS 512
 #endif

@@ -80,7 +80,7 @@ def _norm_shape(shape):
 
 
 def _norm_dim(dim, ndim):
-    if not -ndim <= dim < max(ndim, 1):
+    if ndim == 0 or not -ndim <= dim < ndim:
         raise IndexError(f"dimension {dim} out of range for a tensor of rank {ndim}")
     return dim % ndim if ndim else 0
 

@@ -54,9 +54,9 @@ static void test_facts(void) {
 }
 
 static void test_alloc_copy(void) {
-    void *p = NULL;
+    void *p = NULL, *q = &q;
     EXPECT(to_alloc(TO_CPU, 0, 1000, &p) == TO_OK && p && ((uintptr_t)p % 64) == 0, "aligned alloc");
-    EXPECT(to_alloc(TO_CPU, 0, -1, &p) == TO_ERR_INVALID_ARGUMENT, "negative alloc");
+    EXPECT(to_alloc(TO_CPU, 0, -1, &q) == TO_ERR_INVALID_ARGUMENT && q == NULL, "negative alloc");
     int64_t shape[2] = {3, 5};
     float src[15], back[15];
     uint16_t half[15];

@@ -31,9 +31,6 @@ from inference_pio._lib import check
 
 from helpers import FLOAT_DTYPES, from_torch, randn, strided, to_torch
 
-# torch's OpenMP workers spin after each parallel region and starve our thread pool on a small
-# machine (4x slower tests on 2 cores); the reference tensors here are small, one thread is plenty.
-torch.set_num_threads(1)
 
 U32 = 2.0 ** -24
 U_OUT = {ip.float32: 0.0, ip.float16: 2.0 ** -11, ip.bfloat16: 2.0 ** -8}

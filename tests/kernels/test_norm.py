@@ -26,9 +26,6 @@ from inference_pio._lib import check
 
 from helpers import FLOAT_DTYPES, randn, strided, to_torch
 
-# torch's OpenMP workers spin after each parallel region and starve our thread pool on a small
-# machine (4x slower tests on 2 cores); the reference tensors here are small, one thread is plenty.
-torch.set_num_threads(1)
 
 U32 = 2.0 ** -24
 RTOL = 4 * U32
