@@ -53,3 +53,11 @@ def strided(t, kind):
         view.copy_(t)
         return view
     raise ValueError(kind)
+
+
+def on_cuda(t):
+    """A copy of t's descriptor marked as a CUDA tensor (never dereferenced: the op must refuse)."""
+    d = ip.ffi.new("to_tensor *")
+    d[0] = t._desc[0]
+    d.device = ip.lib.TO_CUDA
+    return d

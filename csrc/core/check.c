@@ -64,7 +64,7 @@ int to_check_ndim(const to_tensor *t, int ndim, const char *op, const char *name
     return to_fail(TO_ERR_SHAPE, "%s: %s must have %d dimensions, got %d", op, name, ndim, t->ndim);
 }
 
-static void shape_str(const to_tensor *t, char *buf, size_t size) {
+void to_shape_str(const to_tensor *t, char *buf, size_t size) {
     size_t n = (size_t)snprintf(buf, size, "[");
     for (int i = 0; i < t->ndim && n < size; i++)
         n += (size_t)snprintf(buf + n, size - n, i ? ", %lld" : "%lld", (long long)t->shape[i]);
@@ -80,8 +80,8 @@ int to_check_same_shape(const to_tensor *a, const to_tensor *b, const char *op, 
     if (same)
         return TO_OK;
     char sa[160], sb[160];
-    shape_str(a, sa, sizeof sa);
-    shape_str(b, sb, sizeof sb);
+    to_shape_str(a, sa, sizeof sa);
+    to_shape_str(b, sb, sizeof sb);
     return to_fail(TO_ERR_SHAPE, "%s: %s has shape %s but %s has shape %s", op, na, sa, nb, sb);
 }
 

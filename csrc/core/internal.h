@@ -42,6 +42,8 @@ int to_check_same_shape(const to_tensor *a, const to_tensor *b, const char *op, 
                         const char *nb);
 /* Every tensor of the NULL-terminated list is on the device of the first. */
 int to_check_same_device(const char *op, const to_tensor *first, ...);
+/* "[2, 3]" into buf, for error messages. */
+void to_shape_str(const to_tensor *t, char *buf, size_t size);
 int64_t to_numel(const to_tensor *t);
 int to_is_contiguous(const to_tensor *t);
 /* Rows are all dimensions but the last flattened; a 0-d tensor is one row of one element. */

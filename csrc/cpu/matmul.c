@@ -142,17 +142,23 @@ TO_TARGET_AVX2 static inline float hsum_avx2(__m256 v) {
  * (the same bits for any number of threads). */
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
 gemv_tile_avx2(int dt, int R, int XR, const char *w, int64_t ldw, const float *x, int64_t K, float *res) {
+#ifdef GEMV_R1
+    const int U = XR <= 2 ? 4 : 2;
+#else
     const int U = XR == 1 ? 2 : 1;
+#endif
     const int64_t esz = dt == TO_F32 ? 4 : 2;
-    __m256 acc[2][4][4];
+    __m256 acc[4][4][4];
     for (int u = 0; u < U; u++)
         for (int r = 0; r < R; r++)
             for (int m = 0; m < XR; m++)
                 acc[u][r][m] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 * U <= K; k += 8 * U) {
+#if PF_ELEMS > 0
         for (int r = 0; r < R; r++)
             _mm_prefetch(w + r * ldw + (k + PF_ELEMS) * esz, _MM_HINT_T0);
+#endif
         for (int u = 0; u < U; u++) {
             __m256 xv[4];
             for (int m = 0; m < XR; m++)
@@ -173,7 +179,14 @@ gemv_tile_avx2(int dt, int R, int XR, const char *w, int64_t ldw, const float *x
     }
     for (int r = 0; r < R; r++)
         for (int m = 0; m < XR; m++)
-            res[m * R + r] = hsum_avx2(U == 2 ? _mm256_add_ps(acc[0][r][m], acc[1][r][m]) : acc[0][r][m]);
+        {
+            __m256 a = acc[0][r][m];
+            if (U == 2)
+                a = _mm256_add_ps(a, acc[1][r][m]);
+            if (U == 4)
+                a = _mm256_add_ps(_mm256_add_ps(a, acc[1][r][m]), _mm256_add_ps(acc[2][r][m], acc[3][r][m]));
+            res[m * R + r] = hsum_avx2(a);
+        }
     for (; k < K; k++) { /* K % 8 leftovers */
         for (int r = 0; r < R; r++) {
             float wv = load_elem(w + r * ldw, dt, k);
@@ -219,7 +232,11 @@ TO_TARGET_AVX2 static void gemv_range_avx2(const gemv_job *job, int64_t n0, int6
         int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
         for (int64_t m0 = 0; m0 < p->M; m0 += 4) {
             int xr = p->M - m0 < 4 ? (int)(p->M - m0) : 4;
+#ifdef GEMV_R1
+            int R = 1;
+#else
             int R = rows < 4 ? 1 : xr <= 2 ? 4 : 2;
+#endif
             for (int r = 0; r < rows; r += R) {
                 gemv_tile_dispatch_avx2(p->w_dt, R, xr, w_row(p, n + r), ldw, job->xf + m0 * K, K, res);
                 gemv_store(p, m0, xr, n + r, R, res);

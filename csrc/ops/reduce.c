@@ -8,14 +8,6 @@
 
 #include <stdio.h>
 
-static void shape_str(const to_tensor *t, char *buf, size_t size) {
-    size_t n = (size_t)snprintf(buf, size, "[");
-    for (int i = 0; i < t->ndim && n < size; i++)
-        n += (size_t)snprintf(buf + n, size - n, i ? ", %lld" : "%lld", (long long)t->shape[i]);
-    if (n < size)
-        snprintf(buf + n, size - n, "]");
-}
-
 /* out has x's leading dimensions followed by `last` (last < 0: nothing follows), or is
  * [rows] / [rows, last]. */
 static int fits_rows(const to_tensor *out, const to_tensor *x, int64_t last) {
@@ -45,8 +37,8 @@ int to_argmax(const to_tensor *out, const to_tensor *x) {
                        "empty row has no largest value)", (long long)rows);
     if (!fits_rows(out, x, -1)) {
         char so[160], sx[160];
-        shape_str(out, so, sizeof so);
-        shape_str(x, sx, sizeof sx);
+        to_shape_str(out, so, sizeof so);
+        to_shape_str(x, sx, sizeof sx);
         return to_fail(TO_ERR_SHAPE, ARGMAX ": out has shape %s but x has shape %s: expected x's "
                        "shape without its last dimension, or [%lld]", so, sx, (long long)rows);
     }
@@ -79,8 +71,8 @@ int to_topk(const to_tensor *values, const to_tensor *indices, const to_tensor *
     for (int i = 0; i < 2; i++) {
         if (!fits_rows(outs[i], x, k)) {
             char so[160], sx[160];
-            shape_str(outs[i], so, sizeof so);
-            shape_str(x, sx, sizeof sx);
+            to_shape_str(outs[i], so, sizeof so);
+            to_shape_str(x, sx, sizeof sx);
             return to_fail(TO_ERR_SHAPE, TOPK ": %s has shape %s but x has shape %s and k = %d: "
                            "expected x's shape with its last dimension k, or [%lld, %d]", names[i],
                            so, sx, k, (long long)to_num_rows(x), k);

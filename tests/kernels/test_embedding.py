@@ -11,7 +11,7 @@ import inference_pio as ip
 from inference_pio import ops
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, TORCH_DTYPES, from_torch, randn, strided, to_torch
+from helpers import FLOAT_DTYPES, TORCH_DTYPES, from_torch, randn, strided, to_torch, on_cuda
 
 INDEX_DTYPES = (ip.int32, ip.int64)
 
@@ -198,14 +198,6 @@ def test_bad_buffers_and_null():
         c_embedding(table[2:4], table, ids)  # a lookup cannot work in place
     with pytest.raises(ip.InvalidArgumentError, match="to_embedding: out overlaps ids in memory"):
         c_embedding(ip.Tensor(ids.storage, (2, 1), (1, 1), ip.int64), ip.Tensor.zeros(4, 1, dtype=ip.int64), ids)
-
-
-def on_cuda(t):
-    """A copy of t's descriptor marked as a CUDA tensor (never dereferenced: the op must refuse)."""
-    d = ip.ffi.new("to_tensor *")
-    d[0] = t._desc[0]
-    d.device = ip.lib.TO_CUDA
-    return d
 
 
 def test_devices():

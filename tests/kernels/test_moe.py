@@ -19,7 +19,7 @@ import inference_pio as ip
 from inference_pio import ops, runtime
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, TORCH_DTYPES, from_torch, randn, to_torch
+from helpers import FLOAT_DTYPES, TORCH_DTYPES, from_torch, randn, to_torch, on_cuda
 
 DT_IDS = {ip.float32: "f32", ip.float16: "f16", ip.bfloat16: "bf16", ip.int32: "i32", ip.int64: "i64"}
 ROUNDING = {ip.float32: 2.0 ** -24, ip.float16: 2.0 ** -11, ip.bfloat16: 2.0 ** -8}  # relative
@@ -306,14 +306,6 @@ def test_scatter_errors():
         c_scatter(out[:3], out[1:4], index, None)
     with pytest.raises(ip.InvalidArgumentError, match="out overlaps weight in memory"):
         c_scatter(out, src, index, ip.Tensor(out.storage, (3,), (1,), ip.float32))
-
-
-def on_cuda(t):
-    """A copy of t's descriptor marked as a CUDA tensor (never dereferenced: the op must refuse)."""
-    d = ip.ffi.new("to_tensor *")
-    d[0] = t._desc[0]
-    d.device = ip.lib.TO_CUDA
-    return d
 
 
 def test_devices():

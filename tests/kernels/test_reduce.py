@@ -14,7 +14,7 @@ import inference_pio as ip
 from inference_pio import ops
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, TORCH_DTYPES, from_torch, to_torch
+from helpers import FLOAT_DTYPES, TORCH_DTYPES, from_torch, to_torch, on_cuda
 
 DT_IDS = {ip.float32: "f32", ip.float16: "f16", ip.bfloat16: "bf16", ip.int32: "i32", ip.int64: "i64"}
 
@@ -298,14 +298,6 @@ def test_topk_errors():
         c_topk(ip.Tensor.empty(1, 1), ip.Tensor.empty(1, 1, dtype=ip.int32), one.view(1, 1).expand(1, 2 ** 31 + 1), 1)
     with pytest.raises(ip.UnsupportedError, match="rows of 4294967297 values"):
         c_topk(ip.Tensor.empty(1, 1), ip.Tensor.empty(1, 1, dtype=ip.int64), one.view(1, 1).expand(1, 2 ** 32 + 1), 1)
-
-
-def on_cuda(t):
-    """A copy of t's descriptor marked as a CUDA tensor (never dereferenced: the op must refuse)."""
-    d = ip.ffi.new("to_tensor *")
-    d[0] = t._desc[0]
-    d.device = ip.lib.TO_CUDA
-    return d
 
 
 def test_devices():
