@@ -3,9 +3,9 @@
  * Two regimes, chosen by the number of rows of x:
  *
  *  - GEMV (M <= GEMV_MAX_ROWS, i.e. decode). Reading the weights once is all the cost, so each
- *    thread streams a contiguous range of weight rows and dots each row with every row of x
- *    while it is in registers (several rows of x at once means one pass over the weights).
- *    bf16/f16 weights are widened in registers, never written back anywhere.
+ *    thread streams a contiguous range of weight rows, in memory order, and dots each row with
+ *    every row of x (up to GEMV_GROUP rows of x per pass, while the weight row is in L1: the
+ *    weights come from memory once whatever M is). bf16/f16 weights are widened in registers.
  *
  *  - GEMM (more rows, i.e. prefill). Compute bound, done the BLIS way: x is packed into f32
  *    panels of MR rows ([k][MR] order), the weights into f32 panels of NR columns ([k][NR]
@@ -24,12 +24,11 @@
 #include <immintrin.h>
 #include <stdatomic.h>
 
-#ifndef GEMV_MAX_ROWS
-#define GEMV_MAX_ROWS 4 /* up to this many rows of x take the GEMV path */
-#endif
-#ifndef PF_ELEMS
-#define PF_ELEMS 512
-#endif
+/* Up to this many rows of x take the GEMV path: measured on Zen 3 with bf16 and f32 weights,
+ * GEMV is faster up to 8 rows and the packed GEMM from about 12. */
+#define GEMV_MAX_ROWS 8
+#define GEMV_GROUP 4     /* rows of x per pass over a weight row (register budget) */
+#define PF_BYTES 1024    /* software prefetch distance in a bf16/f16 weight stream */
 
 #define MR 6            /* micro-tile rows (rows of x) */
 #define NR 16           /* micro-tile columns (weight rows), two AVX2 vectors */
@@ -85,16 +84,13 @@ typedef struct {
     const float *xf;
 } gemv_job;
 
-/* Writes res[m * R + r] (+ bias) to out[m0 + m, n + r]. */
-static void gemv_store(const mm_problem *p, int64_t m0, int MR_, int64_t n, int R, const float *res) {
-    for (int m = 0; m < MR_; m++) {
-        char *row = out_row(p, m0 + m);
-        for (int r = 0; r < R; r++) {
-            float v = res[m * R + r];
-            if (p->bias)
-                v += p->bias[n + r];
-            store_elem(row, p->out_dt, n + r, v);
-        }
+/* Writes res[m] (+ bias) to out[m0 + m, n]. */
+static void gemv_store(const mm_problem *p, int64_t m0, int xr, int64_t n, const float *res) {
+    for (int m = 0; m < xr; m++) {
+        float v = res[m];
+        if (p->bias)
+            v += p->bias[n];
+        store_elem(out_row(p, m0 + m), p->out_dt, n, v);
     }
 }
 
@@ -103,16 +99,16 @@ static void gemv_range_scalar(const gemv_job *job, int64_t n0, int64_t n1) {
     const int64_t K = p->K;
     for (int64_t n = n0; n < n1; n++) {
         const char *w = w_row(p, n);
-        for (int64_t m0 = 0; m0 < p->M; m0 += 4) {
-            int mr = p->M - m0 < 4 ? (int)(p->M - m0) : 4;
+        for (int64_t m0 = 0; m0 < p->M; m0 += GEMV_GROUP) {
+            int xr = p->M - m0 < GEMV_GROUP ? (int)(p->M - m0) : GEMV_GROUP;
             const float *x = job->xf + m0 * K;
-            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            float s[GEMV_GROUP] = {0.0f};
             for (int64_t k = 0; k < K; k++) {
                 float wv = load_elem(w, p->w_dt, k);
-                for (int m = 0; m < mr; m++)
+                for (int m = 0; m < xr; m++)
                     s[m] += wv * x[m * K + k];
             }
-            gemv_store(p, m0, mr, n, 1, s);
+            gemv_store(p, m0, xr, n, s);
         }
     }
 }
@@ -134,113 +130,82 @@ TO_TARGET_AVX2 static inline float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* res[m * R + r] = dot(w row r, x row m) for R weight rows (ldw bytes apart) and XR rows of x.
- * Always inlined with constant R, XR and dt, so the loops over them unroll and the
- * accumulators live in registers: R * XR * U of them. With one row of x, U = 2 independent
- * sets along k give more FMA chains in flight. U depends on XR only, never on R, so a result
- * does not depend on whether its weight row fell in a block of 4 or in a thread's leftovers
- * (the same bits for any number of threads). */
+/* res[m] = dot(w, x row m) for XR rows of x (K floats apart), one weight row.
+ *
+ * One weight row at a time keeps the weights a single sequential stream through memory (the
+ * rows of a matrix follow each other), which is what the hardware prefetcher follows best;
+ * interleaving several rows measured slower. For 16-bit weights a software prefetch PF_BYTES
+ * ahead gained ~5% on Zen 3; for f32 weights (twice the bytes per instruction) it lost ~15%,
+ * so f32 relies on the hardware prefetcher alone.
+ * U vectors of 8 along k are in flight per row of x, so XR * U independent FMA chains hide the
+ * FMA latency (4 cycles, 2 per cycle). Always inlined with constant XR and dt, so the loops
+ * unroll and the accumulators stay in registers. */
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
-gemv_tile_avx2(int dt, int R, int XR, const char *w, int64_t ldw, const float *x, int64_t K, float *res) {
-#ifdef GEMV_R1
+gemv_row_avx2(int dt, int XR, const char *w, const float *x, int64_t K, float *res) {
     const int U = XR <= 2 ? 4 : 2;
-#else
-    const int U = XR == 1 ? 2 : 1;
-#endif
     const int64_t esz = dt == TO_F32 ? 4 : 2;
-    __m256 acc[4][4][4];
+    __m256 acc[4][GEMV_GROUP];
     for (int u = 0; u < U; u++)
-        for (int r = 0; r < R; r++)
-            for (int m = 0; m < XR; m++)
-                acc[u][r][m] = _mm256_setzero_ps();
+        for (int m = 0; m < XR; m++)
+            acc[u][m] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 * U <= K; k += 8 * U) {
-#if PF_ELEMS > 0
-        for (int r = 0; r < R; r++)
-            _mm_prefetch(w + r * ldw + (k + PF_ELEMS) * esz, _MM_HINT_T0);
-#endif
+        if (dt != TO_F32) /* a step reads 64 (XR <= 2) or 32 bytes: a line or half */
+            _mm_prefetch(w + k * esz + PF_BYTES, _MM_HINT_T0);
         for (int u = 0; u < U; u++) {
-            __m256 xv[4];
+            __m256 wv = load8_avx2(w + (k + 8 * u) * esz, dt);
             for (int m = 0; m < XR; m++)
-                xv[m] = _mm256_loadu_ps(x + m * K + k + 8 * u);
-            for (int r = 0; r < R; r++) {
-                __m256 wv = load8_avx2(w + r * ldw + (k + 8 * u) * esz, dt);
-                for (int m = 0; m < XR; m++)
-                    acc[u][r][m] = _mm256_fmadd_ps(wv, xv[m], acc[u][r][m]);
-            }
+                acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[u][m]);
         }
     }
     for (; k + 8 <= K; k += 8) {
-        for (int r = 0; r < R; r++) {
-            __m256 wv = load8_avx2(w + r * ldw + k * esz, dt);
-            for (int m = 0; m < XR; m++)
-                acc[0][r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[0][r][m]);
-        }
-    }
-    for (int r = 0; r < R; r++)
+        __m256 wv = load8_avx2(w + k * esz, dt);
         for (int m = 0; m < XR; m++)
-        {
-            __m256 a = acc[0][r][m];
-            if (U == 2)
-                a = _mm256_add_ps(a, acc[1][r][m]);
-            if (U == 4)
-                a = _mm256_add_ps(_mm256_add_ps(a, acc[1][r][m]), _mm256_add_ps(acc[2][r][m], acc[3][r][m]));
-            res[m * R + r] = hsum_avx2(a);
-        }
+            acc[0][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[0][m]);
+    }
+    for (int m = 0; m < XR; m++) {
+        __m256 a = acc[0][m];
+        for (int u = 1; u < U; u++)
+            a = _mm256_add_ps(a, acc[u][m]);
+        res[m] = hsum_avx2(a);
+    }
     for (; k < K; k++) { /* K % 8 leftovers */
-        for (int r = 0; r < R; r++) {
-            float wv = load_elem(w + r * ldw, dt, k);
-            for (int m = 0; m < XR; m++)
-                res[m * R + r] += wv * x[m * K + k];
-        }
+        float wv = load_elem(w, dt, k);
+        for (int m = 0; m < XR; m++)
+            res[m] += wv * x[m * K + k];
     }
 }
 
-/* The tile shapes used: 4 weight rows for 1-2 rows of x, 2 for 3-4 (register budget), 1 for
- * the leftover weight rows. */
+/* One specialised copy of gemv_row_avx2 per (dtype, rows of x). */
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
-gemv_tile_shapes(int dt, int R, int XR, const char *w, int64_t ldw, const float *x, int64_t K, float *res) {
-    switch (R * 8 + XR) {
-    case 4 * 8 + 1: gemv_tile_avx2(dt, 4, 1, w, ldw, x, K, res); break;
-    case 4 * 8 + 2: gemv_tile_avx2(dt, 4, 2, w, ldw, x, K, res); break;
-    case 2 * 8 + 3: gemv_tile_avx2(dt, 2, 3, w, ldw, x, K, res); break;
-    case 2 * 8 + 4: gemv_tile_avx2(dt, 2, 4, w, ldw, x, K, res); break;
-    case 1 * 8 + 1: gemv_tile_avx2(dt, 1, 1, w, ldw, x, K, res); break;
-    case 1 * 8 + 2: gemv_tile_avx2(dt, 1, 2, w, ldw, x, K, res); break;
-    case 1 * 8 + 3: gemv_tile_avx2(dt, 1, 3, w, ldw, x, K, res); break;
-    default: gemv_tile_avx2(dt, 1, 4, w, ldw, x, K, res); break;
+gemv_row_xr_avx2(int dt, int xr, const char *w, const float *x, int64_t K, float *res) {
+    switch (xr) {
+    case 1: gemv_row_avx2(dt, 1, w, x, K, res); break;
+    case 2: gemv_row_avx2(dt, 2, w, x, K, res); break;
+    case 3: gemv_row_avx2(dt, 3, w, x, K, res); break;
+    default: gemv_row_avx2(dt, 4, w, x, K, res); break;
     }
-}
-
-TO_TARGET_AVX2 static void gemv_tile_dispatch_avx2(int dt, int R, int XR, const char *w, int64_t ldw,
-                                                   const float *x, int64_t K, float *res) {
-    if (dt == TO_BF16)
-        gemv_tile_shapes(TO_BF16, R, XR, w, ldw, x, K, res);
-    else if (dt == TO_F16)
-        gemv_tile_shapes(TO_F16, R, XR, w, ldw, x, K, res);
-    else
-        gemv_tile_shapes(TO_F32, R, XR, w, ldw, x, K, res);
 }
 
 TO_TARGET_AVX2 static void gemv_range_avx2(const gemv_job *job, int64_t n0, int64_t n1) {
     const mm_problem *p = job->p;
-    const int64_t K = p->K, ldw = p->ws0 * p->wsize;
-    float res[16];
-    /* Blocks of 4 weight rows; every group of up to 4 rows of x passes over a block while it
-     * is still in L1, so the weights come from memory once whatever M is. */
-    for (int64_t n = n0; n < n1; n += 4) {
-        int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
-        for (int64_t m0 = 0; m0 < p->M; m0 += 4) {
-            int xr = p->M - m0 < 4 ? (int)(p->M - m0) : 4;
-#ifdef GEMV_R1
-            int R = 1;
-#else
-            int R = rows < 4 ? 1 : xr <= 2 ? 4 : 2;
-#endif
-            for (int r = 0; r < rows; r += R) {
-                gemv_tile_dispatch_avx2(p->w_dt, R, xr, w_row(p, n + r), ldw, job->xf + m0 * K, K, res);
-                gemv_store(p, m0, xr, n + r, R, res);
-            }
+    const int64_t K = p->K;
+    const int dt = p->w_dt;
+    float res[GEMV_GROUP];
+    for (int64_t n = n0; n < n1; n++) {
+        const char *w = w_row(p, n);
+        /* every group of rows of x passes over the weight row while it is in L1, so the
+         * weights come from memory once whatever M is */
+        for (int64_t m0 = 0; m0 < p->M; m0 += GEMV_GROUP) {
+            int xr = p->M - m0 < GEMV_GROUP ? (int)(p->M - m0) : GEMV_GROUP;
+            const float *x = job->xf + m0 * K;
+            if (dt == TO_BF16)
+                gemv_row_xr_avx2(TO_BF16, xr, w, x, K, res);
+            else if (dt == TO_F16)
+                gemv_row_xr_avx2(TO_F16, xr, w, x, K, res);
+            else
+                gemv_row_xr_avx2(TO_F32, xr, w, x, K, res);
+            gemv_store(p, m0, xr, n, res);
         }
     }
 }
@@ -363,7 +328,7 @@ TO_TARGET_AVX2 static inline __attribute__((always_inline)) void transpose8_avx2
     v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-/* pack_b_scalar for a full half-panel of 8 rows: 8x8 blocks are loaded along k (converted),
+/* pack_b_scalar for 8 existing rows (half a panel): 8x8 blocks are loaded along k (converted),
  * transposed in registers and stored along the panel's rows. */
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
 pack_b8_avx2(int dt, float *dst, const mm_problem *p, int64_t n, int64_t p0, int64_t kc) {

@@ -29,7 +29,7 @@ import inference_pio as ip
 from inference_pio import ops
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, TORCH_DTYPES, from_torch, randn, strided, to_torch
+from helpers import FLOAT_DTYPES, from_torch, randn, strided, to_torch
 
 U32 = 2.0 ** -24
 U_OUT = {ip.float32: 2.0 ** -24, ip.float16: 2.0 ** -11, ip.bfloat16: 2.0 ** -8}
@@ -99,7 +99,7 @@ def make_x(gen, M, K, dtype, kind):
 
 # ---- numerics ----
 
-SIZES_M = (1, 2, 3, 7, 33, 130, 520)
+SIZES_M = (1, 2, 3, 7, 9, 33, 130, 520)
 SIZES_K = (1, 7, 33, 1031)
 SIZES_N = (1, 7, 33, 1029)
 SHAPES = [(M, K, N) for M in SIZES_M for K in SIZES_K for N in SIZES_N]
@@ -107,8 +107,9 @@ SHAPES = [(M, K, N) for M in SIZES_M for K in SIZES_K for N in SIZES_N]
 
 @pytest.mark.parametrize("M,K,N", SHAPES, ids=[f"M{M}-K{K}-N{N}" for M, K, N in SHAPES])
 def test_shapes(simd, gen, M, K, N):
-    """Odd sizes on both sides of every blocking edge (GEMV up to 4 rows, 6x16 tiles, 8-wide
-    vectors, K blocks of 256), with the dtype combination and bias rotating over the cases."""
+    """Odd sizes on both sides of every blocking edge (GEMV up to 8 rows in groups of 4, GEMM
+    from 9 rows in 6x16 tiles, 8-wide vectors, K blocks of up to 256, N blocks of 256), with the
+    dtype combination and bias rotating over the cases."""
     i = SHAPES.index((M, K, N))
     x_dtype, w_dtype, out_dtype = DTYPE_COMBOS[(7 * i) % len(DTYPE_COMBOS)]
     run_case(gen, M, K, N, x_dtype, w_dtype, out_dtype, with_bias=i % 2 == 0)
@@ -121,6 +122,12 @@ def test_shapes(simd, gen, M, K, N):
 def test_dtypes(simd, gen, M, with_bias, x_dtype, w_dtype, out_dtype):
     """Every dtype combination of x, w and out, with and without a bias."""
     run_case(gen, M, 300, 45, x_dtype, w_dtype, out_dtype, with_bias)
+
+
+def test_many_rows_in_chunks(simd, gen):
+    """Enough rows that the GEMM packs x in two chunks (768 rows at most per chunk), with K
+    over a dozen blocks."""
+    run_case(gen, 800, 3000, 40, ip.bfloat16, ip.bfloat16, ip.float32, with_bias=True)
 
 
 @pytest.mark.parametrize("M", [2, 37], ids=["gemv", "gemm"])
@@ -162,7 +169,7 @@ def test_bias_strided(simd, gen):
         assert_close(out, ref, mag, K, ip.float32)
 
 
-@pytest.mark.parametrize("M", [1, 4, 5, 200])
+@pytest.mark.parametrize("M", [1, 5, 9, 200])
 def test_nan_stays_in_its_row_and_column(simd, gen, M):
     """A NaN in x spoils only its output row; a NaN in w only its output column (zero padding
     inside the kernels must not spread it)."""
