@@ -28,7 +28,7 @@ test-c: install-test
 # the kernel test suite.
 test-sanitize: install-test
 	$(PYTHON) csrc/build.py --out $(SAN_LIB) --sanitize --cuda 0
-	$(PYTHON) tests/c/run_c_tests.py --lib $(SAN_LIB)
+	$(PYTHON) tests/c/run_c_tests.py --lib $(SAN_LIB) --sanitize
 	LD_PRELOAD="$(ASAN_RT) $(UBSAN_RT) $(abspath $(SAN_LIB))" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/kernels tests/test_tensor.py

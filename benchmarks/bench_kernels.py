@@ -5,9 +5,11 @@ torch on the same shapes, thread count and data.
 
 What is measured and how
   * copy bandwidth: a 512 MiB buffer copied into another (torch's copy_ and our to_copy, both
-    with the same threads; the faster counts). Reported as bytes READ per second (buffer size /
-    time), the figure the GEMV roofline compares with, and as read + write (twice that).
-    read bandwidth: torch.sum over the same buffer, for reference (no writes at all).
+    with the same threads; the faster counts), counted as STREAM and CUDA's bandwidthTest count
+    it: bytes read + bytes written per second (2 x buffer / time). This is the bandwidth every
+    roofline in this project divides by (decode tok/s <= bandwidth / weight bytes per token).
+    Also shown: read-only bandwidth (torch.sum over the same buffer), which a GEMV, reading
+    weights and writing almost nothing, can approach.
   * GEMV: x [1, K] . w[N, K]^T with x, w, out in one dtype (bf16 or f32), reported as GB/s of
     weights read (N * K * itemsize / time). Every call reads a different copy of the weights
     from a ring of copies larger than the last-level cache, as decoding a model does, so the
@@ -28,6 +30,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+# torch's OpenMP workers otherwise busy-wait after each call and, on a 2-core machine, slow down
+# whichever of our kernels is timed next (measured: 10-15 % on bf16 GEMV). Passive waiting costs
+# torch nothing at these millisecond-long calls.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -173,12 +180,12 @@ def main():
           f"load average {info['loadavg_before']:.2f}")
 
     copy = bench_copy(512 << 20, reps=3 if args.quick else 5)
-    bw = copy["copy_read_GBps"]
-    print(f"\ncopy of {copy['buffer_bytes'] >> 20} MiB: {bw:.2f} GB/s read ({copy['copy_read_write_GBps']:.2f} GB/s "
-          f"read+write); torch copy_ {copy['copy_read_GBps_torch']:.2f}, ours {copy['copy_read_GBps_ours']:.2f} GB/s read; "
-          f"torch.sum reads {copy['sum_read_GBps_torch']:.2f} GB/s")
+    bw = copy["copy_read_write_GBps"]
+    print(f"\ncopy of {copy['buffer_bytes'] >> 20} MiB: {bw:.2f} GB/s read+write (torch copy_ "
+          f"{2 * copy['copy_read_GBps_torch']:.2f}, ours {2 * copy['copy_read_GBps_ours']:.2f}); "
+          f"read-only (torch.sum) {copy['sum_read_GBps_torch']:.2f} GB/s")
 
-    print("\nGEMV, M = 1 (GB/s of weights read; % of copy read bandwidth; target bf16 >= 85%)")
+    print("\nGEMV, M = 1 (GB/s of weights read; % of copy bandwidth; target bf16 >= 85%)")
     print(f"{'K':>6} {'N':>7} {'dtype':>9} {'ours GB/s':>10} {'torch GB/s':>11} {'ours/torch':>10} {'ours/copy':>10}")
     gemv = []
     for K, N in GEMV_SHAPES:
