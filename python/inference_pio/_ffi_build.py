@@ -2,9 +2,9 @@
 
 The cdef is cut out of csrc/include/tensor_ops.h between its CDEF markers, so the header is the
 one source of truth for the C API. The extension links against libtensor_ops.so, which setup.py
-builds first and places next to it (found at run time through an $ORIGIN rpath).
+builds first, places next to it and adds to the extension's library_dirs (found at run time
+through an $ORIGIN rpath).
 """
-import os
 import re
 from pathlib import Path
 
@@ -19,20 +19,17 @@ def cdef_text(header=HEADER):
     m = re.search(r"/\* CDEF-BEGIN \*/(.*)/\* CDEF-END \*/", text, re.S)
     if not m:
         raise RuntimeError(f"{header}: CDEF markers not found")
-    body = re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S)  # cffi's parser skips comments anyway
-    return body
+    return m.group(1)
 
 
-def make_builder(lib_dir=None):
+def make_builder():
     ffi = cffi.FFI()
     ffi.cdef(cdef_text())
-    lib_dir = lib_dir or os.environ.get("INFERENCE_PIO_LIB_DIR", "")
     ffi.set_source(
         "inference_pio._tensor_ops",
         '#include "tensor_ops.h"',
         include_dirs=[str(HEADER.parent)],
         libraries=["tensor_ops"],
-        library_dirs=[lib_dir] if lib_dir else [],
         extra_link_args=["-Wl,-rpath,$ORIGIN"],
     )
     return ffi
