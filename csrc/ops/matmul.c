@@ -52,6 +52,11 @@ int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, cons
     if (M > 1 && N > 0 && out->strides[0] < N)
         return to_fail(TO_ERR_INVALID_ARGUMENT, OP ": out rows overlap (row stride %lld < N = %lld)",
                        (long long)out->strides[0], (long long)N);
+    /* out is written while x, w and bias are still being read: no shared memory at all */
+    TO_TRY(to_check_no_alias(out, x, 0, OP, "out", "x"));
+    TO_TRY(to_check_no_alias(out, w, 0, OP, "out", "w"));
+    if (bias)
+        TO_TRY(to_check_no_alias(out, bias, 0, OP, "out", "bias"));
 
     TO_TRY(to_require_cpu(out, OP));
     return to_cpu_matmul(out, x, w, bias);

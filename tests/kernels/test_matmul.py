@@ -293,6 +293,12 @@ def test_bad_strides():
         c_matmul(ip.Tensor.empty(5, 4).T, x, w, b)
     with pytest.raises(ip.InvalidArgumentError, match=r"to_matmul: out rows overlap \(row stride 0 < N = 5\)"):
         c_matmul(ip.Tensor.empty(1, 5).expand(4, 5), x, w, b)
+    # out is written while the inputs are read: sharing memory with any of them is refused
+    shared = ip.Tensor.zeros(4, 8)
+    with pytest.raises(ip.InvalidArgumentError, match="to_matmul: out overlaps x in memory"):
+        c_matmul(shared[:, :5], shared, w, b)
+    with pytest.raises(ip.InvalidArgumentError, match="to_matmul: out overlaps w in memory"):
+        c_matmul(ip.Tensor(w.storage, (4, 5), (8, 1), w.dtype), x, w, b)
     # a stride does not matter along a dimension of one element
     c_matmul(ip.Tensor.empty(4, 1), x, ip.Tensor(w.storage, (1, 8), (99, 1), w.dtype))
     c_matmul(ip.Tensor.empty(4, 1), ip.Tensor.zeros(4, 1), ip.Tensor(w.storage, (1, 1), (0, 7), w.dtype))
