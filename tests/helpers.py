@@ -61,3 +61,16 @@ def on_cuda(t):
     d[0] = t._desc[0]
     d.device = ip.lib.TO_CUDA
     return d
+
+
+def assert_within(got, ref, tol):
+    """Every |got - ref| <= tol elementwise (float64 torch tensors; NaN fails), else an
+    AssertionError naming how many elements failed and the first one."""
+    err = (got - ref).abs()
+    bad = ~(err <= tol)  # NaN counts as bad
+    if bad.any():
+        i = tuple(int(v) for v in torch.nonzero(bad)[0])
+        ratio = float(((err - tol) / tol.clamp_min(1e-300)).nan_to_num(float("inf")).max())
+        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements outside tolerance; first at {i}: "
+                             f"got {float(got[i])!r}, expected {float(ref[i])!r}, tol {float(tol[i]):.3g} "
+                             f"(worst excess {ratio:.3g}x)")

@@ -29,7 +29,7 @@ import inference_pio as ip
 from inference_pio import ops
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, from_torch, randn, strided, to_torch
+from helpers import FLOAT_DTYPES, from_torch, randn, strided, to_torch, assert_within
 
 U32 = 2.0 ** -24
 U_OUT = {ip.float32: 2.0 ** -24, ip.float16: 2.0 ** -11, ip.bfloat16: 2.0 ** -8}
@@ -58,14 +58,7 @@ def assert_close(out, ref, mag, K, out_dtype):
     n = K + 1
     acc = min(n, 2.0 * math.sqrt(n)) * U32 * mag
     tol = acc + U_OUT[out_dtype] * (ref.abs() + acc) + TINY_OUT[out_dtype]
-    err = (got - ref).abs()
-    bad = ~(err <= tol)  # NaN counts as bad
-    if bad.any():
-        i = int(torch.nonzero(bad)[0][0]), int(torch.nonzero(bad)[0][1])
-        ratio = float(((err - tol) / tol.clamp_min(1e-300)).nan_to_num(float("inf")).max())
-        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements outside tolerance; first at {i}: "
-                             f"got {float(got[i])!r}, expected {float(ref[i])!r}, tol {float(tol[i]):.3g} "
-                             f"(worst excess {ratio:.3g}x)")
+    assert_within(got, ref, tol)
 
 
 def run_case(gen, M, K, N, x_dtype, w_dtype, out_dtype, with_bias, x_kind="contiguous"):

@@ -24,7 +24,7 @@ import inference_pio as ip
 from inference_pio import ops
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, randn, strided, to_torch
+from helpers import FLOAT_DTYPES, randn, strided, to_torch, assert_within
 
 
 U32 = 2.0 ** -24
@@ -54,12 +54,7 @@ def assert_close(out, ref, out_dtype, rtol=RTOL):
     got = to_torch(out).to(torch.float64)
     assert tuple(got.shape) == tuple(ref.shape)
     tol = rtol * ref.abs() + U_OUT[out_dtype] * ref.abs() * (1 + rtol) + TINY_OUT[out_dtype]
-    err = (got - ref).abs()
-    bad = ~(err <= tol)  # NaN counts as bad
-    if bad.any():
-        i = tuple(int(v) for v in torch.nonzero(bad)[0])
-        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements outside tolerance; first at {i}: "
-                             f"got {float(got[i])!r}, expected {float(ref[i])!r}, tol {float(tol[i]):.3g}")
+    assert_within(got, ref, tol)
 
 
 def filled(shape, dtype):

@@ -25,7 +25,7 @@ import inference_pio as ip
 from inference_pio import ops, runtime
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, from_torch, randn, strided, to_torch
+from helpers import FLOAT_DTYPES, from_torch, randn, strided, to_torch, assert_within
 
 
 U32 = 2.0 ** -24
@@ -66,12 +66,7 @@ def assert_close(out, ref, mag, out_dtype):
     assert tuple(got.shape) == tuple(ref.shape)
     acc = 6 * U32 * mag
     tol = acc + U_OUT[out_dtype] * (ref.abs() + acc) + TINY_OUT[out_dtype]
-    err = (got - ref).abs()
-    bad = ~(err <= tol)  # NaN counts as bad
-    if bad.any():
-        i = tuple(int(v) for v in torch.nonzero(bad)[0])
-        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements outside tolerance; first at {i}: "
-                             f"got {float(got[i])!r}, expected {float(ref[i])!r}, tol {float(tol[i]):.3g}")
+    assert_within(got, ref, tol)
 
 
 def positions(T, gen, dtype=torch.int64):
