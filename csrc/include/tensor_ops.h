@@ -144,6 +144,53 @@ int to_argmax(const to_tensor *out, const to_tensor *x);
  * values has x's dtype or f32; indices i32 or i64. */
 int to_topk(const to_tensor *values, const to_tensor *indices, const to_tensor *x, int k);
 
+/* ---- attention over a paged KV cache ---- */
+/* The cache of one layer is k_cache, v_cache [num_blocks, block_size, Hkv, D] (f32, f16 or
+ * bf16, both of one dtype, contiguous, block_size >= 1). Cache slot s is row s % block_size of
+ * block s / block_size. Both ops check every index value before they write anything.
+ *
+ * Stores the new tokens' keys and values: k, v [T, Hkv, D] (any float dtype, any strides) go
+ * to slots slot_mapping[t] (i32/i64 [T]); a negative slot skips its token (padding). Slots
+ * must be distinct and < num_blocks * block_size. */
+int to_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,
+                      const to_tensor *v, const to_tensor *slot_mapping);
+/* Causal attention for a flat batch of S sequences (prefill, chunked prefill and decode alike):
+ *   out, q [T, Hq, D] (float dtypes, any strides); Hq a multiple of Hkv (GQA: query head h reads
+ *     kv head h / (Hq / Hkv));
+ *   cu_seqlens_q [S + 1] i32/i64: sequence s owns query rows cu_seqlens_q[s] .. cu_seqlens_q[s+1]
+ *     (non-decreasing, from 0 to T);
+ *   context_lens [S] i32/i64: tokens of sequence s in the cache, the new ones included (>= its
+ *     query count). Its i-th of n queries sits at position context_lens[s] - n + i and attends
+ *     to cache positions 0 .. that position;
+ *   block_tables [S, max_blocks] i32/i64: block_tables[s][j] holds positions j*block_size ..
+ *     (j+1)*block_size - 1 of sequence s; entries past the context are not read.
+ *   out = softmax(q k^T * scale) v per head, softmax and accumulation in f32. */
+int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
+                       const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
+                       const to_tensor *context_lens, const to_tensor *block_tables, double scale);
+
+/* ---- sampling ---- */
+/* One token per row of logits [B, V] (f32, f16 or bf16, any strides) into out [B] i64.
+ * Per row (all parameter tensors [B], f32 or i32 as named):
+ *   temperature f32: <= 0 picks the argmax (lowest index on ties) and ignores the rest;
+ *   otherwise p = softmax(logits / temperature), then
+ *   top_k i32: keep the top_k most probable tokens (<= 0 or >= V: all);
+ *   top_p f32: of those, in order of decreasing p, keep a token while the mass of the kept
+ *     tokens before it is < top_p times the mass of all top_k kept (transformers' rule: the
+ *     smallest prefix reaching top_p; >= 1: all; the most probable token is always kept);
+ *   min_p f32: drop tokens with p < min_p * max p (<= 0: none);
+ *   uniform f32 in [0, 1): the draw. Kept tokens are ordered by decreasing p (lower index first
+ *     on ties); the chosen one is the first whose cumulative kept mass exceeds
+ *     uniform * (total kept mass). Results depend only on the inputs, never on threads.
+ * "Decreasing p" is decreasing logit (exact, before any rounding); p is computed in f32 and masses
+ * are summed exactly in fixed point (2^-45 of max p), so a token below that never gets drawn.
+ * Every row's values must be valid, greedy rows included: temperature finite, top_p > 0 and
+ * finite, min_p in [0, 1], uniform in [0, 1); logits may be -inf (never drawn) but not NaN or
+ * +inf, and not all -inf in a row (errors name the lowest bad row; out is then unspecified). */
+int to_sample(const to_tensor *out, const to_tensor *logits, const to_tensor *temperature,
+              const to_tensor *top_k, const to_tensor *top_p, const to_tensor *min_p,
+              const to_tensor *uniform);
+
 /* ---- MoE routing ---- */
 /* Groups the (token, slot) assignments of values [T, k] (i32/i64 expert ids in [0, num_values))
  * by value, stably:

@@ -144,13 +144,15 @@ class ModuleList(Module):
 
 
 class Linear(Module):
-    """y = x @ weight^T (+ bias); weight [out_features, in_features] as checkpoints store it."""
+    """y = x @ weight^T (+ bias); weight [out_features, in_features] as checkpoints store it.
+    Parameters start uninitialised (allocated, not touched: a model built to be loaded costs no
+    memory until its weights arrive)."""
 
     def __init__(self, in_features, out_features, bias=False, dtype=dtypes.float32, device="cpu"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = Tensor.zeros(out_features, in_features, dtype=dtype, device=device)
-        self.register_parameter("bias", Tensor.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.weight = Tensor.empty(out_features, in_features, dtype=dtype, device=device)
+        self.register_parameter("bias", Tensor.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     def forward(self, x, out=None):
         return ops.matmul(x, self.weight, self.bias, out=out)
@@ -163,7 +165,7 @@ class Embedding(Module):
     def __init__(self, num_embeddings, embedding_dim, dtype=dtypes.float32, device="cpu"):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Tensor.zeros(num_embeddings, embedding_dim, dtype=dtype, device=device)
+        self.weight = Tensor.empty(num_embeddings, embedding_dim, dtype=dtype, device=device)  # uninitialised
 
     def forward(self, ids, out=None):
         return ops.embedding(self.weight, ids, out=out)

@@ -165,3 +165,32 @@ def scatter_add_by_index(out, src, index, weight=None):
                                       weight._desc if weight is not None else _NULL))
     return out
 
+
+def sample(logits, temperature, top_k, top_p, min_p, uniform, out=None):
+    """One token per row of logits [B, V] (int64 [B]). Each parameter is a Tensor [B]:
+    temperature f32 (<= 0: greedy), top_k i32 (<= 0: off), top_p f32 (>= 1: off), min_p f32
+    (0: off) and uniform f32 in [0, 1), the draw (see to_sample in tensor_ops.h)."""
+    out = _out(out, logits.shape[:1], dtypes.int64, logits)
+    check(lib.to_sample(out._desc, logits._desc, temperature._desc, top_k._desc, top_p._desc,
+                        min_p._desc, uniform._desc))
+    return out
+
+
+def kv_cache_store(k_cache, v_cache, k, v, slot_mapping):
+    """Paged KV cache write: k[t], v[t] ([T, Hkv, D]) go to slot slot_mapping[t] of k_cache and
+    v_cache ([num_blocks, block_size, Hkv, D], contiguous; slot s is row s % block_size of block
+    s // block_size). Negative slots skip their token. Writes in place, returns None."""
+    k_cache._check_writable()
+    v_cache._check_writable()
+    check(lib.to_kv_cache_store(k_cache._desc, v_cache._desc, k._desc, v._desc, slot_mapping._desc))
+
+
+def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, out=None):
+    """Causal attention of q [T, Hq, D] (S sequences packed; sequence s owns rows
+    cu_seqlens_q[s]:cu_seqlens_q[s+1]) over the paged cache: sequence s has context_lens[s]
+    tokens in the blocks block_tables[s] ([S, max_blocks]), its queries being the last ones.
+    Returns out [T, Hq, D] (q's dtype unless out is given)."""
+    out = _out(out, q.shape, q.dtype, q)
+    check(lib.to_paged_attention(out._desc, q._desc, k_cache._desc, v_cache._desc, cu_seqlens_q._desc,
+                                 context_lens._desc, block_tables._desc, float(scale)))
+    return out

@@ -12,31 +12,14 @@ import time
 import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors  # noqa: E402
+from tokenizers import Regex, processors  # noqa: E402
 from tokenizers import pre_tokenizers as pt  # noqa: E402
-from tokenizers.trainers import BpeTrainer  # noqa: E402
 
+from bpe_training import qwen_pre_tokenizer, train as _train  # noqa: E402
 from inference_pio.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 from inference_pio.tokenizer.pretokenize import (GPT2_PATTERN, QWEN2_PATTERN,  # noqa: E402
                                                  WHITESPACE, char_class, split_gpt2, split_qwen2)
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-NON_SPECIAL = ["<think>", "</think>", "<tool_call>"]
-
-TRAIN = """\
-The quick brown fox jumps over the lazy dog. It's the dog's day; they're sure we've won, I'm told
-you'll see he'd agree. DON'T SHOUT! Don'T mix CaSe's.
-def encode(self, text: str) -> list[int]:
-    if not text:\treturn []
-    return [self.vocab[t] for t in text.split()]  # 1234567890
-for (int i = 0; i < n; ++i) { x[i] = y[i] * 2.5f; }\r\n
-    indented    line   with   runs     of spaces   \n\n\n
-数学是研究数量、结构以及空间等概念的一门学科。日本語のテキストも少し。한국어 문장도.
-Emoji: 😀😃🎉 👩‍💻 👨‍👩‍👧‍👦 🏳️‍🌈 ✔️ ❤️
-Café naïve résumé coöperate — “quotes” ‘single’ «guillemets» … ½ ² ٣ ① Ⅻ
-Numbers 3.14159 1,000,000 0x1F 2024-06-01 +44 (0) 20 7946 0958
-Ελληνικά, русский текст, עברית, العربية, हिन्दी, ไทย
-"""
 
 CORPUS = [
     "", " ", "  ", "\t", "\n", "\r\n", " \r\n ", "a", "Hello world", "Hello  world  ",
@@ -77,23 +60,6 @@ def random_strings(count):
     return out
 
 
-def _train(pre_tokenizer, *, post_processor=None):
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(vocab_size=700, initial_alphabet=pt.ByteLevel.alphabet(),
-                         show_progress=False)
-    tok.train_from_iterator(TRAIN.splitlines(keepends=True) * 3, trainer)
-    tok.add_special_tokens(SPECIAL)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NON_SPECIAL])
-    tok.add_tokens([AddedToken("café", normalized=True),  # matched after NFC
-                    AddedToken("ok", lstrip=True, rstrip=True, normalized=False)])
-    if post_processor is not None:
-        tok.post_processor = post_processor
-    return tok
-
-
 QWEN = "qwen"
 GPT2 = "gpt2"
 GPT2_PREFIX = "gpt2-prefix-template"
@@ -103,8 +69,7 @@ GPT2_PREFIX = "gpt2-prefix-template"
 def pair(request, tmp_path_factory):
     """(oracle, ours) for one tokenizer flavour, ours loaded from the saved tokenizer.json."""
     if request.param == QWEN:
-        oracle = _train(pt.Sequence([pt.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
-                                     pt.ByteLevel(add_prefix_space=False, use_regex=False)]))
+        oracle = _train(qwen_pre_tokenizer())
     elif request.param == GPT2:
         oracle = _train(pt.ByteLevel(add_prefix_space=False, use_regex=True))
     else:
@@ -187,8 +152,7 @@ def test_token_lookup(pair):
 
 
 def _qwen_dict(tmp_path_factory=None):
-    tok = _train(pt.Sequence([pt.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
-                              pt.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    tok = _train(qwen_pre_tokenizer())
     return json.loads(tok.to_str())
 
 

@@ -63,3 +63,48 @@ def _theta(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"config rope_theta {value!r} is not a positive number")
     return float(value)
+
+
+_REQUIRED = object()
+
+
+def field(config, name, kind, default=_REQUIRED):
+    """config[name] checked to be of `kind` (int, float, bool or str; an int is accepted for a
+    float), or `default` when absent or null. A missing required field or a value of the wrong
+    kind raises ValueError naming the field."""
+    value = config.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"config.json has no {name!r}")
+        return default
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"config.json {name!r} is {value!r}, expected {kind.__name__}")
+    if kind is int and value <= 0 and default is _REQUIRED:
+        raise ValueError(f"config.json {name!r} must be positive, got {value}")
+    return value
+
+
+def rope_type(config):
+    """The rope_type of rope_parameters/rope_scaling ("default" when neither says)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = config.get(key)
+        if isinstance(params, dict):
+            kind = params.get("rope_type", params.get("type"))
+            if kind is not None:
+                return kind
+    return "default"
+
+
+def eos_token_ids(*sources):
+    """The union of the eos_token_id entries (an int or a list) of config.json and
+    generation_config.json dicts, in first-seen order."""
+    ids = []
+    for src in sources:
+        value = (src or {}).get("eos_token_id")
+        for tid in value if isinstance(value, list) else [value]:
+            if isinstance(tid, int) and not isinstance(tid, bool) and tid not in ids:
+                ids.append(tid)
+    return ids

@@ -2,5 +2,6 @@
 and the checkpoint's own chat template rendered by a Jinja subset of our own."""
 from .bpe import IncrementalDecoder, Tokenizer, TokenizerError
 from .chat_template import ChatTemplate, TemplateError
+from .checkpoint import CheckpointTokenizer
 
-__all__ = ["ChatTemplate", "IncrementalDecoder", "TemplateError", "Tokenizer", "TokenizerError"]
+__all__ = ["ChatTemplate", "CheckpointTokenizer", "IncrementalDecoder", "TemplateError", "Tokenizer", "TokenizerError"]

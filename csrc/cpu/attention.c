@@ -1,0 +1,536 @@
+/* attention.c - the paged KV cache: storing new keys/values, and causal attention over it.
+ *
+ * kv_cache_store copies each token's [Hkv, D] key and value rows into its slot (converting to
+ * the cache dtype, rounding to nearest even). Slots are distinct (checked by the caller), so
+ * threads split the tokens freely.
+ *
+ * paged_attention is flash-attention style: one pass over the context per query row, with an
+ * online softmax in f32. For each row it keeps the running max m, the running sum l of
+ * exp(s - m), and acc = sum exp(s - m) v; when a new key tile raises the max, l and acc are
+ * rescaled by exp(m_old - m_new). At the end out = acc / l.
+ *
+ * Work items are (sequence, kv head, chunk of up to QB queries). An item handles the QB queries
+ * times the G = Hq / Hkv query heads that share its kv head: R = QB * G rows. It walks the keys
+ * from position 0 to its last query's position in tiles of KT keys; each key and value row of a
+ * tile is read from the cache once and used for all R rows (for decode R = G: the GQA group;
+ * for prefill many queries too). Rows whose position is below the tile see none of it and are
+ * skipped; the causal mask inside a tile sets the weights of keys past a row's position to 0.
+ *
+ * Determinism: each row's arithmetic is the same sequence of operations whichever item and
+ * thread compute it (tiles always start at key 0 and step by KT; a row's dot products and its
+ * share of the V accumulation are per-row/per-element, never summed across rows; the way rows
+ * and keys are grouped into register blocks does not change what is added to what in which
+ * order). So QB may follow the thread count and results still do not.
+ *
+ * The AVX2 path converts bf16/f16 cache rows to f32 on the fly inside the dot products and the
+ * V accumulation, and computes the tile's exponentials 8 at a time (a Cephes-style polynomial,
+ * ~2 ulp). The scalar path converts a tile to f32 first and uses expf; the two agree to f32
+ * rounding, not bit for bit.
+ */
+#include "cpu/attention.h"
+#include "cpu/embedding.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdatomic.h>
+
+#define KT 32           /* keys per tile: a tile of K and of V (bf16, D = 128) is 8 KB each */
+#define ROWS_TARGET 32  /* q rows per work item: every K/V element loaded is used this often */
+#define ITEMS_PER_THREAD 4 /* below this many items per thread, chunks get fewer queries */
+
+/* =========================================================================== kv_cache_store */
+
+struct store_job {
+    const to_tensor *kc, *vc, *k, *v, *slots;
+};
+
+static void store_tokens(void *arg, int64_t begin, int64_t end) {
+    const struct store_job *job = arg;
+    const to_tensor *kc = job->kc, *vc = job->vc, *k = job->k, *v = job->v;
+    const int64_t Hkv = kc->shape[2], D = kc->shape[3];
+    for (int64_t t = begin; t < end; t++) {
+        int64_t slot = to_load_index(job->slots->data, job->slots->dtype, t * job->slots->strides[0]);
+        if (slot < 0)
+            continue; /* padding token */
+        for (int64_t h = 0; h < Hkv; h++) {
+            int64_t row = (slot * Hkv + h) * D; /* the caches are contiguous */
+            to_cpu_copy_row(to_elem_ptr(kc->data, kc->dtype, row), kc->dtype, 1,
+                            to_elem_ptr(k->data, k->dtype, t * k->strides[0] + h * k->strides[1]),
+                            k->dtype, k->strides[2], D);
+            to_cpu_copy_row(to_elem_ptr(vc->data, vc->dtype, row), vc->dtype, 1,
+                            to_elem_ptr(v->data, v->dtype, t * v->strides[0] + h * v->strides[1]),
+                            v->dtype, v->strides[2], D);
+        }
+    }
+}
+
+int to_cpu_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,
+                          const to_tensor *v, const to_tensor *slot_mapping) {
+    int64_t T = k->shape[0], per_token = k->shape[1] * k->shape[2];
+    if (T == 0 || per_token == 0)
+        return TO_OK;
+    struct store_job job = {k_cache, v_cache, k, v, slot_mapping};
+    /* a thread is worth waking for about 64 KB of cache rows */
+    int64_t bytes = 2 * per_token * to_dtype_size(k_cache->dtype);
+    to_parallel_for(T, bytes >= 65536 ? 1 : 65536 / bytes, store_tokens, &job);
+    return TO_OK;
+}
+
+/* ========================================================================== paged_attention */
+
+/* Up to QB consecutive queries of one sequence. */
+typedef struct {
+    int64_t s;    /* sequence */
+    int64_t t0;   /* row of q of the first query */
+    int64_t nq;   /* queries */
+    int64_t pos0; /* cache position of the first query; query i sits at pos0 + i */
+} chunk;
+
+typedef struct {
+    const to_tensor *out, *q, *bt;
+    const char *kc, *vc; /* cache data */
+    int dt;              /* cache dtype */
+    int64_t Hkv, G, D, bs;
+    float scale;
+    const chunk *chunks;
+    int64_t n_items, max_rows;
+    int avx2;
+    atomic_llong next; /* next work item to take */
+    atomic_int failed; /* a thread could not get its scratch memory */
+} attn_job;
+
+/* One item's state and the tile being worked on. Row r is query r / G, head r % G of the group. */
+typedef struct {
+    float *qs;  /* [R, D] q rows in f32, times scale */
+    float *acc; /* [R, D] sum of exp(s - m) v */
+    float *sc;  /* [R, KT] the tile's scores, then its weights exp(s - m) (0 where masked) */
+    float *m, *l;
+    float *kf, *vf; /* [KT, D] the tile in f32 (scalar path) */
+    const char *const *kp, *const *vp; /* the tile's key and value rows in the cache */
+    int64_t R, G, D, pos0;
+    int64_t k0, kt; /* the tile: keys k0 .. k0 + kt - 1 */
+    int64_t r0;     /* first row that sees the tile (rows below it sit before k0) */
+    int dt;
+} item_state;
+
+/* Keys of the tile that row r sees (1..kt for r >= r0). */
+static inline int64_t visible(const item_state *st, int64_t r) {
+    int64_t n = st->pos0 + r / st->G - st->k0 + 1;
+    return n < st->kt ? n : st->kt;
+}
+
+static inline float load_elem(const char *row, int dt, int64_t i) {
+    if (dt == TO_BF16)
+        return to_bf16_to_f32(((const uint16_t *)row)[i]);
+    if (dt == TO_F16)
+        return to_f16_to_f32(((const uint16_t *)row)[i]);
+    return ((const float *)row)[i];
+}
+
+/* ---------------------------------------------------------------------------- scalar path */
+
+static void tile_scalar(item_state *st) {
+    const int64_t D = st->D, kt = st->kt;
+    for (int64_t j = 0; j < kt; j++) {
+        to_load_f32(st->kf + j * D, st->kp[j], st->dt, D, 1);
+        to_load_f32(st->vf + j * D, st->vp[j], st->dt, D, 1);
+    }
+    for (int64_t r = st->r0; r < st->R; r++) {
+        const float *q = st->qs + r * D;
+        float *s = st->sc + r * KT, *acc = st->acc + r * D;
+        int64_t lim = visible(st, r);
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < lim; j++) {
+            const float *k = st->kf + j * D;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < D; d++)
+                dot += q[d] * k[d];
+            s[j] = dot;
+            mx = dot > mx ? dot : mx;
+        }
+        float m_new = mx > st->m[r] ? mx : st->m[r];
+        /* the first tile: nothing to rescale (and -inf - -inf would be NaN) */
+        float alpha = st->m[r] == -INFINITY ? 0.0f : expf(st->m[r] - m_new), sum = 0.0f;
+        for (int64_t j = 0; j < lim; j++) {
+            s[j] = expf(s[j] - m_new);
+            sum += s[j];
+        }
+        st->l[r] = st->l[r] * alpha + sum;
+        st->m[r] = m_new;
+        if (alpha != 1.0f)
+            for (int64_t d = 0; d < D; d++)
+                acc[d] *= alpha;
+        for (int64_t j = 0; j < lim; j++) {
+            const float *v = st->vf + j * D;
+            for (int64_t d = 0; d < D; d++)
+                acc[d] += s[j] * v[d];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------ AVX2 path */
+
+/* 8 cache values at p widened to f32: bf16 is the top half of an f32, f16 goes through F16C. */
+TO_TARGET_AVX2 static inline __attribute__((always_inline)) __m256 load8(const char *p, int dt) {
+    if (dt == TO_BF16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    if (dt == TO_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_loadu_ps((const float *)p);
+}
+
+TO_TARGET_AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TO_TARGET_AVX2 static inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* exp(x) for x <= 0 (scores minus their max), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
+ * exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits. Inputs below -87 give
+ * exp(-87) ~ 1.6e-38 instead of less (keeps 2^n a normal number); next to the row's largest
+ * weight, 1, that is nothing. */
+TO_TARGET_AVX2 static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
+    y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* Scores of NR rows (q rows D floats apart, from q) against NK keys (kp[0 .. NK)) into
+ * s[r * KT + kk]. NR * NK accumulators of 8 lanes each run along D; each key vector is loaded
+ * and widened once for the NR rows. Always inlined with constant dt, NR, NK. */
+TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
+dots(int dt, int NR, int NK, const float *q, int64_t D, const char *const *kp, float *s) {
+    const int64_t esz = dt == TO_F32 ? 4 : 2;
+    __m256 acc[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int kk = 0; kk < NK; kk++)
+            acc[r][kk] = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        __m256 kv[4];
+        for (int kk = 0; kk < NK; kk++)
+            kv[kk] = load8(kp[kk] + d * esz, dt);
+        for (int r = 0; r < NR; r++) {
+            __m256 qv = _mm256_loadu_ps(q + r * D + d);
+            for (int kk = 0; kk < NK; kk++)
+                acc[r][kk] = _mm256_fmadd_ps(qv, kv[kk], acc[r][kk]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int kk = 0; kk < NK; kk++) {
+            float sum = hsum(acc[r][kk]);
+            for (int64_t i = d; i < D; i++) /* D % 8 leftovers */
+                sum += q[r * D + i] * load_elem(kp[kk], dt, i);
+            s[r * KT + kk] = sum;
+        }
+}
+
+/* Scores of NR rows against keys 0 .. nk - 1, a few keys at a time (NR * NK <= 8 accumulators,
+ * so the FMA chains hide the FMA latency), the last ones singly. */
+TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
+dots_rows(int dt, int NR, const float *q, int64_t D, const char *const *kp, int64_t nk, float *s) {
+    const int NK = 8 / (NR < 2 ? 2 : NR); /* 4 keys for 1 or 2 rows, 2 keys for 3 or 4 */
+    int64_t j = 0;
+    for (; j + NK <= nk; j += NK)
+        dots(dt, NR, NK, q, D, kp + j, s + j);
+    for (; j < nk; j++)
+        dots(dt, NR, 1, q, D, kp + j, s + j);
+}
+
+/* acc[r * D + d0 .. + 8 NV) += sum over j < nk of p[r * KT + j] * v_j for NR rows: the NR * NV
+ * accumulators stay in registers over all the keys; each value vector is loaded and widened
+ * once for the NR rows. */
+TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
+pv(int dt, int NR, int NV, float *acc, const float *p, int64_t D, const char *const *vp, int64_t nk,
+   int64_t d0) {
+    const int64_t esz = dt == TO_F32 ? 4 : 2;
+    __m256 a[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int v = 0; v < NV; v++)
+            a[r][v] = _mm256_loadu_ps(acc + r * D + d0 + 8 * v);
+    for (int64_t j = 0; j < nk; j++) {
+        __m256 vv[4];
+        for (int v = 0; v < NV; v++)
+            vv[v] = load8(vp[j] + (d0 + 8 * v) * esz, dt);
+        for (int r = 0; r < NR; r++) {
+            __m256 w = _mm256_broadcast_ss(p + r * KT + j);
+            for (int v = 0; v < NV; v++)
+                a[r][v] = _mm256_fmadd_ps(w, vv[v], a[r][v]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int v = 0; v < NV; v++)
+            _mm256_storeu_ps(acc + r * D + d0 + 8 * v, a[r][v]);
+}
+
+TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
+pv_rows(int dt, int NR, float *acc, const float *p, int64_t D, const char *const *vp, int64_t nk) {
+    const int NV = 8 / (NR < 2 ? 2 : NR); /* 4 vectors (32 columns) for 1 or 2 rows, else 2 */
+    int64_t d = 0;
+    for (; d + 8 * NV <= D; d += 8 * NV)
+        pv(dt, NR, NV, acc, p, D, vp, nk, d);
+    for (; d + 8 <= D; d += 8)
+        pv(dt, NR, 1, acc, p, D, vp, nk, d);
+    for (; d < D; d++) /* D % 8 leftovers */
+        for (int r = 0; r < NR; r++)
+            for (int64_t j = 0; j < nk; j++)
+                acc[r * D + d] += p[r * KT + j] * load_elem(vp[j], dt, d);
+}
+
+/* One function per (cache dtype, rows in a group) so dt and NR are constants in each. */
+#define FOR_DT_NR(dt, nr, CALL)                                                                   \
+    do {                                                                                          \
+        if ((dt) == TO_BF16) {                                                                    \
+            switch (nr) { case 1: CALL(TO_BF16, 1); break; case 2: CALL(TO_BF16, 2); break;       \
+                          case 3: CALL(TO_BF16, 3); break; default: CALL(TO_BF16, 4); }           \
+        } else if ((dt) == TO_F16) {                                                              \
+            switch (nr) { case 1: CALL(TO_F16, 1); break; case 2: CALL(TO_F16, 2); break;         \
+                          case 3: CALL(TO_F16, 3); break; default: CALL(TO_F16, 4); }             \
+        } else {                                                                                  \
+            switch (nr) { case 1: CALL(TO_F32, 1); break; case 2: CALL(TO_F32, 2); break;         \
+                          case 3: CALL(TO_F32, 3); break; default: CALL(TO_F32, 4); }             \
+        }                                                                                         \
+    } while (0)
+
+/* Online softmax step of row r over its scores s[0 .. kt): weights exp(s - m_new) into s (0 for
+ * the keys past the row's position, and up to the next multiple of 8, which the V accumulation
+ * of the row's group may read), l and acc rescaled to the new max. */
+TO_TARGET_AVX2 static void softmax_row_avx2(item_state *st, int64_t r) {
+    float *s = st->sc + r * KT, *acc = st->acc + r * st->D;
+    const int64_t lim = visible(st, r), chunks = (st->kt + 7) / 8;
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 mx = ninf;
+    for (int64_t c = 0; c < chunks; c++) {
+        __m256 seen = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)(8 * c))),
+                                    _mm256_set1_ps((float)lim), _CMP_LT_OQ);
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + 8 * c), seen));
+    }
+    float m_old = st->m[r], m_new = hmax(mx);
+    m_new = m_new > m_old ? m_new : m_old;
+    float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+    __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(m_new);
+    for (int64_t c = 0; c < chunks; c++) {
+        __m256 seen = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)(8 * c))),
+                                    _mm256_set1_ps((float)lim), _CMP_LT_OQ);
+        __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + 8 * c), mv)), seen);
+        _mm256_storeu_ps(s + 8 * c, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    st->l[r] = st->l[r] * alpha + hsum(sum);
+    st->m[r] = m_new;
+    if (alpha != 1.0f) {
+        const int64_t D = st->D;
+        __m256 av = _mm256_set1_ps(alpha);
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+            _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), av));
+        for (; d < D; d++)
+            acc[d] *= alpha;
+    }
+}
+
+TO_TARGET_AVX2 static void tile_avx2(item_state *st) {
+    const int64_t D = st->D, R = st->R;
+    const int dt = st->dt;
+    for (int64_t r = st->r0; r < R; r += 4) {
+        int nr = R - r < 4 ? (int)(R - r) : 4;
+#define DOTS(DT, NR) dots_rows(DT, NR, st->qs + r * D, D, st->kp, visible(st, r + NR - 1), st->sc + r * KT)
+        FOR_DT_NR(dt, nr, DOTS);
+#undef DOTS
+    }
+    for (int64_t r = st->r0; r < R; r++)
+        softmax_row_avx2(st, r);
+    /* the group's last row sees the most keys; the others have weight 0 past their own */
+    for (int64_t r = st->r0; r < R; r += 4) {
+        int nr = R - r < 4 ? (int)(R - r) : 4;
+#define PV(DT, NR) pv_rows(DT, NR, st->acc + r * D, st->sc + r * KT, D, st->vp, visible(st, r + NR - 1))
+        FOR_DT_NR(dt, nr, PV);
+#undef PV
+    }
+}
+
+/* --------------------------------------------------------------------------------- driver */
+
+/* kp[j], vp[j] = the cache rows of position k0 + j of the chunk's sequence, kv head g, j < n.
+ * With prefetch, their cache lines are requested too: this is the next tile, which arrives while
+ * the current one is computed. (Rows of one block are Hkv * D apart and the blocks anywhere,
+ * which the hardware prefetcher does not run ahead of; without this decode waits on memory.) */
+static void gather(const attn_job *job, const chunk *c, int64_t g, int64_t k0, int64_t n,
+                   const char **kp, const char **vp, int prefetch) {
+    const to_tensor *bt = job->bt;
+    const int64_t bs = job->bs, row_bytes = job->D * to_dtype_size(job->dt);
+    for (int64_t j = 0; j < n; j++) {
+        int64_t p = k0 + j;
+        int64_t block = to_load_index(bt->data, bt->dtype, c->s * bt->strides[0] + (p / bs) * bt->strides[1]);
+        int64_t off = ((block * bs + p % bs) * job->Hkv + g) * row_bytes;
+        kp[j] = job->kc + off;
+        vp[j] = job->vc + off;
+        if (prefetch)
+            for (int64_t b = 0; b < row_bytes; b += 64) {
+                __builtin_prefetch(kp[j] + b, 0, 3);
+                __builtin_prefetch(vp[j] + b, 0, 3);
+            }
+    }
+}
+
+static void run_item(attn_job *job, item_state *st, int64_t item) {
+    const chunk *c = &job->chunks[item / job->Hkv];
+    const int64_t g = item % job->Hkv, G = job->G, D = job->D;
+    const to_tensor *q = job->q, *out = job->out;
+    const int64_t R = c->nq * G;
+    st->R = R;
+    st->pos0 = c->pos0;
+    for (int64_t r = 0; r < R; r++) {
+        int64_t t = c->t0 + r / G, h = g * G + r % G;
+        float *qs = st->qs + r * D;
+        to_load_f32(qs, to_elem_ptr(q->data, q->dtype, t * q->strides[0] + h * q->strides[1]),
+                    q->dtype, D, q->strides[2]);
+        for (int64_t d = 0; d < D; d++)
+            qs[d] *= job->scale;
+        memset(st->acc + r * D, 0, (size_t)D * sizeof(float));
+        st->m[r] = -INFINITY;
+        st->l[r] = 0.0f;
+    }
+    /* two sets of row pointers: the tile being computed and the next one, whose rows are
+     * prefetched meanwhile */
+    const char *rows[2][2][KT];
+    const int64_t kv_end = c->pos0 + c->nq;
+    int cur = 0;
+    gather(job, c, g, 0, kv_end < KT ? kv_end : KT, rows[0][0], rows[0][1], 0);
+    for (int64_t k0 = 0; k0 < kv_end; k0 += KT) {
+        st->k0 = k0;
+        st->kt = kv_end - k0 < KT ? kv_end - k0 : KT;
+        st->kp = rows[cur][0];
+        st->vp = rows[cur][1];
+        if (k0 + KT < kv_end) {
+            int64_t n = kv_end - k0 - KT < KT ? kv_end - k0 - KT : KT;
+            gather(job, c, g, k0 + KT, n, rows[!cur][0], rows[!cur][1], 1);
+        }
+        /* the first query that sees key k0 */
+        st->r0 = (k0 > c->pos0 ? k0 - c->pos0 : 0) * G;
+        if (job->avx2)
+            tile_avx2(st);
+        else
+            tile_scalar(st);
+        cur = !cur;
+    }
+    for (int64_t r = 0; r < R; r++) {
+        int64_t t = c->t0 + r / G, h = g * G + r % G;
+        float *acc = st->acc + r * D, inv = 1.0f / st->l[r];
+        for (int64_t d = 0; d < D; d++)
+            acc[d] *= inv;
+        to_store_f32(to_elem_ptr(out->data, out->dtype, t * out->strides[0] + h * out->strides[1]),
+                     out->dtype, acc, D, out->strides[2]);
+    }
+}
+
+/* Each thread takes items from a shared counter until none are left: items differ a lot in cost
+ * (context lengths, causal prefill chunks), and taking them one by one keeps the threads busy to
+ * the end. Which thread runs an item does not change its result. */
+static void attn_worker(void *arg, int ith, int nth) {
+    attn_job *job = arg;
+    const int64_t Rm = job->max_rows, D = job->D;
+    size_t floats = (size_t)(2 * Rm * D + Rm * KT + 2 * Rm + 2 * KT * D);
+    float *buf = to_scratch(0, floats * sizeof(float));
+    if (!buf) {
+        atomic_store(&job->failed, 1);
+        return;
+    }
+    item_state st = {.qs = buf, .acc = buf + Rm * D, .sc = buf + 2 * Rm * D, .G = job->G, .D = D,
+                     .dt = job->dt};
+    st.m = st.sc + Rm * KT;
+    st.l = st.m + Rm;
+    st.kf = st.l + Rm;
+    st.vf = st.kf + KT * D;
+    /* score lanes past a tile's keys are read (and masked) by the vector softmax: keep them
+     * initialised */
+    memset(st.sc, 0, (size_t)(Rm * KT) * sizeof(float));
+    for (;;) {
+        int64_t item = atomic_fetch_add(&job->next, 1);
+        if (item >= job->n_items)
+            break;
+        run_item(job, &st, item);
+    }
+}
+
+/* Chunks of up to qb queries: how many, and (when list is not NULL) the list. Within a sequence
+ * the last chunk, which sees the most keys, comes first, so the longest items start early. */
+static int64_t make_chunks(const to_tensor *cu, const to_tensor *ctx, int64_t qb, chunk *list,
+                           int64_t *work) {
+    int64_t S = ctx->shape[0], n_chunks = 0, total = 0;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t b = to_load_index(cu->data, cu->dtype, s * cu->strides[0]);
+        int64_t n = to_load_index(cu->data, cu->dtype, (s + 1) * cu->strides[0]) - b;
+        int64_t len = to_load_index(ctx->data, ctx->dtype, s * ctx->strides[0]);
+        for (int64_t i = (n - 1) / qb * qb; n > 0 && i >= 0; i -= qb) {
+            int64_t nq = n - i < qb ? n - i : qb, pos0 = len - n + i;
+            if (list)
+                list[n_chunks] = (chunk){.s = s, .t0 = b + i, .nq = nq, .pos0 = pos0};
+            n_chunks++;
+            total += nq * (pos0 + nq);
+        }
+    }
+    if (work)
+        *work = total;
+    return n_chunks;
+}
+
+int to_cpu_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
+                           const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
+                           const to_tensor *context_lens, const to_tensor *block_tables, double scale) {
+    const int64_t T = q->shape[0], Hq = q->shape[1], D = q->shape[2], Hkv = k_cache->shape[2];
+    if (T == 0 || Hq == 0 || D == 0)
+        return TO_OK;
+    const int64_t G = Hq / Hkv;
+    /* Queries per chunk: enough rows per item to reuse each K/V row well, fewer when that would
+     * leave threads without items (decode of a few sequences, a short prefill). */
+    const int nth = to_num_threads();
+    int64_t qb = ROWS_TARGET / G > 1 ? ROWS_TARGET / G : 1;
+    while (qb > 1 && make_chunks(cu_seqlens_q, context_lens, qb, NULL, NULL) * Hkv < ITEMS_PER_THREAD * nth)
+        qb /= 2;
+    int64_t work;
+    int64_t n_chunks = make_chunks(cu_seqlens_q, context_lens, qb, NULL, &work);
+    chunk *chunks = to_scratch(1, (size_t)n_chunks * sizeof(chunk));
+    if (!chunks)
+        return to_fail(TO_ERR_OUT_OF_MEMORY, "to_paged_attention: no memory for %lld work chunks",
+                       (long long)n_chunks);
+    make_chunks(cu_seqlens_q, context_lens, qb, chunks, NULL);
+
+    attn_job job = {.out = out, .q = q, .bt = block_tables, .kc = k_cache->data, .vc = v_cache->data,
+                    .dt = k_cache->dtype, .Hkv = Hkv, .G = G, .D = D, .bs = k_cache->shape[1],
+                    .scale = (float)scale, .chunks = chunks, .n_items = n_chunks * Hkv,
+                    .max_rows = qb * G, .avx2 = to_simd() >= TO_SIMD_AVX2};
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, 0);
+    /* work counts (query row, key) pairs per kv head; below ~64K MACs in all, waking the other
+     * threads costs more than it saves */
+    if (job.n_items == 1 || work * Hq * D < 65536)
+        attn_worker(&job, 0, 1);
+    else
+        to_parallel_run(attn_worker, &job);
+    if (atomic_load(&job.failed))
+        return to_fail(TO_ERR_OUT_OF_MEMORY, "to_paged_attention: out of memory for the per-thread "
+                       "buffers (%lld rows of %lld)", (long long)job.max_rows, (long long)D);
+    return TO_OK;
+}

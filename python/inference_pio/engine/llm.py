@@ -1,0 +1,143 @@
+"""LLM: the front door. Loads a checkpoint folder (model, tokenizer, chat template, generation
+config), starts an engine over it, and offers generate / stream / chat / logits."""
+import os
+from dataclasses import dataclass
+
+from ..io.hf_config import eos_token_ids, load_hf_config
+from ..tokenizer import CheckpointTokenizer
+from .llm_engine import LLMEngine
+from .loader import load_model
+from .params import RequestOutput, SamplingParams
+from .sequence import Status
+
+
+@dataclass
+class StreamDelta:
+    """One step of a streamed request: the token produced and the text it completed (possibly ""
+    while a multi-byte character is still partial). The last delta has finish_reason set."""
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+
+
+class LLM:
+    """A model ready to generate.
+
+    model: a Hugging Face checkpoint folder. device: "cpu" (or "cuda" where built with CUDA).
+    dtype: the weights' dtype, "auto" (the checkpoint's), "bfloat16", "float16" or "float32";
+    activations are float32 on the CPU. max_model_len: longest sequence (prompt + output);
+    kv_cache_tokens: size of the paged KV cache pool shared by all running sequences (memory is
+    reserved, and only touched as it fills). max_num_seqs / max_num_batched_tokens: the
+    scheduler's limits per step (a longer prompt is prefilled in chunks of the latter)."""
+
+    def __init__(self, model, device="cpu", dtype="auto", max_model_len=None, kv_cache_tokens=None,
+                 block_size=16, max_num_seqs=32, max_num_batched_tokens=512, progress=None):
+        self.path = os.fspath(model)
+        self.model, self.config = load_model(self.path, dtype, device, progress)
+        has_tokenizer = os.path.exists(os.path.join(self.path, "tokenizer.json"))
+        self.tokenizer = CheckpointTokenizer(self.path) if has_tokenizer else None
+        gen_path = os.path.join(self.path, "generation_config.json")
+        generation_config = load_hf_config(gen_path) if os.path.exists(gen_path) else {}
+        eos = eos_token_ids(generation_config, self.config)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        limit = self.model.config.max_position_embeddings
+        max_model_len = min(limit, 8192) if max_model_len is None else max_model_len
+        if not 1 <= max_model_len <= limit:
+            raise ValueError(f"max_model_len must be in 1..{limit} (the model's max_position_embeddings)")
+        kv_cache_tokens = max(max_model_len, 8192) if kv_cache_tokens is None else kv_cache_tokens
+        self.engine = LLMEngine(self.model, eos, max_model_len, kv_cache_tokens, block_size,
+                                max_num_seqs, max_num_batched_tokens)
+
+    @property
+    def eos_token_ids(self):
+        return self.engine.eos_ids
+
+    # ---- prompts ----
+    def _ids(self, prompt):
+        if isinstance(prompt, str):
+            return self._need_tokenizer().encode(prompt)
+        return list(prompt)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json: pass token ids instead of text")
+        return self.tokenizer
+
+    def _text(self, ids, params):
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None, **template_kwargs):
+        """The prompt text the checkpoint's chat template makes of a conversation."""
+        return self._need_tokenizer().apply_chat_template(messages, add_generation_prompt, tools,
+                                                          **template_kwargs)
+
+    # ---- generation ----
+    def generate(self, prompts, sampling_params=None):
+        """Completions of one prompt or a list of prompts (each text or token ids), all run
+        together through the engine. sampling_params: one for all, or a list with one per
+        prompt. Returns a list of RequestOutput in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        params = _per_prompt(sampling_params, len(prompts))
+        seqs = [self.engine.add_request(self._ids(p), sp) for p, sp in zip(prompts, params)]
+        try:
+            while self.engine.has_unfinished():
+                self.engine.step()
+        finally:
+            for seq in seqs:  # an interrupted call leaves no request behind in the engine
+                if seq.status is not Status.FINISHED:
+                    self.engine.abort(seq)
+        return [self._output(s) for s in seqs]
+
+    def _output(self, seq):
+        ids = seq.completion_ids
+        return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], ids,
+                             self._text(ids, seq.params), seq.finish_reason)
+
+    def stream(self, prompt, sampling_params=None):
+        """Yields a StreamDelta per generated token of one prompt, as it is produced. Text never
+        ends in a broken UTF-8 character: bytes of a partial one are held for the next delta."""
+        params = sampling_params or SamplingParams()
+        seq = self.engine.add_request(self._ids(prompt), params)
+        decoder = self._need_tokenizer().incremental_decoder(params.skip_special_tokens) if self.tokenizer else None
+        try:
+            while seq.status is not Status.FINISHED:
+                for s, tid in self.engine.step():
+                    if s is seq:
+                        text = decoder.add(tid) if decoder else ""
+                        done = seq.status is Status.FINISHED
+                        if done and decoder:
+                            text += decoder.finish()
+                        yield StreamDelta(tid, text, seq.finish_reason if done else None)
+        finally:
+            if seq.status is not Status.FINISHED:
+                self.engine.abort(seq)
+
+    def chat(self, messages, sampling_params=None, tools=None, **template_kwargs):
+        """The assistant's reply to a conversation (a list of {"role", "content"} dicts), or a
+        list of replies to a list of conversations. Extra keyword arguments go to the chat
+        template (e.g. enable_thinking=False for Qwen3)."""
+        many = bool(messages) and isinstance(messages[0], (list, tuple))
+        convs = messages if many else [messages]
+        prompts = [self.apply_chat_template(c, True, tools, **template_kwargs) for c in convs]
+        outs = self.generate(prompts, sampling_params)
+        return outs if many else outs[0]
+
+    def logits(self, prompt):
+        """float32 logits [n_tokens, vocab] at every position of one prompt (text or ids)."""
+        return self.engine.all_logits(self._ids(prompt))
+
+
+def _per_prompt(sampling_params, n):
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    params = list(sampling_params)
+    if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"sampling_params must be one SamplingParams or a list of {n}")
+    return params

@@ -1,0 +1,96 @@
+"""Layers shared by the model files: rotary frequencies, attention over the paged KV cache and
+the gated MLP. A model file composes these with nn's Linear/Embedding/RMSNorm; it never talks
+to the cache or the batch layout itself.
+
+Every forward here takes `batch`, the flat varlen batch the engine builds (engine/batch.py):
+token rows [T] of any number of sequences, with the metadata attention needs to find each
+sequence's cached keys and values.
+"""
+import struct
+
+from . import dtypes, ops
+from .nn import Linear, Module, RMSNorm
+from .tensor import tensor
+
+
+def _f32(x):
+    """x rounded to float32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def rope_inv_freq(rotary_dim, theta):
+    """inv_freq[i] = 1 / theta^(2i / rotary_dim) as transformers computes it, in float32: the
+    exponent is a float32 quotient and the power and reciprocal are rounded to float32 (torch's
+    powf may differ from this correctly rounded power by an ulp: an angle error of ~1e-7 relative)."""
+    out = []
+    for i in range(0, rotary_dim, 2):
+        exponent = _f32(_f32(float(i)) / _f32(float(rotary_dim)))
+        out.append(_f32(1.0 / _f32(theta ** exponent)))
+    return tensor(out, dtype=dtypes.float32)
+
+
+class Attention(Module):
+    """Grouped-query self-attention with rotary positions, in the checkpoint layout Llama, Qwen2
+    and Qwen3 share (q_proj, k_proj, v_proj, o_proj; Qwen3 adds per-head q_norm and k_norm,
+    applied before the rotation). Keys and values of this step are stored at the batch's slots,
+    then every query attends causally to its sequence's cached context, so prefill, chunked
+    prefill and decode are the same call."""
+
+    def __init__(self, layer_index, hidden_size, num_heads, num_kv_heads, head_dim, inv_freq,
+                 qk_norm_eps=None, bias=False, dtype=dtypes.float32, device="cpu"):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads {num_heads} is not a multiple of "
+                             f"num_key_value_heads {num_kv_heads}")
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=bias, dtype=dtype, device=device)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=bias, dtype=dtype, device=device)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=bias, dtype=dtype, device=device)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, dtype=dtype, device=device)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, device=device)
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, x, batch):
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if "q_norm" in self._modules:
+            q = self.q_norm(q, out=q)
+            k = self.k_norm(k, out=k)
+        ops.rope(q, batch.positions, self.inv_freq, out=q)
+        ops.rope(k, batch.positions, self.inv_freq, out=k)
+        k_cache, v_cache = batch.kv_cache.layer(self.layer_index)
+        ops.kv_cache_store(k_cache, v_cache, k, v, batch.slot_mapping)
+        attn = ops.paged_attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
+                                   batch.block_tables, self.scale)
+        return self.o_proj(attn.view(T, self.num_heads * self.head_dim))
+
+
+class GatedMLP(Module):
+    """down(silu(gate(x)) * up(x)), the SwiGLU MLP of Llama, Qwen and GLM."""
+
+    def __init__(self, hidden_size, intermediate_size, dtype, device="cpu"):
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, dtype=dtype, device=device)
+        self.up_proj = Linear(hidden_size, intermediate_size, dtype=dtype, device=device)
+        self.down_proj = Linear(intermediate_size, hidden_size, dtype=dtype, device=device)
+
+    def forward(self, x):
+        gate = self.gate_proj(x)
+        return self.down_proj(ops.silu_mul(gate, self.up_proj(x), out=gate))
+
+
+def final_hidden(residual, last_delta, norm, indices):
+    """The final norm applied only to the rows whose logits are wanted: the last layer's output
+    is added to its residual and normalised for `indices` [L] only (usually one row per sequence)."""
+    rows = ops.embedding(residual, indices)
+    delta = ops.embedding(last_delta, indices)
+    return norm(delta, residual=rows)
+
+
+__all__ = ["Attention", "GatedMLP", "final_hidden", "rope_inv_freq"]
