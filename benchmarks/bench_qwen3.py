@@ -7,7 +7,7 @@ transformers on torch CPU in the same run, plus tokenizer encode throughput besi
 What is measured and how
   * The checkpoint is made once with transformers (Qwen3ForCausalLM, the real 0.6B config,
     random init, bf16, save_pretrained) and cached under --dir.
-  * Each engine runs in its own child process, so its load time and peak RSS (ru_maxrss; for
+  * Each engine runs in its own child process, so its load time and peak RSS (VmHWM; for
     ours this includes the memory-mapped weight pages it touched) are its own.
   * Prefill: time to the first token of a 128-token prompt (one forward + head + argmax).
     Decode: the next 127 tokens, time per token. Median over --reps repeats of the whole
@@ -28,7 +28,6 @@ What is measured and how
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -111,10 +110,19 @@ def run_transformers(folder, threads, reps):
     return load, prefill, decode
 
 
+def peak_rss():
+    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited from the
+    parent across fork + exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(engine, folder, threads, reps):
     fn = run_ours if engine == "ours" else run_transformers
     load, prefill, decode = fn(folder, threads, reps)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     print(json.dumps({"load_s": load, "prefill_s": prefill, "decode_s_per_token": decode,
                       "peak_rss_bytes": rss}))
 

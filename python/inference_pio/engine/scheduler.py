@@ -18,6 +18,7 @@ class Scheduler:
         self.blocks = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting, self.running = deque(), []
+        self.num_preemptions = 0
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -59,6 +60,7 @@ class Scheduler:
     def _preempt(self, seq):
         self.running.remove(seq)
         self.blocks.free(seq)
+        self.num_preemptions += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 

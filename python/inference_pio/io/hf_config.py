@@ -88,12 +88,13 @@ def field(config, name, kind, default=_REQUIRED):
 
 
 def rope_type(config):
-    """The rope_type of rope_parameters/rope_scaling ("default" when neither says)."""
+    """The rope_type of rope_parameters or the legacy rope_scaling: "default" unless either
+    names another (a legacy rope_scaling beside a 5.x default rope_parameters still counts)."""
     for key in ("rope_parameters", "rope_scaling"):
         params = config.get(key)
         if isinstance(params, dict):
             kind = params.get("rope_type", params.get("type"))
-            if kind is not None:
+            if kind not in (None, "default"):
                 return kind
     return "default"
 

@@ -5,7 +5,7 @@ import pathlib
 
 import torch
 
-DATA = pathlib.Path(__file__).parent.parent / "data"
+DATA = pathlib.Path(__file__).parent / "data"
 QWEN3_TEMPLATE = (DATA / "qwen3_chat_template.jinja").read_text()
 
 
