@@ -31,6 +31,11 @@ def device_name(device):
     return "cpu" if code == _CPU else f"cuda:{index}"
 
 
+# While graph.OpGraph captures, the tensors whose descriptors reach the library are collected
+# here: the recorded calls point into their memory, so the graph holds on to them.
+_graph_tensors = None
+
+
 class Storage:
     """A block of memory: allocated by the library (freed when unreferenced), or borrowed from a
     Python object with the buffer protocol (kept alive while the storage lives)."""
@@ -182,6 +187,8 @@ class Tensor(BufferBase):
     # ---- the C descriptor ----
     @property
     def _desc(self):
+        if _graph_tensors is not None:  # an OpGraph is capturing: it must keep this tensor alive
+            _graph_tensors.append(self)
         d = self._desc_cache
         if d is None:
             d = ffi.new("to_tensor *")

@@ -5,46 +5,61 @@ the cache, and asks for logits of its last row (or of every row, for llm.logits)
 from array import array
 
 from .. import dtypes
+from .._lib import ffi
 from ..tensor import Tensor
 
+_FIELDS = ("token_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens",
+           "block_tables", "logits_indices")
 
-def _i32(values, device):
-    t = Tensor.frombuffer(array("i", values), dtypes.int32)
-    return t if device == "cpu" else t.to(device)
+
+def _layout(scheduled, block_size, logits_for, width):
+    """The batch's int32 arrays (by field name), the sampled sequences and the table width."""
+    tokens, positions, slots, cu, ctx, logits_rows, tables = [], [], [], [0], [], [], []
+    sampled = []
+    for seq, n in scheduled:
+        start, bt = seq.num_computed, seq.block_table
+        tokens += seq.token_ids[start:start + n]
+        positions += range(start, start + n)
+        slots += [bt[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
+        if logits_for == "all":
+            logits_rows += range(cu[-1], cu[-1] + n)
+        elif start + n == seq.num_tokens:
+            logits_rows.append(cu[-1] + n - 1)
+            sampled.append(seq)
+        cu.append(cu[-1] + n)
+        ctx.append(start + n)
+        tables.append(bt)
+    width = width or max(len(bt) for bt in tables)
+    flat_tables = [b for bt in tables for b in bt + [0] * (width - len(bt))]
+    values = dict(token_ids=tokens, positions=positions, slot_mapping=slots, cu_seqlens_q=cu,
+                  context_lens=ctx, block_tables=flat_tables, logits_indices=logits_rows)
+    return {k: array("i", v) for k, v in values.items()}, sampled, width
 
 
 class ForwardBatch:
     """Built from (sequence, number of new tokens) pairs; the new tokens of a sequence are
     token_ids[num_computed : num_computed + n] and their keys/values go to the cache slots the
     block manager gave the sequence. logits_for: "last" (the last row of each sequence whose
-    tokens are then all computed: those get sampled) or "all" (every row)."""
+    tokens are then all computed: those get sampled) or "all" (every row). block_table_width
+    fixes the block table's width (a graph's batch keeps one shape from step to step)."""
 
-    def __init__(self, scheduled, block_manager, kv_cache, device="cpu", logits_for="last"):
-        tokens, positions, slots, cu, ctx, logits_rows, tables = [], [], [], [0], [], [], []
-        self.sampled = []  # the sequences whose logits rows come out, in row order
-        bs = block_manager.block_size
-        for seq, n in scheduled:
-            start = seq.num_computed
-            tokens += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-            bt = seq.block_table
-            slots += [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
-            if logits_for == "all":
-                logits_rows += range(cu[-1], cu[-1] + n)
-            elif start + n == seq.num_tokens:
-                logits_rows.append(cu[-1] + n - 1)
-                self.sampled.append(seq)
-            cu.append(cu[-1] + n)
-            ctx.append(start + n)
-            tables.append(bt)
-        width = max(len(bt) for bt in tables)
-        self.num_tokens = len(tokens)
-        self.token_ids = _i32(tokens, device)
-        self.positions = _i32(positions, device)
-        self.slot_mapping = _i32(slots, device)
-        self.cu_seqlens_q = _i32(cu, device)
-        self.context_lens = _i32(ctx, device)
-        self.block_tables = _i32([b for bt in tables for b in bt + [0] * (width - len(bt))],
-                                 device).view(len(tables), width)
-        self.logits_indices = _i32(logits_rows, device)
-        self.kv_cache = kv_cache
+    def __init__(self, scheduled, block_manager, kv_cache, device="cpu", logits_for="last",
+                 block_table_width=None):
+        self.block_size, self.logits_for, self.kv_cache = block_manager.block_size, logits_for, kv_cache
+        arrays, self.sampled, width = _layout(scheduled, self.block_size, logits_for, block_table_width)
+        for name in _FIELDS:
+            t = Tensor.frombuffer(arrays[name], dtypes.int32)
+            setattr(self, name, t if device == "cpu" else t.to(device))
+        self.block_tables = self.block_tables.view(len(scheduled), width)
+        self.num_tokens = len(arrays["token_ids"])
+
+    def update(self, scheduled):
+        """Rewrites the batch in place for another step of the same shape: the same number of
+        sequences and tokens, and every row sampled (a decode step replayed by a graph)."""
+        arrays, self.sampled, _ = _layout(scheduled, self.block_size, self.logits_for,
+                                          self.block_tables.shape[1])
+        for name in _FIELDS:
+            t, a = getattr(self, name), arrays[name]
+            if len(a) != t.numel():
+                raise ValueError(f"batch field {name} has {len(a)} entries, the graph's has {t.numel()}")
+            ffi.memmove(ffi.cast("void *", t.data_ptr()), a, len(a) * 4)

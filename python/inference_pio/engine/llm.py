@@ -28,10 +28,12 @@ class LLM:
     activations are float32 on the CPU. max_model_len: longest sequence (prompt + output);
     kv_cache_tokens: size of the paged KV cache pool shared by all running sequences (memory is
     reserved, and only touched as it fills). max_num_seqs / max_num_batched_tokens: the
-    scheduler's limits per step (a longer prompt is prefilled in chunks of the latter)."""
+    scheduler's limits per step (a longer prompt is prefilled in chunks of the latter).
+    enforce_eager: run every step op by op instead of replaying captured decode graphs."""
 
     def __init__(self, model, device="cpu", dtype="auto", max_model_len=None, kv_cache_tokens=None,
-                 block_size=16, max_num_seqs=32, max_num_batched_tokens=512, progress=None):
+                 block_size=16, max_num_seqs=32, max_num_batched_tokens=512, enforce_eager=False,
+                 progress=None):
         self.path = os.fspath(model)
         self.model, self.config = load_model(self.path, dtype, device, progress)
         has_tokenizer = os.path.exists(os.path.join(self.path, "tokenizer.json"))
@@ -47,7 +49,7 @@ class LLM:
             raise ValueError(f"max_model_len must be in 1..{limit} (the model's max_position_embeddings)")
         kv_cache_tokens = max(max_model_len, 8192) if kv_cache_tokens is None else kv_cache_tokens
         self.engine = LLMEngine(self.model, eos, max_model_len, kv_cache_tokens, block_size,
-                                max_num_seqs, max_num_batched_tokens)
+                                max_num_seqs, max_num_batched_tokens, use_graphs=not enforce_eager)
 
     @property
     def eos_token_ids(self):

@@ -7,6 +7,7 @@ them produced."""
 from ..tensor import Tensor
 from .batch import ForwardBatch
 from .block_manager import BlockManager
+from .graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .params import SamplingParams
 from .sampler import sample
@@ -16,7 +17,7 @@ from .sequence import Sequence, Status
 
 class LLMEngine:
     def __init__(self, model, eos_ids, max_model_len, kv_cache_tokens, block_size=16,
-                 max_num_seqs=64, max_num_batched_tokens=512, kv_dtype=None):
+                 max_num_seqs=64, max_num_batched_tokens=512, kv_dtype=None, use_graphs=True):
         self.model = model
         self.eos_ids = list(eos_ids)
         num_blocks = -(-kv_cache_tokens // block_size)
@@ -26,6 +27,8 @@ class LLMEngine:
                                 kv_dtype or model.dtype, model.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        on_cpu = model.device == "cpu"
+        self.graphs = DecodeGraphs(model, self.kv_cache, self.blocks, self.max_model_len) if use_graphs and on_cpu else None
         self._next_id = 0
 
     def add_request(self, prompt_ids, params):
@@ -67,8 +70,11 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        batch = ForwardBatch(scheduled, self.blocks, self.kv_cache, self.model.device)
-        logits = self.model(batch)  # no rows when only prefill chunks ran: the layers still fill the cache
+        if self.graphs is not None and DecodeGraphs.applies(scheduled):
+            logits, batch = self.graphs.run(scheduled)
+        else:
+            batch = ForwardBatch(scheduled, self.blocks, self.kv_cache, self.model.device)
+            logits = self.model(batch)  # no rows when only prefill chunks ran: the layers still fill the cache
         self.scheduler.computed(scheduled)
         if not batch.sampled:
             return []

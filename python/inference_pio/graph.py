@@ -1,0 +1,77 @@
+"""OpGraph: the library calls of one forward, recorded once and replayed.
+
+A small model's decode step is hundreds of short library calls; the Python around each call
+(allocating outputs, building views and descriptors) can cost as much as the call itself.
+Capturing runs the forward once as usual while recording each compute call with its argument
+descriptors; replaying makes the same calls again with nothing else in between. Like a CUDA
+graph it replays on the same buffers: the inputs must be rewritten in place between replays
+(engine/batch.py does that for the batch metadata), the outputs land in the same tensors, and
+the shapes cannot change (one graph per batch size).
+"""
+import importlib
+
+from . import _lib, ops
+from ._lib import check
+
+# The module (the package's own `tensor` attribute is the tensor() function).
+tensor = importlib.import_module(".tensor", __package__)
+
+# Calls that manage memory or report state, not compute: they run during capture but are not
+# part of the replayed step (the memory they hand out stays owned by the graph).
+_NOT_RECORDED = {"to_alloc", "to_free", "to_last_error", "to_status_name", "to_dtype_name",
+                 "to_dtype_size", "to_num_threads", "to_simd_active"}
+
+
+_CALLERS = (ops, tensor)  # the modules that call the library on a forward's behalf
+
+
+class _RecordingLib:
+    """Stands in for the cffi lib inside ops while capturing."""
+
+    def __init__(self, lib, calls):
+        self._lib, self._calls = lib, calls
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+        if name in _NOT_RECORDED or not callable(fn) or not name.startswith("to_"):
+            return fn
+
+        def record(*args):
+            self._calls.append((fn, args))
+            return fn(*args)
+        return record
+
+
+class OpGraph:
+    def __init__(self, calls, tensors, output):
+        self._calls, self._tensors, self.output = calls, tensors, output
+
+    @classmethod
+    def capture(cls, fn):
+        """Runs fn() (a forward made of `ops` calls) and records its library calls; returns the
+        graph, whose `output` is what fn returned."""
+        if tensor._graph_tensors is not None:
+            raise RuntimeError("OpGraph captures do not nest")
+        calls, tensors = [], []
+        tensor._graph_tensors = tensors
+        recorder = _RecordingLib(_lib.lib, calls)
+        for module in _CALLERS:
+            module.lib = recorder
+        try:
+            output = fn()
+        finally:
+            for module in _CALLERS:
+                module.lib = _lib.lib
+            tensor._graph_tensors = None
+        return cls(calls, tensors, output)
+
+    def replay(self):
+        """Makes the recorded calls again; returns the (rewritten) output."""
+        for fn, args in self._calls:
+            status = fn(*args)
+            if status:
+                check(status)
+        return self.output
+
+    def __len__(self):
+        return len(self._calls)
