@@ -522,3 +522,58 @@ def test_attention_errors():
                                         bt._desc, 1.0))
     with pytest.raises(ip.UnsupportedError, match=A + "no CUDA kernel"):
         check(ip.lib.to_paged_attention(*(with_device(t, cuda) for t in args), 1.0))
+
+
+# ============================================================= paged_attention: split decode
+
+# Sequences of up to 4 queries are split by keys into segments (64 keys doubled until at most
+# 16 segments) that are merged at the end; longer ones are chunked by queries.
+SPLIT_SEQS = [(1, 63), (1, 64), (1, 65), (1, 150), (2, 129), (3, 300), (4, 4), (4, 1100), (5, 200)]
+
+
+@pytest.mark.parametrize("cache_dtype", FLOAT_DTYPES, ids=NAMES.get)
+def test_attention_split_segments(simd, gen, cache_dtype):
+    """Contexts around the segment boundaries, 1 to 4 queries (split) and 5 (chunked)."""
+    b = Batch(gen, SPLIT_SEQS, 4, 2, 48, 16, cache_dtype=cache_dtype)
+    b.check(b.run())
+
+
+def test_attention_long_decode(simd, gen):
+    """One decode query over 4096 keys (16 segments of 256), the model's shapes."""
+    b = Batch(gen, [(1, 4096)], 16, 8, 128, 16, cache_dtype=ip.bfloat16)
+    b.check(b.run())
+
+
+def test_attention_decode_batch(simd, gen):
+    """32 decode sequences of assorted lengths in one call."""
+    lens = torch.randint(1, 600, (32,), generator=gen).tolist()
+    b = Batch(gen, [(1, L) for L in lens], 16, 8, 128, 16, cache_dtype=ip.bfloat16)
+    b.check(b.run())
+
+
+@pytest.mark.parametrize("D", [8, 24, 40, 136])
+def test_attention_bf16_head_sizes(simd, gen, D):
+    """Head sizes around the AVX2 bf16 path's groups of 16 (and 8, and leftovers)."""
+    b = Batch(gen, [(1, 70), (6, 40)], 4, 2, D, 16, cache_dtype=ip.bfloat16)
+    b.check(b.run())
+
+
+def test_attention_split_threads_and_batch(gen):
+    """Split rows give the same bits with 1, 2 and 3 threads, and alone or in a batch."""
+    seqs = [(1, 1000), (2, 300), (1, 70), (30, 30)]
+    b = Batch(gen, seqs, 8, 4, 64, 16, cache_dtype=ip.bfloat16)
+    before = runtime.num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            runtime.set_num_threads(n)
+            results.append(bits(to_torch(b.run())))
+    finally:
+        runtime.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    # the first sequence alone: the same cache rows, q rows and block table row
+    one = ops.paged_attention(from_torch(to_torch(b.q)[:1].clone()), b.k_cache, b.v_cache,
+                              from_torch(torch.tensor([0, 1])), from_torch(b.ctx[:1].clone()),
+                              from_torch(b.bt[:1].clone()), b.scale)
+    assert torch.equal(bits(to_torch(one))[0], results[0][0])
+    b.check(b.run())
