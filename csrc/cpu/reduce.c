@@ -20,6 +20,7 @@
  * order). A 151936-wide vocabulary row with k ~ 100 is thus about one streaming pass, where a
  * full sort would be n log n. */
 #include "cpu/reduce.h"
+#include "cpu/heap.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -180,33 +181,6 @@ static inline uint64_t make_key(float v, int64_t i) {
 static inline int64_t key_index(uint64_t key) { return (int64_t)(uint32_t)~(uint32_t)key; }
 
 /* A min-heap: the root is the smallest key, the worst of the k kept. */
-static void sift_up(uint64_t *h, int64_t pos) {
-    uint64_t e = h[pos];
-    while (pos > 0) {
-        int64_t parent = (pos - 1) / 2;
-        if (h[parent] <= e)
-            break;
-        h[pos] = h[parent];
-        pos = parent;
-    }
-    h[pos] = e;
-}
-
-static void sift_down(uint64_t *h, int64_t n, int64_t pos) {
-    uint64_t e = h[pos];
-    for (;;) {
-        int64_t c = 2 * pos + 1;
-        if (c >= n)
-            break;
-        c += c + 1 < n && h[c + 1] < h[c];
-        if (e <= h[c])
-            break;
-        h[pos] = h[c];
-        pos = c;
-    }
-    h[pos] = e;
-}
-
 typedef struct {
     uint64_t *heap;
     int64_t k, count;
@@ -217,12 +191,12 @@ static inline void offer(topk_state *st, float v, int64_t i) {
     uint64_t key = make_key(v, i);
     if (st->count < st->k) {
         st->heap[st->count] = key;
-        sift_up(st->heap, st->count++);
+        heap_sift_up(st->heap, st->count++);
         if (st->count == st->k)
             st->threshold = key_value(st->heap[0]);
     } else if (key > st->heap[0]) {
         st->heap[0] = key;
-        sift_down(st->heap, st->k, 0);
+        heap_sift_down(st->heap, st->k, 0);
         st->threshold = key_value(st->heap[0]);
     }
 }
@@ -304,7 +278,7 @@ static void topk_rows(void *arg, int64_t begin, int64_t end) {
             uint64_t e = heap[0];
             heap[0] = heap[m];
             heap[m] = e;
-            sift_down(heap, m, 0);
+            heap_sift_down(heap, m, 0);
         }
         char *vrow = to_elem_ptr(values->data, values->dtype, to_row_offset(values, r));
         int64_t vs = to_row_stride_last(values);

@@ -32,6 +32,7 @@
  * the thread count. The scalar and AVX2 paths may differ in the last bits of e (the AVX2 exp is a
  * polynomial). */
 #include "cpu/sample.h"
+#include "cpu/heap.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -105,33 +106,6 @@ TO_TARGET_AVX2 static void stats_avx2(const float *x, int64_t n, stats_t *s) {
 
 /* ============================================================== top_k <= HEAP_MAX_K: a heap */
 
-static void sift_up(uint64_t *h, int64_t pos) {
-    uint64_t e = h[pos];
-    while (pos > 0) {
-        int64_t parent = (pos - 1) / 2;
-        if (h[parent] <= e)
-            break;
-        h[pos] = h[parent];
-        pos = parent;
-    }
-    h[pos] = e;
-}
-
-static void sift_down(uint64_t *h, int64_t n, int64_t pos) {
-    uint64_t e = h[pos];
-    for (;;) {
-        int64_t c = 2 * pos + 1;
-        if (c >= n)
-            break;
-        c += c + 1 < n && h[c + 1] < h[c];
-        if (e <= h[c])
-            break;
-        h[pos] = h[c];
-        pos = c;
-    }
-    h[pos] = e;
-}
-
 typedef struct {
     uint64_t *heap;
     int64_t k, count;
@@ -142,10 +116,10 @@ static inline void offer(heap_t *st, float v, int64_t i) {
     uint64_t key = make_key(v, i);
     if (st->count < st->k) {
         st->heap[st->count] = key;
-        sift_up(st->heap, st->count++);
+        heap_sift_up(st->heap, st->count++);
     } else if (key > st->heap[0]) {
         st->heap[0] = key;
-        sift_down(st->heap, st->k, 0);
+        heap_sift_down(st->heap, st->k, 0);
     } else {
         return;
     }
@@ -217,7 +191,7 @@ static int64_t sample_heap(const float *xs, int64_t n, const row_params *rp, uin
         uint64_t t = heap[0];
         heap[0] = heap[j];
         heap[j] = t;
-        sift_down(heap, j, 0);
+        heap_sift_down(heap, j, 0);
     }
     uint64_t sk = 0;
     int64_t lm = 0;
