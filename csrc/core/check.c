@@ -24,6 +24,17 @@ int to_check_tensor(const to_tensor *t, const char *op, const char *name) {
     }
     if (empty)
         return TO_OK; /* no element is ever touched */
+    int bs = to_dtype_block_size(t->dtype);
+    if (bs > 1) { /* quantized: whole blocks along a unit-stride last dimension */
+        if (t->ndim == 0 || t->strides[t->ndim - 1] != 1 || t->shape[t->ndim - 1] % bs)
+            return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s is %s: its last dimension needs unit stride "
+                           "and a multiple of %d elements", op, name, to_dtype_name(t->dtype), bs);
+        for (int i = 0; i < t->ndim - 1; i++)
+            if (t->shape[i] > 1 && t->strides[i] % bs)
+                return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s is %s: stride %lld of dim %d is not a "
+                               "whole number of %d-element blocks", op, name, to_dtype_name(t->dtype),
+                               (long long)t->strides[i], i, bs);
+    }
     /* bytes from data to the end of the farthest element, refusing what overflows int64 */
     int64_t need = 0, reach;
     int overflow = 0;
@@ -32,7 +43,7 @@ int to_check_tensor(const to_tensor *t, const char *op, const char *name) {
         overflow |= __builtin_add_overflow(need, reach, &need);
     }
     overflow |= __builtin_add_overflow(need, 1, &need);
-    overflow |= __builtin_mul_overflow(need, (int64_t)to_dtype_size(t->dtype), &need);
+    overflow |= __builtin_mul_overflow(need / bs, (int64_t)to_dtype_block_bytes(t->dtype), &need);
     if (overflow)
         return to_fail(TO_ERR_BOUNDS, "%s: %s has a shape and strides whose extent overflows 64 bits",
                        op, name);
@@ -159,7 +170,7 @@ static void byte_span(const to_tensor *t, uintptr_t *lo, uintptr_t *hi) {
         last += (t->shape[i] - 1) * t->strides[i];
     }
     *lo = (uintptr_t)t->data;
-    *hi = *lo + (uintptr_t)((last + 1) * to_dtype_size(t->dtype));
+    *hi = *lo + (uintptr_t)to_dtype_bytes(t->dtype, last + 1);
 }
 
 int to_same_view(const to_tensor *a, const to_tensor *b) {

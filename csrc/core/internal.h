@@ -31,7 +31,9 @@ int to_fail(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3
 #define TO_MASK(d) (1u << (d))
 #define TO_FLOAT_DTYPES (TO_MASK(TO_F32) | TO_MASK(TO_F16) | TO_MASK(TO_BF16))
 #define TO_INDEX_DTYPES (TO_MASK(TO_I32) | TO_MASK(TO_I64))
+#define TO_QUANT_DTYPES (TO_MASK(TO_Q8_0) | TO_MASK(TO_Q4_0) | TO_MASK(TO_Q4_1) | TO_MASK(TO_Q4_K) | TO_MASK(TO_Q6_K))
 #define TO_ALL_DTYPES ((1u << TO_DTYPE_COUNT) - 1u)
+#define TO_PLAIN_DTYPES (TO_ALL_DTYPES & ~TO_QUANT_DTYPES)
 
 /* Non-null, known dtype and device, rank <= TO_MAX_DIMS, non-negative shape and strides, and
  * every reachable element inside nbytes. `op` and `name` go into the error message. */
@@ -93,9 +95,16 @@ void to_load_f32(float *dst, const void *src, int dtype, int64_t n, int64_t stri
 void to_store_f32(void *dst, int dtype, const float *src, int64_t n, int64_t stride);
 /* Truncates toward zero, saturating at the int64 range; NaN gives 0. */
 int64_t to_double_to_i64(double x);
-/* Address of element `offset` (in elements) of a buffer of `dtype`. */
+/* Bytes that n elements of `dtype` occupy (n a whole number of blocks for quantized dtypes). */
+static inline int64_t to_dtype_bytes(int dtype, int64_t n) {
+    return n / to_dtype_block_size(dtype) * to_dtype_block_bytes(dtype);
+}
+
+static inline int to_is_quantized(int dtype) { return to_dtype_block_size(dtype) > 1; }
+
+/* Address of element `offset` (in elements, block-aligned for quantized dtypes) of a buffer. */
 static inline void *to_elem_ptr(void *base, int dtype, int64_t offset) {
-    return (char *)base + offset * (int64_t)to_dtype_size(dtype);
+    return (char *)base + to_dtype_bytes(dtype, offset);
 }
 
 /* ---- CPU features (core/simd.c) ---- */

@@ -51,7 +51,16 @@ typedef enum {
     TO_I32 = 4,
     TO_I64 = 5,
     TO_U8 = 6,
-    TO_DTYPE_COUNT = 7
+    /* Block-quantized weight types, bit-compatible with GGML's blocks of the same names.
+     * A tensor of one of these has a logical shape in elements; its last dimension has unit
+     * stride and is a whole number of blocks, and every other stride is a whole number of
+     * blocks, so element offsets map to bytes as offset / block_size * block_bytes. */
+    TO_Q8_0 = 7,  /* 32 elements: f16 scale d, 32 x i8 q; x = d * q */
+    TO_Q4_0 = 8,  /* 32 elements: f16 d, 16 bytes of nibbles; x = d * (q - 8) */
+    TO_Q4_1 = 9,  /* 32 elements: f16 d, f16 m, 16 bytes of nibbles; x = d * q + m */
+    TO_Q4_K = 10, /* 256 elements: f16 d, f16 dmin, 12 bytes of 6-bit sub-scales/mins, 128 bytes of nibbles */
+    TO_Q6_K = 11, /* 256 elements: 128 bytes low nibbles, 64 bytes high 2 bits, 16 x i8 scales, f16 d */
+    TO_DTYPE_COUNT = 12
 } to_dtype;
 
 typedef enum {
@@ -80,7 +89,9 @@ typedef struct to_tensor {
 const char *to_last_error(void);
 const char *to_status_name(int status);
 const char *to_dtype_name(int dtype);
-int to_dtype_size(int dtype);                   /* bytes per element, 0 if unknown */
+int to_dtype_size(int dtype);                   /* bytes per element; 0 if unknown or block-quantized */
+int to_dtype_block_size(int dtype);             /* elements per block: 1 for plain dtypes, 0 if unknown */
+int to_dtype_block_bytes(int dtype);            /* bytes per block (= to_dtype_size for plain dtypes) */
 int to_version(void);                           /* major * 10000 + minor * 100 + patch */
 
 /* ---- CPU features and threads ---- */

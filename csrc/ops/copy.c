@@ -8,13 +8,16 @@ int to_copy(const to_tensor *out, const to_tensor *x) {
     TO_TRY(to_check_same_shape(out, x, "to_copy", "out", "x"));
     if (to_numel(out) == 0)
         return TO_OK;
+    if ((to_is_quantized(out->dtype) || to_is_quantized(x->dtype)) && out->dtype != x->dtype)
+        return to_fail(TO_ERR_UNSUPPORTED, "to_copy: converting between %s and %s is not supported",
+                       to_dtype_name(x->dtype), to_dtype_name(out->dtype));
     if (out->device == TO_CPU && x->device == TO_CPU)
         return to_cpu_copy(out, x);
     /* Anything touching a GPU moves bytes as they are: same dtype, contiguous, one memcpy. */
     if (out->dtype != x->dtype || !to_is_contiguous(out) || !to_is_contiguous(x))
         return to_fail(TO_ERR_UNSUPPORTED, "to_copy: copies to or from a GPU need the same dtype "
                        "on both sides and contiguous tensors (convert on one side first)");
-    int64_t nbytes = to_numel(x) * to_dtype_size(x->dtype);
+    int64_t nbytes = to_dtype_bytes(x->dtype, to_numel(x));
     if (out->device == TO_CUDA && x->device == TO_CPU)
         return to_cuda_memcpy(out->device_index, out->data, x->data, nbytes, 0);
     if (out->device == TO_CPU && x->device == TO_CUDA)
@@ -26,6 +29,7 @@ int to_copy(const to_tensor *out, const to_tensor *x) {
 
 int to_fill(const to_tensor *out, double value) {
     TO_TRY(to_check_tensor(out, "to_fill", "out"));
+    TO_TRY(to_check_dtype(out, TO_PLAIN_DTYPES, "to_fill", "out"));
     TO_TRY(to_require_cpu(out, "to_fill"));
     return to_cpu_fill(out, value);
 }

@@ -12,6 +12,7 @@ int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *
     TO_TRY(to_check_tensor(ids, OP, "ids"));
 
     TO_TRY(to_check_dtype(ids, TO_INDEX_DTYPES, OP, "ids"));
+    TO_TRY(to_check_dtype(table, TO_PLAIN_DTYPES, OP, "table"));
     /* Any dtype is looked up as bytes; a conversion on the way is only done between floats
      * (an integer table converted through f32 would not be exact). */
     if (out->dtype != table->dtype) {

@@ -105,7 +105,7 @@ class Tensor(BufferBase):
     @classmethod
     def empty(cls, *shape, dtype=dtypes.float32, device="cpu"):
         shape, dtype, device = _norm_shape(shape), get_dtype(dtype), parse_device(device)
-        storage = Storage.allocate(_numel(shape) * dtype.itemsize, device)
+        storage = Storage.allocate(dtype.nbytes(_numel(shape)), device)
         return cls(storage, shape, _contiguous_strides(shape), dtype)
 
     @classmethod
@@ -127,11 +127,13 @@ class Tensor(BufferBase):
         if offset < 0 or avail < 0:
             raise ValueError(f"offset {offset} outside a buffer of {storage.nbytes} bytes")
         if shape is None:
+            if dtype.is_quantized:
+                raise ValueError(f"a {dtype.name} tensor needs an explicit shape")
             if avail % dtype.itemsize:
                 raise ValueError(f"buffer of {avail} bytes is not a whole number of {dtype.name} elements")
             shape = (avail // dtype.itemsize,)
         shape = _norm_shape(shape)
-        need = _numel(shape) * dtype.itemsize
+        need = dtype.nbytes(_numel(shape))
         if need > avail:
             raise ValueError(f"shape {shape} of {dtype.name} needs {need} bytes, the buffer has {avail}")
         t = cls(storage, shape, _contiguous_strides(shape), dtype, offset)
@@ -162,7 +164,7 @@ class Tensor(BufferBase):
 
     @property
     def nbytes(self):
-        return self.numel() * self.dtype.itemsize
+        return self.dtype.nbytes(self.numel())
 
     def size(self, dim=None):
         return self.shape if dim is None else self.shape[_norm_dim(dim, self.ndim)]
@@ -206,13 +208,15 @@ class Tensor(BufferBase):
     def _buffer_info(self):
         if self.is_cuda:
             raise BufferError("a CUDA tensor has no host buffer; use .cpu() first")
+        if self.dtype.is_quantized:
+            raise BufferError(f"a {self.dtype.name} tensor has no element buffer; convert it with .float()")
         size = self.dtype.itemsize
         return (self.data_ptr(), self.readonly, self.dtype.format, size, self.shape,
                 tuple(s * size for s in self.strides))
 
     # ---- views ----
     def _view(self, shape, strides, offset_elems=0):
-        return Tensor(self.storage, shape, strides, self.dtype, self.offset + offset_elems * self.dtype.itemsize)
+        return Tensor(self.storage, shape, strides, self.dtype, self.offset + self.dtype.nbytes(offset_elems))
 
     def _infer_shape(self, shape):
         shape = list(shape)
