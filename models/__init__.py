@@ -49,4 +49,4 @@ def model_class(config):
 
 
 # Model files register themselves on import.
-from . import qwen3  # noqa: E402,F401
+from . import llama, qwen3  # noqa: E402,F401

@@ -43,6 +43,21 @@ def qwen3_model(seed=0, **config):
     return model
 
 
+def llama_model(seed=0, **config):
+    """A float32 eager LlamaForCausalLM (SmolLM2's architecture) with the fields set explicitly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    base = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=512,
+                attention_bias=False, mlp_bias=False, initializer_range=0.1,
+                bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    base.update(config)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**base, attn_implementation="eager")).eval()
+    perturb_norms(model, torch.Generator().manual_seed(seed + 1))
+    return model
+
+
 def save_qwen_tokenizer(folder, template=QWEN3_TEMPLATE):
     """A Qwen-style tokenizer.json (trained here, ~310 tokens) and a tokenizer_config.json with
     the Qwen3 chat template and special tokens; returns the `tokenizers` oracle."""

@@ -37,7 +37,8 @@ class Attention(Module):
     prefill and decode are the same call."""
 
     def __init__(self, layer_index, hidden_size, num_heads, num_kv_heads, head_dim, inv_freq,
-                 qk_norm_eps=None, bias=False, dtype=dtypes.float32, device="cpu"):
+                 qk_norm_eps=None, bias=False, rope_interleaved=False, dtype=dtypes.float32,
+                 device="cpu"):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads {num_heads} is not a multiple of "
@@ -45,6 +46,9 @@ class Attention(Module):
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
+        # Interleaved: q/k rows stored for adjacent-pair rotation (llama GGUF files). Rotating
+        # q and k the same way gives the same scores, so the weights are used as stored.
+        self.rope_interleaved = rope_interleaved
         self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=bias, dtype=dtype, device=device)
         self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=bias, dtype=dtype, device=device)
         self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=bias, dtype=dtype, device=device)
@@ -62,8 +66,8 @@ class Attention(Module):
         if "q_norm" in self._modules:
             q = self.q_norm(q, out=q)
             k = self.k_norm(k, out=k)
-        ops.rope(q, batch.positions, self.inv_freq, out=q)
-        ops.rope(k, batch.positions, self.inv_freq, out=k)
+        ops.rope(q, batch.positions, self.inv_freq, interleaved=self.rope_interleaved, out=q)
+        ops.rope(k, batch.positions, self.inv_freq, interleaved=self.rope_interleaved, out=k)
         k_cache, v_cache = batch.kv_cache.layer(self.layer_index)
         ops.kv_cache_store(k_cache, v_cache, k, v, batch.slot_mapping)
         attn = ops.paged_attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,

@@ -81,7 +81,8 @@ class Module:
 
         A weight replaces the parameter without a copy when its dtype and device already match
         (so memory-mapped checkpoint tensors are used in place); otherwise it is converted to the
-        parameter's dtype and device. Raises KeyError for unknown or (with strict) missing names
+        parameter's dtype and device. A block-quantized weight keeps its dtype: the kernels
+        read the blocks directly. Raises KeyError for unknown or (with strict) missing names
         and ValueError for a shape that differs from the parameter's. Returns the loaded names."""
         params = dict(self.named_parameters())
         loaded = set()
@@ -92,7 +93,8 @@ class Module:
             if tuple(w.shape) != p.shape:
                 raise ValueError(f"weight {name!r} has shape {list(w.shape)}, expected {list(p.shape)}")
             owner, attr = self._owner(name)
-            owner._parameters[attr] = w.to(device=p.storage.device, dtype=p.dtype)
+            owner._parameters[attr] = w.to(device=p.storage.device,
+                                           dtype=None if w.dtype.is_quantized else p.dtype)
             loaded.add(name)
         missing = sorted(set(params) - loaded)
         if strict and missing:
