@@ -1,7 +1,10 @@
 /* copy.c - strided copy with dtype conversion, and fill.
- * Work is split by rows (all dimensions but the last). Same-dtype rows move bytes; integer to
- * integer goes through int64 (exact); everything else converts through an f32 row. */
+ * Work is split by rows (all dimensions but the last), or by whole blocks when both tensors are
+ * contiguous. Same-dtype rows move bytes (block-quantized ones as whole blocks); integer to
+ * integer goes through int64 (exact); everything else converts through an f32 row, which
+ * dequantizes a quantized source and quantizes into a quantized destination (cpu/quant.c). */
 #include "cpu/cpu_ops.h"
+#include "cpu/quant.h"
 
 #include <math.h>
 
@@ -26,14 +29,13 @@ static void store_i64(void *p, int dtype, int64_t i, int64_t v) {
     }
 }
 
-#define CHUNK 1024 /* elements converted per pass through an f32 row on the stack */
-
-/* Copies len elements from src (stride sx) to dst (stride so), converting dtype. */
+/* Copies len elements from src (stride sx) to dst (stride so), converting dtype. A quantized side
+ * has stride 1 and len is a whole number of its blocks (to_check_tensor's rule for its rows). */
 static void copy_span(char *dst, int dto, int64_t so, const char *src, int dtx, int64_t sx, int64_t len) {
-    int size = to_dtype_size(dtx);
     if (dtx == dto) {
-        if (so == 1 && sx == 1) {
-            memmove(dst, src, (size_t)(len * size));
+        int size = to_dtype_size(dtx);
+        if (so == 1 && sx == 1) { /* whole blocks for quantized dtypes */
+            memmove(dst, src, (size_t)to_dtype_bytes(dtx, len));
         } else {
             for (int64_t i = 0; i < len; i++)
                 memcpy(dst + i * so * size, src + i * sx * size, (size_t)size);
@@ -42,24 +44,21 @@ static void copy_span(char *dst, int dto, int64_t so, const char *src, int dtx, 
         for (int64_t i = 0; i < len; i++)
             store_i64(dst, dto, i * so, load_i64(src, dtx, i * sx));
     } else {
-        float tmp[CHUNK];
-        for (int64_t i = 0; i < len; i += CHUNK) {
-            int64_t n = len - i < CHUNK ? len - i : CHUNK;
-            to_load_f32(tmp, src + i * sx * size, dtx, n, sx);
-            to_store_f32(dst + i * so * to_dtype_size(dto), dto, tmp, n, so);
-        }
+        to_convert_span(dst, dto, so, src, dtx, sx, len);
     }
 }
 
 struct copy_job {
     const to_tensor *out, *x;
+    int64_t unit; /* elements per work item of copy_flat: the larger block size of the two */
 };
 
-/* both contiguous: [begin, end) is a range of elements */
+/* both contiguous: [begin, end) is a range of units (whole blocks of both dtypes) */
 static void copy_flat(void *arg, int64_t begin, int64_t end) {
     const struct copy_job *job = arg;
-    copy_span(to_elem_ptr(job->out->data, job->out->dtype, begin), job->out->dtype, 1,
-              to_elem_ptr(job->x->data, job->x->dtype, begin), job->x->dtype, 1, end - begin);
+    int64_t first = begin * job->unit, len = (end - begin) * job->unit;
+    copy_span(to_elem_ptr(job->out->data, job->out->dtype, first), job->out->dtype, 1,
+              to_elem_ptr(job->x->data, job->x->dtype, first), job->x->dtype, 1, len);
 }
 
 /* strided: [begin, end) is a range of rows */
@@ -73,9 +72,13 @@ static void copy_rows(void *arg, int64_t begin, int64_t end) {
 }
 
 int to_cpu_copy(const to_tensor *out, const to_tensor *x) {
-    struct copy_job job = {out, x};
+    int bo = to_dtype_block_size(out->dtype), bx = to_dtype_block_size(x->dtype);
+    struct copy_job job = {out, x, bo > bx ? bo : bx}; /* 256 is a multiple of 32 */
+    /* (de)quantizing costs far more per element than moving bytes: smaller pieces per thread */
+    int coding = out->dtype != x->dtype && (bo > 1 || bx > 1);
+    int64_t min_flat = coding ? 1 << 12 : 1 << 16;
     if (to_is_contiguous(out) && to_is_contiguous(x))
-        to_parallel_for(to_numel(out), 1 << 16, copy_flat, &job);
+        to_parallel_for(to_numel(out) / job.unit, (min_flat + job.unit - 1) / job.unit, copy_flat, &job);
     else
         to_parallel_for(to_num_rows(out), 64, copy_rows, &job);
     return TO_OK;

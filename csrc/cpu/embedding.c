@@ -2,14 +2,14 @@
  *
  * A lookup is pure data movement: rows of the same dtype are copied as bytes (memcpy when both
  * rows are contiguous), rows of different float dtypes go through a small f32 buffer on the
- * stack, converted by to_load_f32/to_store_f32 (which have their own AVX2 paths). Threads take
+ * stack (to_convert_span: to_load_f32/to_store_f32, which have their own AVX2 paths), and rows
+ * of a quantized table are dequantized into that buffer (cpu/quant.c). Threads take
  * ranges of output rows. Every id is checked before the first row is written, so a bad id leaves
  * out untouched. */
 #include "cpu/embedding.h"
+#include "cpu/quant.h"
 
 #include <stdio.h>
-
-#define CHUNK 1024 /* elements per pass through the f32 buffer (4 KB of stack) */
 
 /* "[3]" or "[2, 5]": the position of element (row r, column j) of t in its own dimensions. */
 static void format_position(char *buf, size_t size, const to_tensor *t, int64_t r, int64_t j) {
@@ -46,10 +46,10 @@ int to_cpu_check_indices(const to_tensor *ids, int64_t limit, const char *op, co
 }
 
 void to_cpu_copy_row(void *dst, int dto, int64_t so, const void *src, int dtx, int64_t sx, int64_t n) {
-    int xsize = to_dtype_size(dtx), osize = to_dtype_size(dto);
+    int xsize = to_dtype_size(dtx);
     if (dto == dtx) {
         if (so == 1 && sx == 1) {
-            memcpy(dst, src, (size_t)(n * xsize));
+            memcpy(dst, src, (size_t)to_dtype_bytes(dtx, n));
             return;
         }
         /* strided: one element at a time, by size, so the loop has no memcpy calls */
@@ -73,12 +73,7 @@ void to_cpu_copy_row(void *dst, int dto, int64_t so, const void *src, int dtx, i
         }
         return;
     }
-    float tmp[CHUNK];
-    for (int64_t i = 0; i < n; i += CHUNK) {
-        int64_t m = n - i < CHUNK ? n - i : CHUNK;
-        to_load_f32(tmp, (const char *)src + i * sx * xsize, dtx, m, sx);
-        to_store_f32((char *)dst + i * so * osize, dto, tmp, m, so);
-    }
+    to_convert_span(dst, dto, so, src, dtx, sx, n); /* a quantized src is dequantized */
 }
 
 struct embedding_job {

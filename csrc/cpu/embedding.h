@@ -27,8 +27,9 @@ static inline void to_store_index(void *base, int dtype, int64_t offset, int64_t
 int to_cpu_check_indices(const to_tensor *ids, int64_t limit, const char *op, const char *name,
                          const char *what);
 
-/* dst[i * so] = src[i * sx] for i < n. Same dtype: the bytes are moved; otherwise both dtypes
- * are float dtypes and the values go through f32 (rounding to nearest even into f16/bf16). */
+/* dst[i * so] = src[i * sx] for i < n. Same dtype: the bytes are moved; otherwise the values go
+ * through f32 (rounding to nearest even into f16/bf16): dst is a float dtype, src a float or
+ * quantized one (a quantized src is a contiguous run of whole blocks, sx = 1). */
 void to_cpu_copy_row(void *dst, int dto, int64_t so, const void *src, int dtx, int64_t sx, int64_t n);
 
 /* out[t, :] = table[ids[t], :]. Validated by csrc/ops/embedding.c except the id values, which

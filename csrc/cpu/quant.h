@@ -55,6 +55,10 @@ _Static_assert(sizeof(to_block_q6_k) == 210, "q6_k block");
 void to_dequantize_row(int dtype, const void *src, float *dst, int64_t n);
 /* n floats (a whole number of blocks) into blocks of `dtype` at dst */
 void to_quantize_row(int dtype, const float *src, void *dst, int64_t n);
+/* dst[i * so] = src[i * sx] for i < n, converted through f32: any two dtypes but integer <->
+ * quantized (integers go through f32, so only exactly where f32 holds them). A quantized side
+ * has stride 1 and n is a whole number of its blocks; a quantized dst is quantized anew. */
+void to_convert_span(void *dst, int dto, int64_t so, const void *src, int dtx, int64_t sx, int64_t n);
 
 #pragma GCC visibility pop
 

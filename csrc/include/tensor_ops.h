@@ -111,7 +111,10 @@ int to_cuda_synchronize(int device_index);
 
 /* ---- copies and element-wise ops ---- */
 /* out = x converted to out's dtype; any strides; x and out may be on different devices
- * (host<->device copies need contiguous tensors of the same dtype). */
+ * (host<->device copies need contiguous tensors of the same dtype). A quantized dtype on either
+ * side: float -> blocks quantizes (GGML's reference rounding), blocks -> float dequantizes
+ * (bit-exact with GGML), blocks -> blocks of another type goes through f32; integers do not
+ * convert to or from blocks. */
 int to_copy(const to_tensor *out, const to_tensor *x);
 int to_fill(const to_tensor *out, double value);
 /* out = a + b, out = a * b: same shapes (broadcast by passing stride-0 views). In place allowed. */
@@ -147,7 +150,8 @@ int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions
 int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
 
 /* ---- lookups and reductions ---- */
-/* out[t, :] = table[ids[t], :]; ids i32/i64 in [0, rows) */
+/* out[t, :] = table[ids[t], :]; ids i32/i64 in [0, rows). A quantized table is dequantized
+ * into a float out. */
 int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids);
 /* out[r] = index of the largest value of row r (first one on ties); out i64 [rows] */
 int to_argmax(const to_tensor *out, const to_tensor *x);

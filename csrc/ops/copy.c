@@ -8,9 +8,19 @@ int to_copy(const to_tensor *out, const to_tensor *x) {
     TO_TRY(to_check_same_shape(out, x, "to_copy", "out", "x"));
     if (to_numel(out) == 0)
         return TO_OK;
-    if ((to_is_quantized(out->dtype) || to_is_quantized(x->dtype)) && out->dtype != x->dtype)
-        return to_fail(TO_ERR_UNSUPPORTED, "to_copy: converting between %s and %s is not supported",
-                       to_dtype_name(x->dtype), to_dtype_name(out->dtype));
+    if ((to_is_quantized(out->dtype) || to_is_quantized(x->dtype)) && out->dtype != x->dtype) {
+        /* Blocks are made from and read into f32 rows: the other side must be a float (or
+         * quantized) dtype; integers would only reach the blocks through a lossy float. */
+        const unsigned coded = TO_FLOAT_DTYPES | TO_QUANT_DTYPES;
+        if (!(coded & TO_MASK(out->dtype)) || !(coded & TO_MASK(x->dtype)))
+            return to_fail(TO_ERR_DTYPE, "to_copy: cannot convert %s to %s: quantized dtypes convert "
+                           "only to and from float32, float16, bfloat16 and other quantized dtypes",
+                           to_dtype_name(x->dtype), to_dtype_name(out->dtype));
+        /* each chunk of a row is read whole before its blocks are written, but a (de)quantized
+         * row is a different number of bytes, so an overlap would overwrite unread input */
+        TO_TRY(to_check_no_alias(out, x, 0, "to_copy", "out", "x"));
+        TO_TRY(to_check_writable(out, "to_copy", "out"));
+    }
     if (out->device == TO_CPU && x->device == TO_CPU)
         return to_cpu_copy(out, x);
     /* Anything touching a GPU moves bytes as they are: same dtype, contiguous, one memcpy. */

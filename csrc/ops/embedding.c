@@ -12,11 +12,12 @@ int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *
     TO_TRY(to_check_tensor(ids, OP, "ids"));
 
     TO_TRY(to_check_dtype(ids, TO_INDEX_DTYPES, OP, "ids"));
-    TO_TRY(to_check_dtype(table, TO_PLAIN_DTYPES, OP, "table"));
-    /* Any dtype is looked up as bytes; a conversion on the way is only done between floats
-     * (an integer table converted through f32 would not be exact). */
+    TO_TRY(to_check_dtype(out, TO_PLAIN_DTYPES, OP, "out"));
+    /* Any plain dtype is looked up as bytes; a conversion on the way is only done from floats or
+     * quantized blocks to floats (an integer table converted through f32 would not be exact). A
+     * quantized table (GGUF token embeddings) is dequantized row by row. */
     if (out->dtype != table->dtype) {
-        TO_TRY(to_check_dtype(table, TO_FLOAT_DTYPES, OP, "table (out has another dtype)"));
+        TO_TRY(to_check_dtype(table, TO_FLOAT_DTYPES | TO_QUANT_DTYPES, OP, "table (out has another dtype)"));
         TO_TRY(to_check_dtype(out, TO_FLOAT_DTYPES, OP, "out (table has another dtype)"));
     }
 

@@ -50,6 +50,27 @@ def cast(x, dtype):
     return x.to(dtype=dtype)
 
 
+def quantize(x, dtype, out=None):
+    """x (float32/float16/bfloat16, or another quantized dtype) as blocks of the quantized
+    `dtype` (q8_0, q4_0, q4_1, q4_k, q6_k); x's last dimension is a whole number of blocks."""
+    dtype = get_dtype(dtype)
+    if not dtype.is_quantized:
+        raise TypeError(f"quantize: {dtype.name} is not a quantized dtype")
+    out = _out(out, x.shape, dtype, x)
+    check(lib.to_copy(out._desc, x._desc))
+    return out
+
+
+def dequantize(x, dtype=dtypes.float32, out=None):
+    """The values of quantized x as a float tensor (float32, float16 or bfloat16)."""
+    dtype = get_dtype(dtype)
+    if dtype.is_quantized or not dtype.is_float:
+        raise TypeError(f"dequantize: {dtype.name} is not float32, float16 or bfloat16")
+    out = _out(out, x.shape, dtype, x)
+    check(lib.to_copy(out._desc, x._desc))
+    return out
+
+
 def add(a, b, out=None):
     a, b = _broadcast(a, b)
     out = _out(out, a.shape, a.dtype, a)
@@ -121,7 +142,8 @@ def matmul(x, w, bias=None, out=None, out_dtype=None):
 def embedding(table, ids, out=None):
     """Rows of table [V, D] picked by ids (int32/int64, any shape) -> ids.shape + [D]."""
     flat = ids.reshape(-1)
-    out = _out(out, ids.shape + (table.shape[-1],), table.dtype, table)
+    dtype = dtypes.float32 if table.dtype.is_quantized else table.dtype  # looked-up rows are dequantized
+    out = _out(out, ids.shape + (table.shape[-1],), dtype, table)
     out2 = out.view(-1, table.shape[-1]) if out.ndim != 2 else out
     check(lib.to_embedding(out2._desc, table._desc, flat._desc))
     return out

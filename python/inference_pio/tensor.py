@@ -399,7 +399,7 @@ class Tensor(BufferBase):
 
     def tolist(self):
         t = self
-        if t.dtype in (dtypes.bfloat16, dtypes.float16):  # memoryview cannot unpack these
+        if t.dtype in (dtypes.bfloat16, dtypes.float16) or t.dtype.is_quantized:  # no buffer format
             t = t.to(dtype=dtypes.float32)
         t = t.cpu().contiguous()
         if t.numel() == 0:

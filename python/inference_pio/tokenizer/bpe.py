@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizer read from a Hugging Face `tokenizer.json` (Qwen2/Qwen3, GPT-2 style).
+"""Byte-level BPE tokenizer read from a Hugging Face `tokenizer.json` (Qwen2/Qwen3, GPT-2 style), or
+assembled from parts (tokenizer.gguf builds one from GGUF metadata).
 
 Pipeline, as `tokenizers` runs it: added tokens are cut out of the raw text first (so a chat marker
 is one id, never re-split), each remaining segment is normalised, split by the pre-tokenizer, mapped
@@ -33,24 +34,27 @@ def _token_bytes(token):
 
 
 class Tokenizer:
-    def __init__(self, obj):
-        if not isinstance(obj, dict):
-            raise TokenizerError("tokenizer.json must be a JSON object")
-        try:
-            self._load(obj)
-        except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong kind
-            raise TokenizerError(f"malformed tokenizer.json: {type(e).__name__}: {e}") from None
-        self._cache = {}
+    """Byte-level BPE assembled from parsed parts; from_file/from_dict read a tokenizer.json, and
+    tokenizer.gguf builds one from GGUF metadata.
 
-    def _load(self, obj):
-        self._init_model(obj.get("model") or {})
-        self._normalizers = self._parse_normalizer(obj.get("normalizer"))
-        self._splits = self._parse_pre_tokenizer(obj.get("pre_tokenizer"))
-        self._template = self._parse_post_processor(obj.get("post_processor"))
-        dec = obj.get("decoder")
-        if not dec or dec.get("type") != "ByteLevel":
-            raise TokenizerError(f"unsupported decoder {dec and dec.get('type')!r}: need ByteLevel")
-        self._init_added(obj.get("added_tokens") or [])
+    vocab: {token: id}, tokens spelled in the byte alphabet. merges: "a b" strings or pairs, best
+    first. splits: the pre-tokenizer as (text -> pieces) functions applied in turn, before the
+    byte mapping. normalizers: unicodedata forms. added_tokens: entries shaped like
+    tokenizer.json's added_tokens. template: the single-sequence post-processor template (ids, None
+    standing for the text) or None. unk_token, ignore_merges: as in tokenizer.json's BPE model.
+    """
+
+    def __init__(self, vocab, merges, *, splits, normalizers=(), added_tokens=(), template=None,
+                 unk_token=None, ignore_merges=False):
+        self.vocab = dict(vocab)
+        self._ranks = self._merge_ranks(merges)
+        self._splits = list(splits)
+        self._normalizers = list(normalizers)
+        self._template = template
+        self._unk = self.vocab.get(unk_token) if unk_token is not None else None
+        self._ignore_merges = bool(ignore_merges)
+        self._init_added(added_tokens)
+        self._cache = {}
 
     @classmethod
     def from_file(cls, path):
@@ -59,14 +63,35 @@ class Tokenizer:
                 obj = json.load(f)
             except json.JSONDecodeError as e:
                 raise TokenizerError(f"malformed tokenizer.json {path}: {e}") from None
-        return cls(obj)
+        return cls.from_dict(obj)
 
     @classmethod
     def from_dict(cls, obj):
-        return cls(obj)
+        if not isinstance(obj, dict):
+            raise TokenizerError("tokenizer.json must be a JSON object")
+        try:
+            return cls(**cls._parse(obj))
+        except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong kind
+            raise TokenizerError(f"malformed tokenizer.json: {type(e).__name__}: {e}") from None
 
     # ---- loading -------------------------------------------------------------------------------
-    def _init_model(self, m):
+    @classmethod
+    def _parse(cls, obj):
+        """tokenizer.json -> the constructor's arguments."""
+        m = obj.get("model") or {}
+        cls._check_model(m)
+        dec = obj.get("decoder")
+        if not dec or dec.get("type") != "ByteLevel":
+            raise TokenizerError(f"unsupported decoder {dec and dec.get('type')!r}: need ByteLevel")
+        return {"vocab": m.get("vocab") or {}, "merges": m.get("merges") or [],
+                "splits": cls._parse_pre_tokenizer(obj.get("pre_tokenizer")),
+                "normalizers": cls._parse_normalizer(obj.get("normalizer")),
+                "added_tokens": obj.get("added_tokens") or [],
+                "template": cls._parse_post_processor(obj.get("post_processor")),
+                "unk_token": m.get("unk_token"), "ignore_merges": m.get("ignore_merges")}
+
+    @staticmethod
+    def _check_model(m):
         if m.get("type") != "BPE":
             raise TokenizerError(f"unsupported model type {m.get('type')!r}: only BPE")
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
@@ -74,16 +99,19 @@ class Tokenizer:
                 raise TokenizerError(f"unsupported BPE option {key}={m[key]!r}")
         if m.get("byte_fallback"):
             raise TokenizerError("unsupported BPE option byte_fallback=true")
-        self.vocab = dict(m.get("vocab") or {})
-        self._ignore_merges = bool(m.get("ignore_merges"))
-        unk = m.get("unk_token")
-        self._unk = self.vocab.get(unk) if unk is not None else None
-        self._ranks = {}
-        for rank, merge in enumerate(m.get("merges") or []):
+
+    def _merge_ranks(self, merges):
+        # Like the reference, a merge must name two vocabulary tokens whose concatenation is one
+        # too: anything else is a corrupt file, and would otherwise only fail deep in encode.
+        ranks, vocab = {}, self.vocab
+        for rank, merge in enumerate(merges):
             pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
-            if len(pair) != 2 or "".join(pair) not in self.vocab:
-                raise TokenizerError(f"bad merge #{rank}: {merge!r}")
-            self._ranks.setdefault(pair, rank)
+            if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab \
+                    or pair[0] + pair[1] not in vocab:
+                raise TokenizerError(f"bad merge #{rank}: {merge!r} (needs two vocabulary tokens "
+                                     f"whose concatenation is one too)")
+            ranks.setdefault(pair, rank)
+        return ranks
 
     @staticmethod
     def _parse_normalizer(n):

@@ -1,4 +1,5 @@
-"""Pre-tokenisation for byte-level BPE: the Qwen2 and GPT-2 split regexes as hand-written scanners.
+"""Pre-tokenisation for byte-level BPE: the Qwen2, Llama-3 and GPT-2 split regexes (the latter also
+after individual digits, SmolLM2's) as hand-written scanners.
 
 The `regex` module is not a run-time dependency and `re` has no \\p{L}/\\p{N} classes, so each
 supported pattern is a small scanner that reproduces what the Oniguruma engine (used by Hugging Face
@@ -11,6 +12,8 @@ import unicodedata
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's pattern with numbers in runs of up to three digits (Llama-3, llama.cpp's "llama-bpe").
+LLAMA3_PATTERN = QWEN2_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 # What \s matches in tokenizers' Oniguruma: Unicode White_Space. Not str.isspace(): that also takes
@@ -83,28 +86,31 @@ def _contraction(text, i, ignore_case):
     return 0
 
 
-def _run(kinds, i, kind):
-    n = len(kinds)
+def _run(kinds, i, kind, limit=None):
+    """End of the run of `kind` starting at i (at most `limit` long)."""
+    n = len(kinds) if limit is None else min(len(kinds), i + limit)
     while i < n and kinds[i] == kind:
         i += 1
     return i
 
 
-def _whitespace_end(text, kinds, i, newline_rule):
+def _whitespace_end(text, kinds, i, newline_rule, digits_apart=False):
     """End of the match for a whitespace run at i: `\\s*[\\r\\n]+` (Qwen only), then
-    `\\s+(?!\\S)` (all but the last space when a word follows), then `\\s+`."""
+    `\\s+(?!\\S)` (all but the last space when a word follows), then `\\s+`. digits_apart: a
+    number after the run is in another piece, so the run ends as at the end of the text."""
     j = _run(kinds, i, SPACE)
     if newline_rule:
         last_nl = max(text.rfind("\r", i, j), text.rfind("\n", i, j))
         if last_nl >= 0:
             return last_nl + 1
-    if j < len(text) and j - 1 > i:
+    if j < len(text) and j - 1 > i and not (digits_apart and kinds[j] == NUMBER):
         return j - 1
     return j
 
 
-def split_qwen2(text):
-    """Pieces of `text` under QWEN2_PATTERN (every character lands in exactly one piece)."""
+def _split_qwen_like(text, max_digits):
+    """Pieces of `text` under QWEN2_PATTERN (max_digits=1) or LLAMA3_PATTERN (max_digits=3); every
+    character lands in exactly one piece."""
     kinds = [char_class(c) for c in text]
     n, i, out = len(text), 0, []
     while i < n:
@@ -117,7 +123,7 @@ def split_qwen2(text):
         elif k != NUMBER and c not in "\r\n" and nxt == LETTER:  # [^\r\n\p{L}\p{N}]?\p{L}+
             j = _run(kinds, i + 1, LETTER)
         elif k == NUMBER:
-            j = i + 1
+            j = _run(kinds, i, NUMBER, max_digits)
         elif k == OTHER or (c == " " and nxt == OTHER):  # ' ?[^\s\p{L}\p{N}]+[\r\n]*'
             j = _run(kinds, i + 1, OTHER)
             while j < n and text[j] in "\r\n":
@@ -129,22 +135,47 @@ def split_qwen2(text):
     return out
 
 
-def split_gpt2(text):
-    """Pieces of `text` under GPT2_PATTERN (ByteLevel's use_regex=true)."""
+def split_qwen2(text):
+    """Pieces of `text` under QWEN2_PATTERN."""
+    return _split_qwen_like(text, 1)
+
+
+def split_llama3(text):
+    """Pieces of `text` under LLAMA3_PATTERN."""
+    return _split_qwen_like(text, 3)
+
+
+def _split_gpt2_like(text, digits_apart):
     kinds = [char_class(c) for c in text]
     n, i, out = len(text), 0, []
     while i < n:
         c = text[i]
-        start = i + 1 if c == " " and i + 1 < n and kinds[i + 1] != SPACE else i
+        nxt = kinds[i + 1] if i + 1 < n else SPACE
+        start = i + 1 if c == " " and nxt != SPACE and not (digits_apart and nxt == NUMBER) else i
         if c == "'" and (j := _contraction(text, i, False)):
             pass
+        elif digits_apart and kinds[start] == NUMBER:
+            j = start + 1
         elif kinds[start] != SPACE:  # ' ?\p{L}+', ' ?\p{N}+' or ' ?[^\s\p{L}\p{N}]+'
             j = _run(kinds, start, kinds[start])
         else:
-            j = _whitespace_end(text, kinds, i, False)
+            j = _whitespace_end(text, kinds, i, False, digits_apart)
         out.append(text[i:j])
         i = j
     return out
+
+
+def split_gpt2(text):
+    """Pieces of `text` under GPT2_PATTERN (ByteLevel's use_regex=true)."""
+    return _split_gpt2_like(text, False)
+
+
+def split_smollm(text):
+    """tokenizers' Digits(individual_digits=True) followed by GPT2_PATTERN (SmolLM2's
+    tokenizer.json, llama.cpp's "smollm"), in one pass rather than two: every number character is a piece of its
+    own, never takes the space before it, and a whitespace run before one ends as at the end of
+    the text (the Digits split cut the text there)."""
+    return _split_gpt2_like(text, True)
 
 
 SPLIT_PATTERNS = {QWEN2_PATTERN: split_qwen2, GPT2_PATTERN: split_gpt2}
