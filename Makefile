@@ -5,11 +5,17 @@ SAN_LIB := $(BUILD)/sanitize/libtensor_ops.so
 ASAN_RT := $(shell gcc -print-file-name=libasan.so)
 UBSAN_RT := $(shell gcc -print-file-name=libubsan.so)
 
-.PHONY: build demo-model install-test test test-c test-sanitize test-gpu bench clean
+.PHONY: build demo demo-model install-test test test-c test-sanitize test-gpu bench clean
 
 build:
 	$(PYTHON) -m pip install -q setuptools wheel cffi ninja
 	$(PYTHON) -m pip install -q --no-build-isolation -e .
+
+# The README's first command: install, fetch the demo model if absent, answer a chat prompt with
+# it on the CPU, streaming.
+DEMO_PROMPT ?= In two sentences, what is a large language model?
+demo: build demo-model
+	$(PYTHON) -m inference_pio generate --chat-template --prompt "$(DEMO_PROMPT)" --max-tokens 160 --temperature 0.3 --seed 0
 
 # torch first, pinned to the CPU build, so nothing pulls a CUDA build of it.
 install-test:

@@ -65,7 +65,7 @@ def test_info(ckpt, capsys):
     kv_mib = 1000 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 / 2 ** 20
     assert f"{kv_mib:,.1f} MiB per 1,000 tokens as float32" in out
     assert main(["info", str(folder), "--dtype", "bfloat16"]) == 0
-    assert f"{n * 2 / 2 ** 20:,.1f} MiB as bfloat16" in capsys.readouterr().out
+    assert f"{n * 2 / 2 ** 20:,.1f} MiB (float tensors as bfloat16)" in capsys.readouterr().out
 
 
 def test_bad_model_is_one_line_error(tmp_path, capsys):

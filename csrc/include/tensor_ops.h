@@ -145,8 +145,11 @@ int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions
 
 /* ---- matrix products ---- */
 /* out[M, N] = x[M, K] . w[N, K]^T  (weights in the checkpoint's [out, in] layout).
- * x, w, out: f32, f16 or bf16, accumulation in f32. w and out need unit stride in their
- * last dimension; x may have any strides. bias [N] optional (NULL). */
+ * x, out: f32, f16 or bf16; w: those or a block-quantized type (q8_0, q4_0, q4_1, q4_k, q6_k),
+ * read in place: each x row is then quantized to 8 bits per block and the block dot products
+ * run in integers (as GGML does; relative error ~0.5 % per dot product). Accumulation in f32.
+ * w and out need unit stride in their last dimension; x may have any strides. bias [N]
+ * optional (NULL). */
 int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
 
 /* ---- lookups and reductions ---- */

@@ -3,6 +3,7 @@
  * shapes, strides and dtypes. */
 #include "internal.h"
 #include "cpu/matmul.h"
+#include "cpu/qmatmul.h"
 
 #define OP "to_matmul"
 
@@ -13,9 +14,15 @@ int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, cons
     if (bias)
         TO_TRY(to_check_tensor(bias, OP, "bias"));
 
+    /* Block-quantized dtypes are weight formats: only w may have one (x is quantized to 8 bits
+     * inside the kernel, out and bias stay float). */
+    if (to_is_quantized(x->dtype) || to_is_quantized(out->dtype))
+        return to_fail(TO_ERR_DTYPE, OP ": %s is %s, but block-quantized dtypes are only for w; x and "
+                       "out must be f32, f16 or bf16", to_is_quantized(x->dtype) ? "x" : "out",
+                       to_dtype_name(to_is_quantized(x->dtype) ? x->dtype : out->dtype));
     TO_TRY(to_check_dtype(out, TO_FLOAT_DTYPES, OP, "out"));
     TO_TRY(to_check_dtype(x, TO_FLOAT_DTYPES, OP, "x"));
-    TO_TRY(to_check_dtype(w, TO_FLOAT_DTYPES, OP, "w"));
+    TO_TRY(to_check_dtype(w, TO_FLOAT_DTYPES | TO_QUANT_DTYPES, OP, "w"));
     if (bias)
         TO_TRY(to_check_dtype(bias, TO_FLOAT_DTYPES, OP, "bias"));
 
@@ -40,6 +47,13 @@ int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, cons
         return to_fail(TO_ERR_SHAPE, OP ": bias has shape [%lld], expected [N] = [%lld]",
                        (long long)bias->shape[0], (long long)N);
 
+    /* Quantized weights are read whole blocks at a time along K (to_check_tensor has already
+     * required this of w's own shape when it is not empty; say it in matmul's terms). */
+    int bs = to_dtype_block_size(w->dtype);
+    if (bs > 1 && K % bs)
+        return to_fail(TO_ERR_SHAPE, OP ": w is %s, whose blocks hold %d elements, but K = %lld is not "
+                       "a multiple of %d", to_dtype_name(w->dtype), bs, (long long)K, bs);
+
     /* The kernels read weight rows and write output rows as contiguous runs. A stride does not
      * matter along a dimension of one element. */
     if (K > 1 && w->strides[1] != 1)
@@ -59,5 +73,7 @@ int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, cons
         TO_TRY(to_check_no_alias(out, bias, 0, OP, "out", "bias"));
 
     TO_TRY(to_require_cpu(out, OP));
+    if (bs > 1)
+        return to_cpu_qmatmul(out, x, w, bias);
     return to_cpu_matmul(out, x, w, bias);
 }

@@ -1,8 +1,8 @@
-"""python -m inference_pio {generate, chat, info}: the command line over LLM."""
+"""python -m inference_pio {generate, chat, info, quantize}: the command line over LLM."""
 import argparse
 import sys
 
-from . import runtime
+from . import dtypes, runtime
 
 
 def _sampling_args(p, max_tokens):
@@ -19,10 +19,14 @@ def _sampling_args(p, max_tokens):
 
 
 def _model_args(p):
-    p.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (config.json, *.safetensors, tokenizer.json) or GGUF file "
+                        "(default: the built-in demo model, SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights' dtype (default: the checkpoint's)")
+    p.add_argument("--quantization", default=None, choices=[d.name for d in dtypes.QUANTIZED],
+                   help="quantize the weight matrices to this block type as they load")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: min(model limit, 8192))")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
 
@@ -35,11 +39,13 @@ def _params(args):
 
 
 def _load(args):
+    from .demo import demo_model_path
     from .engine import LLM
     if args.threads:
         runtime.set_num_threads(args.threads)
-    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               progress=sys.stderr.isatty())
+    model = args.model if args.model is not None else demo_model_path()
+    return LLM(model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+               max_model_len=args.max_model_len, progress=sys.stderr.isatty())
 
 
 def _stream(llm, prompt, params, out):
@@ -103,28 +109,27 @@ def cmd_chat(args):
 
 
 def checkpoint_info(path, dtype="auto"):
-    """Facts about a checkpoint folder, read from config.json and the safetensors headers (the
-    weights themselves are not read)."""
+    """Facts about a checkpoint folder or GGUF file, read from its config/metadata and tensor
+    headers (the weights themselves are not read)."""
     from .engine.kv_cache import KVCache
-    from .engine.loader import resolve_dtype
-    from .io import CheckpointWeights, load_hf_config
+    from .engine.loader import open_checkpoint
     from inference_pio.models import model_class
 
-    config = load_hf_config(path)
+    config, weights, wdtype = open_checkpoint(path, dtype)
     cls = model_class(config)
-    wdtype = resolve_dtype(dtype, config)
     model = cls(cls.config_class.from_hf(config), wdtype)  # parameters allocated, never touched
-    with CheckpointWeights(path) as weights:
-        stored = {weights[n].dtype.name for n in weights.names()}
+    tensors = [weights[n] for n in weights.names()]
+    stored = {t.dtype.name for t in tensors}
+    # block-quantized weights stay as stored; float ones take the chosen dtype
+    weight_bytes = sum(t.nbytes if t.dtype.is_quantized else t.numel() * wdtype.itemsize for t in tensors)
     layers, kv_heads, head_dim = model.kv_cache_spec
-    params = model.num_parameters()
     return {
         "architecture": cls.__name__,
         "model_type": config.get("model_type"),
-        "parameters": params,
+        "parameters": sum(t.numel() for t in tensors),
         "stored_dtypes": sorted(stored),
         "dtype": wdtype.name,
-        "weight_bytes": params * wdtype.itemsize,
+        "weight_bytes": weight_bytes,
         "kv_cache_bytes_per_1k_tokens": 1000 * KVCache.bytes_per_token(layers, kv_heads, head_dim, wdtype),
         "layers": layers,
         "max_position_embeddings": model.config.max_position_embeddings,
@@ -137,7 +142,7 @@ def cmd_info(args):
     print(f"architecture       {info['architecture']} ({info['model_type']})")
     print(f"parameters         {info['parameters']:,}")
     print(f"stored dtype       {', '.join(info['stored_dtypes'])}")
-    print(f"weights            {info['weight_bytes'] / mib:,.1f} MiB as {info['dtype']}")
+    print(f"weights            {info['weight_bytes'] / mib:,.1f} MiB (float tensors as {info['dtype']})")
     print(f"KV cache           {info['kv_cache_bytes_per_1k_tokens'] / mib:,.1f} MiB per 1,000 tokens as {info['dtype']}")
     print(f"layers             {info['layers']}")
     print(f"context            {info['max_position_embeddings']:,} tokens")
@@ -168,11 +173,26 @@ def build_parser():
 
     p = sub.add_parser("info", help="describe a checkpoint: size, dtype, memory",
                        description="Architecture, parameter count, dtype and memory needs of a checkpoint.")
-    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("path", help="checkpoint folder or GGUF file")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="dtype to size the weights and KV cache for (default: the checkpoint's)")
     p.set_defaults(func=cmd_info)
+
+    from .export import EXPORT_TYPES
+    p = sub.add_parser("quantize", help="write a checkpoint as a (quantized) GGUF file",
+                       description="Convert a Hugging Face folder or a GGUF file into a GGUF file "
+                                   "that llama.cpp and this engine load, its matrices in TYPE.")
+    p.add_argument("src", help="checkpoint folder or GGUF file")
+    p.add_argument("dst", help="GGUF file to write")
+    p.add_argument("--type", required=True, choices=EXPORT_TYPES, help="block type (or float type) of the matrices")
+    p.set_defaults(func=cmd_quantize)
     return parser
+
+
+def cmd_quantize(args):
+    from .export import main_quantize
+    main_quantize(args)
+    return 0
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass
 
 from ..io.hf_config import eos_token_ids, load_hf_config
-from ..tokenizer import CheckpointTokenizer
+from ..tokenizer import CheckpointTokenizer, GGUFTokenizer
 from .llm_engine import LLMEngine
 from .loader import load_model
 from .params import RequestOutput, SamplingParams
@@ -23,26 +23,26 @@ class StreamDelta:
 class LLM:
     """A model ready to generate.
 
-    model: a Hugging Face checkpoint folder. device: "cpu" (or "cuda" where built with CUDA).
-    dtype: the weights' dtype, "auto" (the checkpoint's), "bfloat16", "float16" or "float32";
-    activations are float32 on the CPU. max_model_len: longest sequence (prompt + output);
+    model: a Hugging Face checkpoint folder or a GGUF file. device: "cpu" (or "cuda" where built
+    with CUDA). dtype: the float weights' and KV cache's dtype, "auto" (the checkpoint's; float32
+    for quantized GGUF files), "bfloat16", "float16" or "float32"; activations are float32 on the
+    CPU. quantization: None, or a block type ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k") the weight
+    matrices are quantized to while loading (block-quantized GGUF weights are used as stored). max_model_len: longest sequence (prompt + output);
     kv_cache_tokens: size of the paged KV cache pool shared by all running sequences (memory is
     reserved, and only touched as it fills). max_num_seqs / max_num_batched_tokens: the
     scheduler's limits per step (a longer prompt is prefilled in chunks of the latter).
     enforce_eager: run every step op by op instead of replaying captured decode graphs."""
 
-    def __init__(self, model, device="cpu", dtype="auto", max_model_len=None, kv_cache_tokens=None,
-                 block_size=16, max_num_seqs=32, max_num_batched_tokens=512, enforce_eager=False,
-                 progress=None):
+    def __init__(self, model, device="cpu", dtype="auto", quantization=None, max_model_len=None,
+                 kv_cache_tokens=None, block_size=16, max_num_seqs=32, max_num_batched_tokens=512,
+                 enforce_eager=False, progress=None):
         self.path = os.fspath(model)
-        self.model, self.config = load_model(self.path, dtype, device, progress)
-        has_tokenizer = os.path.exists(os.path.join(self.path, "tokenizer.json"))
-        self.tokenizer = CheckpointTokenizer(self.path) if has_tokenizer else None
-        gen_path = os.path.join(self.path, "generation_config.json")
-        generation_config = load_hf_config(gen_path) if os.path.exists(gen_path) else {}
+        self.model, self.config = load_model(self.path, dtype, device, progress, quantization)
+        self.tokenizer, generation_config = _tokenizer_and_generation_config(self.path, self.model)
         eos = eos_token_ids(generation_config, self.config)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
-            eos.append(self.tokenizer.eos_token_id)
+        for tid in self.tokenizer.eos_token_ids if self.tokenizer is not None else []:
+            if tid not in eos:
+                eos.append(tid)
         limit = self.model.config.max_position_embeddings
         max_model_len = min(limit, 8192) if max_model_len is None else max_model_len
         if not 1 <= max_model_len <= limit:
@@ -63,7 +63,8 @@ class LLM:
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError(f"{self.path} has no tokenizer.json: pass token ids instead of text")
+            raise ValueError(f"{self.path} has no tokenizer (no tokenizer.json, or no tokenizer.ggml.* "
+                             "metadata in a GGUF file): pass token ids instead of text")
         return self.tokenizer
 
     def _text(self, ids, params):
@@ -132,6 +133,17 @@ class LLM:
     def logits(self, prompt):
         """float32 logits [n_tokens, vocab] at every position of one prompt (text or ids)."""
         return self.engine.all_logits(self._ids(prompt))
+
+
+def _tokenizer_and_generation_config(path, model):
+    """(tokenizer or None, generation_config dict) of a checkpoint folder or GGUF file."""
+    if os.path.isfile(path):  # GGUF: the tokenizer lives in the metadata
+        metadata = model.checkpoint.file.metadata
+        return (GGUFTokenizer(metadata) if "tokenizer.ggml.model" in metadata else None), {}
+    has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
+    gen_path = os.path.join(path, "generation_config.json")
+    return (CheckpointTokenizer(path) if has_tokenizer else None,
+            load_hf_config(gen_path) if os.path.exists(gen_path) else {})
 
 
 def _per_prompt(sampling_params, n):

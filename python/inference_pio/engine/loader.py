@@ -1,12 +1,17 @@
-"""Checkpoint folder -> model instance with its weights: the registry picks the model file from
-config.json, the model is built with uninitialised parameters, and the checkpoint's tensors
-replace them. A tensor already in the wanted dtype is used in place from the memory map (no
-copy, no load time); others are converted once."""
+"""Checkpoint -> model instance with its weights. A checkpoint is a Hugging Face folder
+(config.json + safetensors) or a GGUF file (its metadata read as a config.json, its tensor names
+mapped to checkpoint names). The registry picks the model file from the config, the model is
+built with uninitialised parameters, and the checkpoint's tensors replace them. A tensor already
+in the wanted dtype (or block-quantized) is used in place from the memory map (no copy, no load
+time); others are converted once, or quantized when `quantization` asks for it."""
 import os
 
 from .. import dtypes
 from ..io import CheckpointError, CheckpointWeights, load_hf_config
+from ..io.gguf import GGUFFile
+from ..io.gguf_arch import hf_config, hf_name
 from ..progress import ProgressBar
+from ..quantize import QuantizedWeights
 from inference_pio.models import model_class
 
 _DTYPE_NAMES = {"float32": dtypes.float32, "bfloat16": dtypes.bfloat16, "float16": dtypes.float16}
@@ -23,20 +28,58 @@ def resolve_dtype(dtype, config):
     return d
 
 
-def load_model(path, dtype="auto", device="cpu", progress=None):
-    """(model, config dict) for the checkpoint folder `path`."""
-    path = os.fspath(path)
+class GGUFWeights:
+    """The tensors of a GGUF file under their checkpoint names, the interface load_weights takes
+    (names(), [name]). A tensor without a known checkpoint name keeps its GGUF name, so it is
+    reported as an unexpected weight."""
+
+    def __init__(self, gguf):
+        self.file, self.folder = gguf, gguf.path
+        self._gguf_names = {hf_name(n) or n: n for n in gguf.names()}
+
+    def names(self):
+        return sorted(self._gguf_names)
+
+    def __getitem__(self, name):
+        return self.file.get(self._gguf_names[name])
+
+
+def gguf_dtype(gguf, dtype):
+    """The float dtype of a GGUF model's non-quantized weights and KV cache: with "auto", the
+    token embedding's dtype when it is a float type, else float32 (quantized files)."""
+    if dtype not in (None, "auto"):
+        return resolve_dtype(dtype, {})
+    stored = gguf.get("token_embd.weight").dtype if "token_embd.weight" in gguf else dtypes.float32
+    return stored if stored in _DTYPE_NAMES.values() else dtypes.float32
+
+
+def open_checkpoint(path, dtype="auto"):
+    """(config dict, weights, weights' dtype) of a checkpoint folder or GGUF file."""
+    if os.path.isfile(path):
+        gguf = GGUFFile(path)
+        return hf_config(gguf.metadata, gguf.names(), path), GGUFWeights(gguf), gguf_dtype(gguf, dtype)
     if not os.path.isdir(path):
-        raise CheckpointError(path, "no such checkpoint folder")
+        raise CheckpointError(path, "no such checkpoint folder or GGUF file")
     config = load_hf_config(path)
+    return config, CheckpointWeights(path), resolve_dtype(dtype, config)
+
+
+def load_model(path, dtype="auto", device="cpu", progress=None, quantization=None):
+    """(model, config dict) for the checkpoint folder or GGUF file `path`. quantization: None,
+    or a block type ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k") the float matrices are quantized
+    to as they load (see quantize.py for which tensors)."""
+    path = os.fspath(path)
+    config, weights, wdtype = open_checkpoint(path, dtype)
     cls = model_class(config)
     try:
         cfg = cls.config_class.from_hf(config)
     except ValueError as e:
-        raise CheckpointError(os.path.join(path, "config.json"), str(e)) from None
-    model = cls(cfg, resolve_dtype(dtype, config), device)
-    weights = CheckpointWeights(path)
+        where = path if os.path.isfile(path) else os.path.join(path, "config.json")
+        raise CheckpointError(where, str(e)) from None
+    model = cls(cfg, wdtype, device)
     model.checkpoint = weights  # keeps the memory maps the parameters view alive
+    if quantization is not None:
+        weights = QuantizedWeights(weights, quantization)
     load_weights(model, weights, progress)
     return model, config
 
