@@ -8,8 +8,9 @@ What is measured and how
   * Prefill: a 128-token prompt (fixed English text, token ids from our tokenizer, fed to both
     engines as ids), time to its logits/first token. Decode: 128 greedy tokens, ignoring EOS,
     time per token after the first. Median over --reps repeats.
-    llama.cpp: Llama(n_ctx=1024, n_batch=512, n_threads=T); eval(prompt) for prefill, then
-    eval([argmax]) per token for decode (the same work as its generate loop, greedy).
+    llama.cpp: Llama(n_ctx=1024, n_batch=512, n_threads=T, logits_all=False); eval(prompt) for
+    prefill, then eval([argmax]) per token for decode (its generate loop's work, greedy); a
+    second instance with logits_all=True scores the perplexity text.
   * Perplexity of PPL_TEXT (benchmarks/data/perplexity.txt) in windows of 512 tokens, each
     scored whole (every position after the first predicts the next token), same ids for both.
   * Roofline: decode tok/s <= read bandwidth / bytes of weights read per token (every matrix
@@ -28,6 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+# Children run with the environment as launched: bench_kernels (imported for the bandwidth
+# figure) sets OMP_WAIT_POLICY=PASSIVE for its torch runs, which would cripple llama.cpp's
+# OpenMP threads (measured: 12-18 instead of 40-57 tok/s).
+LAUNCH_ENV = dict(os.environ)
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 sys.path.insert(0, str(HERE))
@@ -68,13 +73,12 @@ def windows_of(ids):
 
 # ---- engines (run in child processes) ----
 
-def run_ours(path, threads, reps, quantization=None, dtype="auto", ppl=True):
+def run_ours(path, ids, threads, reps, quantization=None, dtype="auto", ppl=True):
     from inference_pio import LLM, SamplingParams, runtime
     runtime.set_num_threads(threads)
     t0 = time.perf_counter()
     llm = LLM(path, dtype=dtype, quantization=quantization, max_model_len=1024, kv_cache_tokens=1024)
     load = time.perf_counter() - t0
-    ids = text_ids()
     prompt = ids[:PROMPT]
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
     prefill, decode = [], []
@@ -84,20 +88,23 @@ def run_ours(path, threads, reps, quantization=None, dtype="auto", ppl=True):
             stamps.append(time.perf_counter())
         prefill.append(stamps[0] - t0)
         decode.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
-    out = {"load_s": load, "prefill_s": prefill, "decode_s_per_token": decode}
+    out = {"load_s": load, "prefill_s": prefill, "decode_s_per_token": decode,
+           "peak_rss_bytes": peak_rss()}  # before the perplexity pass's Python lists of logits
     if ppl:
         wins = windows_of(ids)
         out["perplexity"] = ppl_from_rows([llm.logits(w).tolist() for w in wins], wins)
     return out
 
 
-def run_llama_cpp(path, threads, reps):
+def run_llama_cpp(path, ids, threads, reps):
     from llama_cpp import Llama
+
+    def load(logits_all):
+        return Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=threads,
+                     n_threads_batch=threads, logits_all=logits_all, verbose=False)
     t0 = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=threads,
-                n_threads_batch=threads, logits_all=True, verbose=False)
-    load = time.perf_counter() - t0
-    ids = text_ids()
+    llm = load(False)  # speed: logits of the last position only, as its generate loop does
+    load_s = time.perf_counter() - t0
     prompt = ids[:PROMPT]
     prefill, decode = [], []
     for _ in range(reps):
@@ -107,17 +114,18 @@ def run_llama_cpp(path, threads, reps):
         prefill.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(NEW - 1):
-            row = llm.scores[llm.n_tokens - 1]
-            llm.eval([int(row.argmax())])
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
         decode.append((time.perf_counter() - t0) / (NEW - 1))
-    rows = []
-    wins = windows_of(ids)
+    rss = peak_rss()
+    del llm
+    llm = load(True)  # perplexity: logits of every position
+    rows, wins = [], windows_of(ids)
     for w in wins:
         llm.reset()
         llm.eval(w)
         rows.append(llm.scores[:len(w)].tolist())
-    return {"load_s": load, "prefill_s": prefill, "decode_s_per_token": decode,
-            "perplexity": ppl_from_rows(rows, wins)}
+    return {"load_s": load_s, "prefill_s": prefill, "decode_s_per_token": decode,
+            "peak_rss_bytes": rss, "perplexity": ppl_from_rows(rows, wins)}
 
 
 def peak_rss():
@@ -130,20 +138,19 @@ def peak_rss():
 def child(args):
     spec = json.loads(args.child)
     if spec["engine"] == "llama.cpp":
-        r = run_llama_cpp(spec["path"], args.threads, args.reps)
+        r = run_llama_cpp(spec["path"], spec["ids"], args.threads, args.reps)
     else:
-        r = run_ours(spec["path"], args.threads, args.reps, spec.get("quantization"),
+        r = run_ours(spec["path"], spec["ids"], args.threads, args.reps, spec.get("quantization"),
                      spec.get("dtype", "auto"), spec.get("ppl", True))
-    r["peak_rss_bytes"] = peak_rss()
     print(json.dumps(r))
 
 
 def measure(spec, threads, reps, python=None):
     out = subprocess.run([python or sys.executable, __file__, "--child", json.dumps(spec),
                           "--threads", str(threads), "--reps", str(reps)],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False, env=LAUNCH_ENV)
     if out.returncode != 0:
-        raise RuntimeError(f"{spec} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{spec['engine']} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["prefill_tok_s"] = PROMPT / statistics.median(r["prefill_s"])
     r["decode_tok_s"] = 1.0 / statistics.median(r["decode_s_per_token"])
@@ -204,8 +211,9 @@ def main():
     print(f"SmolLM2-135M-Instruct Q4_1: {wbytes / 1e6:.1f} MB per token -> roofline "
           f"{read_bw / wbytes:.0f} tok/s; {PROMPT}-token prompt, {NEW} greedy tokens")
     sm = res["smollm2"]
-    for name, spec, py in (("ours", {"engine": "ours", "path": path}, None),
-                           ("llama.cpp", {"engine": "llama.cpp", "path": path}, args.llama_python)):
+    ids = text_ids()  # children get the ids: the llama.cpp one need not import inference_pio
+    for name, spec, py in (("ours", {"engine": "ours", "path": path, "ids": ids}, None),
+                           ("llama.cpp", {"engine": "llama.cpp", "path": path, "ids": ids}, args.llama_python)):
         r = sm[name] = measure(spec, args.threads, args.reps, py)
         print(f"{name:>10}: prefill {r['prefill_tok_s']:7.1f} tok/s, decode {r['decode_tok_s']:6.1f} tok/s "
               f"({100 * r['decode_tok_s'] / sm['roofline_tok_s']:.0f}% of roofline), perplexity "
@@ -222,7 +230,8 @@ def main():
                             ("q4_k", {"quantization": "q4_k"})):
             d = dtypes.get_dtype(spec.get("quantization") or "bfloat16")
             nbytes = quantized_bytes_per_token(QWEN3_06B, d)
-            r = measure({"engine": "ours", "path": QWEN3_DIR, "ppl": False, **spec}, args.threads, args.reps)
+            r = measure({"engine": "ours", "path": QWEN3_DIR, "ids": ids, "ppl": False, **spec},
+                        args.threads, args.reps)
             r["weight_bytes_per_token"], r["roofline_tok_s"] = nbytes, read_bw / nbytes
             res["qwen3_0.6b"][label] = r
             print(f"Qwen3-0.6B shapes {label:>5}: {nbytes / 1e6:6.0f} MB/token, prefill "

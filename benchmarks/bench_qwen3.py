@@ -37,7 +37,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 sys.path.insert(0, str(HERE))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Children run with the environment as launched, not with the OMP_WAIT_POLICY=PASSIVE that
+# bench_kernels sets for its in-process torch runs: transformers' many short decode ops would
+# pay for passive waiting.
+LAUNCH_ENV = dict(os.environ)
 
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
@@ -130,7 +133,7 @@ def child(engine, folder, threads, reps):
 def measure(engine, folder, threads, reps):
     out = subprocess.run([sys.executable, __file__, "--child", engine, "--dir", str(folder),
                           "--threads", str(threads), "--reps", str(reps)],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False, env=LAUNCH_ENV)
     if out.returncode != 0:
         raise RuntimeError(f"{engine} run failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
