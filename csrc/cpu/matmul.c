@@ -528,6 +528,25 @@ static int gemm(mm_problem *p) {
 
 /* ===================================================================================== */
 
+int to_cpu_matmul_bias(const to_tensor *out, const to_tensor *bias, int64_t K, const float **bias_f32) {
+    *bias_f32 = NULL;
+    if (!bias && K)
+        return TO_OK;
+    int64_t M = out->shape[0], N = out->shape[1];
+    float *bf = to_scratch(1, (size_t)N * sizeof(float));
+    if (!bf)
+        return to_fail(TO_ERR_OUT_OF_MEMORY, "to_matmul: out of memory for the bias");
+    if (bias)
+        to_load_f32(bf, bias->data, bias->dtype, N, bias->strides[0]);
+    else
+        memset(bf, 0, (size_t)N * sizeof(float));
+    if (K == 0) /* an empty sum: every row of out is the bias (or zeros) */
+        for (int64_t m = 0; m < M; m++)
+            to_store_f32(to_elem_ptr(out->data, out->dtype, m * out->strides[0]), out->dtype, bf, N, 1);
+    *bias_f32 = bf;
+    return TO_OK;
+}
+
 int to_cpu_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias) {
     mm_problem p;
     memset(&p, 0, sizeof p);
@@ -552,23 +571,9 @@ int to_cpu_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, 
     p.simd = to_simd();
     atomic_init(&p.failed, 0);
 
-    /* the bias in f32 (or zeros when K = 0, where it is the whole answer) */
-    float *bf = NULL;
-    if (bias || p.K == 0) {
-        bf = to_scratch(1, (size_t)p.N * sizeof(float));
-        if (!bf)
-            return to_fail(TO_ERR_OUT_OF_MEMORY, "to_matmul: out of memory for the bias");
-        if (bias)
-            to_load_f32(bf, bias->data, bias->dtype, p.N, bias->strides[0]);
-        else
-            memset(bf, 0, (size_t)p.N * sizeof(float));
-    }
-    if (p.K == 0) {
-        for (int64_t m = 0; m < p.M; m++)
-            to_store_f32(out_row(&p, m), p.out_dt, bf, p.N, 1);
+    TO_TRY(to_cpu_matmul_bias(out, bias, p.K, &p.bias));
+    if (p.K == 0)
         return TO_OK;
-    }
-    p.bias = bf;
     if (p.M <= GEMV_MAX_ROWS)
         return gemv(&p);
     return gemm(&p);

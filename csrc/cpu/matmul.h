@@ -12,6 +12,11 @@
  * dimension (where it has more than one element); out rows not overlapping. */
 int to_cpu_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
 
+/* Shared by the dense and quantized kernels: *bias_f32 = the bias as f32 in scratch buffer 1,
+ * or NULL without one; when K = 0 (an empty sum) also writes every row of out as the bias (or
+ * zeros), which is then the whole answer. */
+int to_cpu_matmul_bias(const to_tensor *out, const to_tensor *bias, int64_t K, const float **bias_f32);
+
 #pragma GCC visibility pop
 
 #endif

@@ -33,6 +33,7 @@
  * The scalar path (to_simd() == TO_SIMD_SCALAR) computes the same quantities with the same
  * quantized x; it differs only in the order of the f32 additions.
  */
+#include "cpu/matmul.h"
 #include "cpu/qmatmul.h"
 #include "cpu/quant.h"
 
@@ -737,22 +738,9 @@ int to_cpu_qmatmul(const to_tensor *out, const to_tensor *x, const to_tensor *w,
     p.simd = to_simd();
     atomic_init(&p.failed, 0);
 
-    float *bf = NULL;
-    if (bias || p.K == 0) {
-        bf = to_scratch(1, (size_t)p.N * sizeof(float));
-        if (!bf)
-            return to_fail(TO_ERR_OUT_OF_MEMORY, "to_matmul: out of memory for the bias");
-        if (bias)
-            to_load_f32(bf, bias->data, bias->dtype, p.N, bias->strides[0]);
-        else
-            memset(bf, 0, (size_t)p.N * sizeof(float));
-    }
-    if (p.K == 0) { /* no blocks: out = bias (or 0) */
-        for (int64_t m = 0; m < p.M; m++)
-            to_store_f32(p.out + m * p.os0 * p.osize, p.out_dt, bf, p.N, 1);
+    TO_TRY(to_cpu_matmul_bias(out, bias, p.K, &p.bias));
+    if (p.K == 0) /* no blocks: out = bias (or 0) */
         return TO_OK;
-    }
-    p.bias = bf;
 
     p.xblk = is_k_quant(p.wtype) ? (int64_t)sizeof(qx256) : (int64_t)sizeof(qx32);
     p.panels = (p.M + PR - 1) / PR;

@@ -24,7 +24,7 @@ import struct
 from .. import dtypes
 from .._lib import ffi
 from ..tensor import Tensor
-from .safetensors import CheckpointError
+from .safetensors import CheckpointError, MappedFile
 
 MAGIC = b"GGUF"
 VERSION = 3
@@ -303,7 +303,7 @@ def _spec_name(spec):
     return _V(spec).name
 
 
-class GGUFFile:
+class GGUFFile(MappedFile):
     """One GGUF file, memory-mapped read-only.
 
     version, alignment, data_offset (where the data section starts); metadata (key -> int,
@@ -312,16 +312,10 @@ class GGUFFile:
     GGUFTensorInfo, in file order). get(name) returns a read-only Tensor viewing the mapping,
     raw(name) its bytes; both stay valid after close() as long as they are referenced."""
 
+    error = GGUFError
+
     def __init__(self, path):
-        self.path = os.fspath(path)
-        self._mmap = None
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            raise GGUFError(self.path, "no such file") from None
-        except OSError as e:
-            raise GGUFError(self.path, f"cannot open: {e.strerror or e}") from None
-        with f:
+        with self._open(path) as f:
             size = os.fstat(f.fileno()).st_size
             self.version, n_tensors, n_kv = _check_header(self.path, f.read(_HEADER.size), size)
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -437,22 +431,6 @@ class GGUFFile:
         copying tensors of types the engine does not compute with)."""
         info = self.tensor_info(name)
         return memoryview(self._mapping())[info.offset:info.offset + info.nbytes]
-
-    def close(self):
-        """Drops the mapping. Tensors still viewing it keep it exported; mmap refuses to unmap
-        then, and the pages go away with the last such tensor instead."""
-        mm, self._mmap = self._mmap, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return (f"GGUFFile({self.path!r}, version {self.version}, {len(self.metadata)} "

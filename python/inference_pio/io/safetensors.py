@@ -68,20 +68,44 @@ def _parse_entry(path, name, entry, data_len):
     return dtype, tuple(shape), begin, end
 
 
-class SafetensorsFile:
+class MappedFile:
+    """Closing and context management of a file read through `self._mmap` (SafetensorsFile,
+    GGUFFile)."""
+    error = CheckpointError  # what a file that cannot be opened raises
+
+    def _open(self, path):
+        """The file opened for reading (self.path set; self._mmap still None)."""
+        self.path, self._mmap = os.fspath(path), None
+        try:
+            return open(self.path, "rb")
+        except FileNotFoundError:
+            raise self.error(self.path, "no such file") from None
+        except OSError as e:
+            raise self.error(self.path, f"cannot open: {e.strerror or e}") from None
+
+    def close(self):
+        """Drops the mapping. Tensors still viewing it keep it exported; mmap refuses to unmap
+        then, and the pages go away with the last such tensor instead."""
+        mm, self._mmap = self._mmap, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsFile(MappedFile):
     """One .safetensors file, memory-mapped read-only. get(name) returns a read-only Tensor
     viewing the mapping (zero-copy); it stays valid after close() as long as it is referenced."""
 
     def __init__(self, path):
-        self.path = os.fspath(path)
-        self._mmap = None
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            raise CheckpointError(self.path, "no such file") from None
-        except OSError as e:
-            raise CheckpointError(self.path, f"cannot open: {e.strerror or e}") from None
-        with f:
+        with self._open(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise CheckpointError(self.path, f"file of {size} bytes is too short for the "
@@ -133,22 +157,6 @@ class SafetensorsFile:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         dtype, shape, begin, _ = self._entries[name]
         return Tensor.frombuffer(self._mmap, dtype, shape, offset=self._data_start + begin)
-
-    def close(self):
-        """Drops the mapping. Tensors still viewing it keep it exported; mmap refuses to unmap
-        then, and the pages go away with the last such tensor instead."""
-        mm, self._mmap = self._mmap, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"SafetensorsFile({self.path!r}, {len(self._entries)} tensors)"
