@@ -5,7 +5,7 @@ SAN_LIB := $(BUILD)/sanitize/libtensor_ops.so
 ASAN_RT := $(shell gcc -print-file-name=libasan.so)
 UBSAN_RT := $(shell gcc -print-file-name=libubsan.so)
 
-.PHONY: build demo demo-model install-test test test-c test-sanitize test-gpu bench clean
+.PHONY: build demo demo-model bench-gguf install-test test test-c test-sanitize test-gpu bench clean
 
 build:
 	$(PYTHON) -m pip install -q setuptools wheel cffi ninja
@@ -59,6 +59,11 @@ test-gpu:
 
 bench: install-test
 	$(PYTHON) benchmarks/bench_kernels.py --threads 2 --json benchmarks/results/kernels-cpu.json
+
+# The demo model beside llama.cpp (llama-cpp-python compiles llama.cpp: ~10 minutes the first time).
+bench-gguf: install-test
+	$(PYTHON) -m pip install -q -e '.[bench]'
+	$(PYTHON) benchmarks/bench_gguf.py --threads 2 --json benchmarks/results/gguf-cpu.json
 
 clean:
 	rm -rf $(BUILD) python/inference_pio/*.so python/inference_pio/_tensor_ops.c \
