@@ -11,7 +11,7 @@ A plugin is a thin adapter over LLM, not a second implementation.
 import os
 
 from .engine import LLM, SamplingParams
-from .io import load_hf_config
+from .engine.loader import checkpoint_config
 from inference_pio.models import model_class, registered, supported_architectures, UnsupportedModelError
 
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
@@ -23,10 +23,10 @@ class ModelPlugin:
         self.options, self.llm = {}, None
 
     def supports_config(self, config):
-        """True when this plugin's model file serves the checkpoint (a config.json dict, or a
-        checkpoint folder)."""
+        """True when this plugin's model file serves the checkpoint (a config.json dict, a
+        checkpoint folder or a GGUF file)."""
         if isinstance(config, (str, os.PathLike)):
-            config = load_hf_config(config)
+            config = checkpoint_config(config)
         try:
             return model_class(config) is self.model_class
         except (UnsupportedModelError, ValueError):
@@ -86,8 +86,8 @@ def get_plugin(name):
 
 
 def plugin_for(path):
-    """The plugin for a checkpoint folder, chosen by its config.json, initialised with it."""
-    plugin = ModelPlugin(model_class(load_hf_config(path)).__name__)
+    """The plugin for a checkpoint folder or GGUF file, chosen by its config, initialised with it."""
+    plugin = ModelPlugin(model_class(checkpoint_config(path)).__name__)
     plugin.initialize(model=path)
     return plugin
 

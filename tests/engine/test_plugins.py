@@ -53,3 +53,15 @@ def test_plugin_for_folder(folder):
     assert plugin.name == "Qwen3ForCausalLM"
     assert isinstance(plugin.load_model({"dtype": "float32"}), LLM)
     assert plugin.infer([1, 2, 3]).token_ids
+
+
+def test_plugin_for_gguf_file(folder, tmp_path):
+    from inference_pio.export import export_gguf
+    path = export_gguf(folder, tmp_path / "model.gguf", "q8_0")
+    plugin = plugin_for(path)
+    assert plugin.name == "Qwen3ForCausalLM" and plugin.supports_config(path)
+    assert not get_plugin("LlamaForCausalLM").supports_config(path)
+    plugin.load_model()
+    want = LLM(path).generate("Hello", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    got = plugin.infer({"prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    assert got.token_ids == want.token_ids and got.text == want.text

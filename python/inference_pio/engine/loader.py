@@ -53,6 +53,15 @@ def gguf_dtype(gguf, dtype):
     return stored if stored in _DTYPE_NAMES.values() else dtypes.float32
 
 
+def checkpoint_config(path):
+    """The config.json dict of a checkpoint folder, or the one a GGUF file's metadata makes."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        with GGUFFile(path) as gguf:
+            return hf_config(gguf.metadata, gguf.names(), path)
+    return load_hf_config(path)
+
+
 def open_checkpoint(path, dtype="auto"):
     """(config dict, weights, weights' dtype) of a checkpoint folder or GGUF file."""
     if os.path.isfile(path):
