@@ -37,6 +37,7 @@
  */
 #include "cpu/attention.h"
 #include "cpu/embedding.h"
+#include "cpu/simd_avx2.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -216,20 +217,6 @@ TO_TARGET_AVX2 static inline __attribute__((always_inline)) void load16_bf16(con
     *odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xFFFF0000u)));
 }
 
-TO_TARGET_AVX2 static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-TO_TARGET_AVX2 static inline float hmax(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* exp(x) for x <= 0 (scores minus their max), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
  * exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits. Inputs below -87 give
  * exp(-87) ~ 1.6e-38 instead of less (keeps 2^n a normal number); next to the row's largest
@@ -285,7 +272,7 @@ dots(int dt, int NR, int NK, const float *q, int64_t D, const char *const *kp, f
     }
     for (int r = 0; r < NR; r++)
         for (int kk = 0; kk < NK; kk++)
-            s[r * KT + kk] = hsum(acc[r][kk]);
+            s[r * KT + kk] = hsum_avx2(acc[r][kk]);
     /* D % 8 leftovers, in a loop of their own: inside the one above they made the compiler spill
      * acc to the stack and do their bookkeeping for every call, D % 8 == 0 or not */
     if (d < D)
@@ -396,7 +383,7 @@ TO_TARGET_AVX2 static void softmax_row_avx2(item_state *st, int64_t r) {
                                     _mm256_set1_ps((float)lim), _CMP_LT_OQ);
         mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + 8 * c), seen));
     }
-    float m_old = st->m[r], m_new = hmax(mx);
+    float m_old = st->m[r], m_new = hmax_avx2(mx);
     m_new = m_new > m_old ? m_new : m_old;
     float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
     __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(m_new);
@@ -407,7 +394,7 @@ TO_TARGET_AVX2 static void softmax_row_avx2(item_state *st, int64_t r) {
         _mm256_storeu_ps(s + 8 * c, p);
         sum = _mm256_add_ps(sum, p);
     }
-    st->l[r] = st->l[r] * alpha + hsum(sum);
+    st->l[r] = st->l[r] * alpha + hsum_avx2(sum);
     st->m[r] = m_new;
     if (alpha != 1.0f) {
         const int64_t D = st->D;

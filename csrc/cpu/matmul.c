@@ -20,6 +20,7 @@
  * semantics (f32 accumulation, same blocking); only the order of the additions differs.
  */
 #include "cpu/matmul.h"
+#include "cpu/simd_avx2.h"
 
 #include <immintrin.h>
 #include <stdatomic.h>
@@ -121,13 +122,6 @@ TO_TARGET_AVX2 static inline __attribute__((always_inline)) __m256 load8_avx2(co
     if (dt == TO_F16)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     return _mm256_loadu_ps((const float *)p);
-}
-
-TO_TARGET_AVX2 static inline float hsum_avx2(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* res[m] = dot(w, x row m) for XR rows of x (K floats apart), one weight row.

@@ -36,6 +36,7 @@
 #include "cpu/matmul.h"
 #include "cpu/qmatmul.h"
 #include "cpu/quant.h"
+#include "cpu/simd_avx2.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -156,20 +157,6 @@ static void quant256_scalar(const float *src, qx256 *dst, int r, int64_t nb) {
         }
         dst[b].d[r] = d;
     }
-}
-
-TO_TARGET_AVX2 static inline float hmax_avx2(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
-
-TO_TARGET_AVX2 static inline int hsum_i32_avx2(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
-    return _mm_cvtsi128_si32(s);
 }
 
 /* 32 floats -> 32 i8 quants at dst (with scale id); returns the 4 vectors of i32 quants in v */
@@ -368,13 +355,6 @@ static void tile_scalar(const qmm_problem *p, int xr, int nw, const char *w, con
  * with constant XR, NW and weight type, so the loops unroll and the XR * NW accumulators stay
  * in registers.
  * ===================================================================================== */
-
-TO_TARGET_AVX2 static inline float hsum_avx2(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* The 32 quants of a 32-element weight block as bytes: Q8_0 signed, Q4 nibbles 0..15 (element
  * j < 16 is the low nibble of byte j, element j + 16 its high nibble). The 16 nibble bytes are
