@@ -1,13 +1,14 @@
 """GGUF / quantized CPU benchmark: the demo model (SmolLM2-135M-Instruct Q4_1) beside llama.cpp
 (llama-cpp-python, the `bench` extra) in one run, and Qwen3-0.6B shapes quantized on load.
 
-    python benchmarks/bench_gguf.py [--threads 2] [--reps 3] [--json out.json] [--skip-qwen3]
+    python benchmarks/bench_gguf.py [--threads 2] [--reps 3] [--rounds 3] [--json out.json] [--skip-qwen3]
 
 What is measured and how
   * Each engine runs in its own child process (see bench_qwen3.py) with the same thread count.
   * Prefill: a 128-token prompt (fixed English text, token ids from our tokenizer, fed to both
     engines as ids), time to its logits/first token. Decode: 128 greedy tokens, ignoring EOS,
-    time per token after the first. Median over --reps repeats.
+    time per token after the first. Median over --reps repeats in each child. --rounds rounds
+    run the two engines alternately; the ratios are per round, reported as median and range.
     llama.cpp: Llama(n_ctx=1024, n_batch=512, n_threads=T, logits_all=False); eval(prompt) for
     prefill, then eval([argmax]) per token for decode (its generate loop's work, greedy); a
     second instance with logits_all=True scores the perplexity text.
@@ -96,7 +97,7 @@ def run_ours(path, ids, threads, reps, quantization=None, dtype="auto", ppl=True
     return out
 
 
-def run_llama_cpp(path, ids, threads, reps):
+def run_llama_cpp(path, ids, threads, reps, ppl=True):
     from llama_cpp import Llama
 
     def load(logits_all):
@@ -116,16 +117,17 @@ def run_llama_cpp(path, ids, threads, reps):
         for _ in range(NEW - 1):
             llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
         decode.append((time.perf_counter() - t0) / (NEW - 1))
-    rss = peak_rss()
-    del llm
-    llm = load(True)  # perplexity: logits of every position
-    rows, wins = [], windows_of(ids)
-    for w in wins:
-        llm.reset()
-        llm.eval(w)
-        rows.append(llm.scores[:len(w)].tolist())
-    return {"load_s": load_s, "prefill_s": prefill, "decode_s_per_token": decode,
-            "peak_rss_bytes": rss, "perplexity": ppl_from_rows(rows, wins)}
+    out = {"load_s": load_s, "prefill_s": prefill, "decode_s_per_token": decode, "peak_rss_bytes": peak_rss()}
+    if ppl:
+        del llm
+        llm = load(True)  # perplexity: logits of every position
+        rows, wins = [], windows_of(ids)
+        for w in wins:
+            llm.reset()
+            llm.eval(w)
+            rows.append(llm.scores[:len(w)].tolist())
+        out["perplexity"] = ppl_from_rows(rows, wins)
+    return out
 
 
 def peak_rss():
@@ -138,7 +140,7 @@ def peak_rss():
 def child(args):
     spec = json.loads(args.child)
     if spec["engine"] == "llama.cpp":
-        r = run_llama_cpp(spec["path"], spec["ids"], args.threads, args.reps)
+        r = run_llama_cpp(spec["path"], spec["ids"], args.threads, args.reps, spec.get("ppl", True))
     else:
         r = run_ours(spec["path"], spec["ids"], args.threads, args.reps, spec.get("quantization"),
                      spec.get("dtype", "auto"), spec.get("ppl", True))
@@ -186,6 +188,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both engines")
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--llama-python", default=None,
                     help="Python interpreter that has llama-cpp-python (default: this one)")
@@ -212,16 +215,34 @@ def main():
           f"{read_bw / wbytes:.0f} tok/s; {PROMPT}-token prompt, {NEW} greedy tokens")
     sm = res["smollm2"]
     ids = text_ids()  # children get the ids: the llama.cpp one need not import inference_pio
-    for name, spec, py in (("ours", {"engine": "ours", "path": path, "ids": ids}, None),
-                           ("llama.cpp", {"engine": "llama.cpp", "path": path, "ids": ids}, args.llama_python)):
-        r = sm[name] = measure(spec, args.threads, args.reps, py)
-        print(f"{name:>10}: prefill {r['prefill_tok_s']:7.1f} tok/s, decode {r['decode_tok_s']:6.1f} tok/s "
-              f"({100 * r['decode_tok_s'] / sm['roofline_tok_s']:.0f}% of roofline), perplexity "
-              f"{r['perplexity']:.4f}, load {r['load_s']:.2f} s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    # Rounds alternate the engines, so a slow spell of this shared machine hits both alike; the
+    # ratio is taken within each round and its median reported (perplexity: first round only).
+    sm["rounds"] = []
+    for k in range(args.rounds):
+        rnd = {}
+        for name, py in (("ours", None), ("llama.cpp", args.llama_python)):
+            spec = {"engine": name, "path": path, "ids": ids, "ppl": k == 0}
+            r = rnd[name] = measure(spec, args.threads, args.reps, py)
+            if k == 0:
+                sm[name] = r
+                print(f"{name:>10}: prefill {r['prefill_tok_s']:7.1f} tok/s, decode {r['decode_tok_s']:6.1f} "
+                      f"tok/s ({100 * r['decode_tok_s'] / sm['roofline_tok_s']:.0f}% of roofline), perplexity "
+                      f"{r['perplexity']:.4f}, load {r['load_s']:.2f} s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+        o, l = rnd["ours"], rnd["llama.cpp"]
+        rnd["prefill_ratio"] = o["prefill_tok_s"] / l["prefill_tok_s"]
+        rnd["decode_ratio"] = o["decode_tok_s"] / l["decode_tok_s"]
+        sm["rounds"].append(rnd)
+        print(f"  round {k + 1}: decode ours {o['decode_tok_s']:6.1f} / llama.cpp {l['decode_tok_s']:6.1f} tok/s "
+              f"= {rnd['decode_ratio']:.2f}x; prefill {o['prefill_tok_s']:6.1f} / {l['prefill_tok_s']:6.1f} "
+              f"= {rnd['prefill_ratio']:.2f}x")
+    for key in ("prefill_ratio", "decode_ratio"):
+        vals = [r[key] for r in sm["rounds"]]
+        sm[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
     o, l = sm["ours"], sm["llama.cpp"]
-    print(f"ours / llama.cpp: prefill {o['prefill_tok_s'] / l['prefill_tok_s']:.2f}x, decode "
-          f"{o['decode_tok_s'] / l['decode_tok_s']:.2f}x, perplexity "
-          f"{100 * (o['perplexity'] / l['perplexity'] - 1):+.2f}%")
+    print(f"ours / llama.cpp over {args.rounds} rounds (median, range): prefill "
+          f"{sm['prefill_ratio']['median']:.2f}x ({sm['prefill_ratio']['min']:.2f}-{sm['prefill_ratio']['max']:.2f}), "
+          f"decode {sm['decode_ratio']['median']:.2f}x ({sm['decode_ratio']['min']:.2f}-{sm['decode_ratio']['max']:.2f}), "
+          f"perplexity {100 * (o['perplexity'] / l['perplexity'] - 1):+.2f}%")
 
     if not args.skip_qwen3 and Path(QWEN3_DIR, "config.json").exists():
         from bench_qwen3 import QWEN3_06B

@@ -29,12 +29,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--context", type=int, default=256, help="tokens in the cache when timing")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args()
 
     from inference_pio import LLM, SamplingParams, runtime
     from inference_pio.demo import demo_model_path
     runtime.set_num_threads(args.threads)
-    llm = LLM(args.model or demo_model_path(), max_model_len=args.context + 8, kv_cache_tokens=args.context + 8)
+    llm = LLM(args.model or demo_model_path(), max_model_len=args.context + 8, kv_cache_tokens=args.context + 8,
+              kv_cache_dtype=args.kv_cache_dtype)
     prompt = list(range(100, 100 + args.context // 2))
     for _ in llm.stream(prompt, SamplingParams(max_tokens=args.context // 2, temperature=0, ignore_eos=True)):
         pass

@@ -34,6 +34,10 @@ int to_check_tensor(const to_tensor *t, const char *op, const char *name) {
                 return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s is %s: stride %lld of dim %d is not a "
                                "whole number of %d-element blocks", op, name, to_dtype_name(t->dtype),
                                (long long)t->strides[i], i, bs);
+        if (to_is_x8(t->dtype) && (t->ndim != 2 || t->shape[0] % TO_X8_ROWS || !to_is_contiguous(t)))
+            return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s is %s, which interleaves the blocks of "
+                           "every %d rows: it must be a contiguous 2-D tensor with a multiple of %d "
+                           "rows", op, name, to_dtype_name(t->dtype), TO_X8_ROWS, TO_X8_ROWS);
     }
     /* bytes from data to the end of the farthest element, refusing what overflows int64 */
     int64_t need = 0, reach;

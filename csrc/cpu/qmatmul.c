@@ -20,6 +20,8 @@
  *     weight block serves up to 4 x rows and an x block 2 weight rows while in registers.
  *     Decode (M = 1) is the same loop with a 1-row panel: it streams the weights once, in
  *     memory order, split over threads. For many rows, x is walked in chunks that fit in L2.
+ *     Q4_0 / Q4_1 weights repacked 8 rows at a time (TO_Q4_0_X8, TO_Q4_1_X8) go through the
+ *     same loop a group of 8 rows at a time, with qmatmul_x8.c's micro-kernel.
  *
  * Accuracy. Quantizing x costs at most d_x / 2 = max|x_block| / 254 per element of x (round to
  * nearest), so |error| <= sum_k |w_k| max|x_block(k)| / 254 for each output. Measured on
@@ -42,7 +44,7 @@
 #include <math.h>
 #include <stdatomic.h>
 
-#define PR 4 /* rows of x per panel (and per micro-kernel) */
+#define PR TO_QX_ROWS
 #define WR 2 /* weight rows per micro-kernel */
 /* x panels per chunk: the quantized x a thread walks once per pair of weight rows stays in L2 */
 #define X_CHUNK_BYTES (192 << 10)
@@ -55,12 +57,7 @@
 /* below this many weight bytes per thread, a second thread costs more than it saves */
 #define MIN_WBYTES_PER_THREAD (12 << 10)
 
-/* x quantized for 32-element weight blocks: PR rows interleaved, 160 bytes */
-typedef struct {
-    float ds[PR][2];      /* per row: d, and s = d * sum(q) (side by side: one f16 pair of a
-                           * Q4_1 block, (d_w, m_w), times (d_x, s_x) gives both products) */
-    int8_t q[PR][TO_QK];
-} qx32;
+typedef to_qx32 qx32; /* x for 32-element weight blocks (qmatmul.h) */
 
 /* x quantized for 256-element weight super-blocks: PR rows interleaved, 1168 bytes */
 typedef struct {
@@ -75,6 +72,7 @@ typedef struct {
     const char *w;
     int64_t wrow;      /* bytes from one weight row to the next */
     int64_t nb;        /* weight blocks per row */
+    int unit;          /* weight rows per unit of work: WR, or TO_X8_ROWS for the X8 types */
     const char *x;     /* x[m, k] at x + (m * xs0 + k * xs1) * xsize */
     int64_t xs0, xs1;
     int x_dt, xsize;
@@ -336,7 +334,7 @@ static float dot_q6k_scalar(const char *w, const qx256 *x, int r, int64_t nb) {
     return acc;
 }
 
-static void tile_scalar(const qmm_problem *p, int xr, int nw, const char *w, const char *x, float res[PR][WR]) {
+static void tile_scalar(const qmm_problem *p, int xr, int nw, const char *w, const char *x, float res[PR][8]) {
     for (int j = 0; j < nw; j++) {
         const char *wj = w + j * p->wrow;
         for (int i = 0; i < xr; i++) {
@@ -399,7 +397,7 @@ TO_TARGET_AVX2 static inline __attribute__((always_inline)) __m128 q4_head_avx2(
 }
 
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
-add_offsets_avx2(int wt, int XR, int NW, const __m128 off[2][WR], float res[PR][WR]) {
+add_offsets_avx2(int wt, int XR, int NW, const __m128 off[2][WR], float res[PR][8]) {
     for (int j = 0; j < NW; j++) {
         float o[2][4];
         _mm_storeu_ps(o[0], off[0][j]);
@@ -411,7 +409,7 @@ add_offsets_avx2(int wt, int XR, int NW, const __m128 off[2][WR], float res[PR][
 
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
 offsets32_avx2(int wt, int XR, int NW, const char *w, int64_t wrow, const qx32 *x, int64_t nb,
-               float res[PR][WR]) {
+               float res[PR][8]) {
     const int bb = wt == TO_Q4_0 ? 18 : 20;
     __m128 off[2][WR];
     for (int j = 0; j < NW; j++)
@@ -429,7 +427,7 @@ offsets32_avx2(int wt, int XR, int NW, const char *w, int64_t wrow, const qx32 *
 
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
 tile32_avx2(int wt, int XR, int NW, const char *w, int64_t wrow, const qx32 *x, int64_t nb,
-            float res[PR][WR]) {
+            float res[PR][8]) {
     const int bb = wt == TO_Q8_0 ? 34 : wt == TO_Q4_0 ? 18 : 20;
     const int fused = wt != TO_Q8_0 && XR <= 2; /* offsets in this loop (see offsets32_avx2) */
     const __m256i ones = _mm256_set1_epi16(1);
@@ -526,7 +524,7 @@ TO_TARGET_AVX2 static inline __attribute__((always_inline)) __m128i q4k_scales_m
 }
 
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
-tile_q4k_avx2(int XR, int NW, const char *w, int64_t wrow, const qx256 *x, int64_t nb, float res[PR][WR]) {
+tile_q4k_avx2(int XR, int NW, const char *w, int64_t wrow, const qx256 *x, int64_t nb, float res[PR][8]) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 acc[PR][WR];
     for (int j = 0; j < NW; j++)
@@ -574,7 +572,7 @@ tile_q4k_avx2(int XR, int NW, const char *w, int64_t wrow, const qx256 *x, int64
 }
 
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
-tile_q6k_avx2(int XR, int NW, const char *w, int64_t wrow, const qx256 *x, int64_t nb, float res[PR][WR]) {
+tile_q6k_avx2(int XR, int NW, const char *w, int64_t wrow, const qx256 *x, int64_t nb, float res[PR][8]) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 acc[PR][WR];
     for (int j = 0; j < NW; j++)
@@ -633,7 +631,7 @@ tile_q6k_avx2(int XR, int NW, const char *w, int64_t wrow, const qx256 *x, int64
 /* One specialised copy per (weight type, rows of x, weight rows). */
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
 tile_type_avx2(int wt, int XR, int NW, const char *w, int64_t wrow, const char *x, int64_t nb,
-               float res[PR][WR]) {
+               float res[PR][8]) {
     switch (wt) {
     case TO_Q4_K: tile_q4k_avx2(XR, NW, w, wrow, (const qx256 *)x, nb, res); break;
     case TO_Q6_K: tile_q6k_avx2(XR, NW, w, wrow, (const qx256 *)x, nb, res); break;
@@ -644,7 +642,7 @@ tile_type_avx2(int wt, int XR, int NW, const char *w, int64_t wrow, const char *
 }
 
 TO_TARGET_AVX2 static inline __attribute__((always_inline)) void
-tile_nw_avx2(int wt, int XR, int nw, const char *w, int64_t wrow, const char *x, int64_t nb, float res[PR][WR]) {
+tile_nw_avx2(int wt, int XR, int nw, const char *w, int64_t wrow, const char *x, int64_t nb, float res[PR][8]) {
     if (nw == 2)
         tile_type_avx2(wt, XR, 2, w, wrow, x, nb, res);
     else
@@ -652,7 +650,7 @@ tile_nw_avx2(int wt, int XR, int nw, const char *w, int64_t wrow, const char *x,
 }
 
 TO_TARGET_AVX2 static void tile_avx2(int wt, int xr, int nw, const char *w, int64_t wrow, const char *x,
-                                     int64_t nb, float res[PR][WR]) {
+                                     int64_t nb, float res[PR][8]) {
     switch (xr) {
     case 1: tile_nw_avx2(wt, 1, nw, w, wrow, x, nb, res); break;
     case 2: tile_nw_avx2(wt, 2, nw, w, wrow, x, nb, res); break;
@@ -665,22 +663,25 @@ TO_TARGET_AVX2 static void tile_avx2(int wt, int xr, int nw, const char *w, int6
  * Driver
  * ===================================================================================== */
 
-/* Weight rows [2 * begin, 2 * end) (clipped to N) times every row of x. */
+/* Weight rows [unit * begin, unit * end) (clipped to N) times every row of x. A unit is the WR
+ * rows of a micro-kernel, or the group of 8 rows of the X8 types. */
 static void qmm_range(void *arg, int64_t begin, int64_t end) {
     qmm_problem *p = arg;
-    const int64_t n1 = 2 * end < p->N ? 2 * end : p->N;
+    const int64_t n1 = p->unit * end < p->N ? p->unit * end : p->N;
     const int64_t pbytes = p->nb * p->xblk;
-    float res[PR][WR];
+    float res[PR][8];
     for (int64_t c0 = 0; c0 < p->panels; c0 += p->chunk) {
         int64_t c1 = c0 + p->chunk < p->panels ? c0 + p->chunk : p->panels;
-        for (int64_t n = 2 * begin; n < n1; n += WR) {
-            int nw = n1 - n < WR ? (int)(n1 - n) : WR;
+        for (int64_t n = p->unit * begin; n < n1; n += p->unit) {
+            int nw = n1 - n < p->unit ? (int)(n1 - n) : p->unit;
             const char *w = p->w + n * p->wrow;
             for (int64_t pi = c0; pi < c1; pi++) {
                 int64_t m0 = pi * PR;
                 int xr = p->M - m0 < PR ? (int)(p->M - m0) : PR;
                 const char *x = p->qx + pi * pbytes;
-                if (p->simd >= TO_SIMD_AVX2)
+                if (to_is_x8(p->wtype))
+                    to_qx8_tile(p->wtype, xr, w, (const qx32 *)x, p->nb, p->simd, res);
+                else if (p->simd >= TO_SIMD_AVX2)
                     tile_avx2(p->wtype, xr, nw, w, p->wrow, x, p->nb, res);
                 else
                     tile_scalar(p, xr, nw, w, x, res);
@@ -739,9 +740,9 @@ int to_cpu_qmatmul(const to_tensor *out, const to_tensor *x, const to_tensor *w,
     if (atomic_load(&p.failed))
         return to_fail(TO_ERR_OUT_OF_MEMORY, "to_matmul: out of memory for converting rows of x");
 
-    int64_t pairs = (p.N + WR - 1) / WR;
-    int64_t pair_bytes = WR * to_dtype_bytes(p.wtype, p.K);
-    int64_t min_pairs = MIN_WBYTES_PER_THREAD / pair_bytes + 1;
-    to_parallel_for(pairs, min_pairs, qmm_range, &p);
+    p.unit = to_is_x8(p.wtype) ? TO_X8_ROWS : WR;
+    int64_t units = (p.N + p.unit - 1) / p.unit;
+    int64_t unit_bytes = p.unit * to_dtype_bytes(p.wtype, p.K);
+    to_parallel_for(units, MIN_WBYTES_PER_THREAD / unit_bytes + 1, qmm_range, &p);
     return TO_OK;
 }

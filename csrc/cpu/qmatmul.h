@@ -13,6 +13,25 @@
  * Each row of x is quantized to 8 bits per call (see qmatmul.c for what that costs). */
 int to_cpu_qmatmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
 
+/* ---- shared by qmatmul.c and qmatmul_x8.c ---- */
+#define TO_QX_ROWS 4 /* rows of x per panel (and per micro-kernel) */
+
+/* x quantized for 32-element weight blocks: TO_QX_ROWS rows interleaved, 160 bytes */
+typedef struct {
+    float ds[TO_QX_ROWS][2]; /* per row: d, and s = d * sum(q) (side by side: one f16 pair of a
+                              * Q4_1 block, (d_w, m_w), times (d_x, s_x) gives both products) */
+    int8_t q[TO_QX_ROWS][32];
+} to_qx32;
+
+/* res[i][r] = row i < xr of the panel x (nb blocks) times weight row r of the group of 8 rows
+ * at w (Q4_0_X8 or Q4_1_X8: nb groups of 8 blocks). */
+void to_qx8_tile(int wtype, int xr, const char *w, const to_qx32 *x, int64_t nb, int simd,
+                 float res[TO_QX_ROWS][8]);
+
+/* out = x converted between a Q4_0 / Q4_1 tensor and its X8 form (either way round): contiguous
+ * 2-D CPU tensors of one shape with a multiple of 8 rows, validated by to_copy. */
+int to_cpu_repack(const to_tensor *out, const to_tensor *x);
+
 #pragma GCC visibility pop
 
 #endif

@@ -1,6 +1,7 @@
 /* copy.c - to_copy and to_fill: validation and device dispatch. */
 #include "internal.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/qmatmul.h"
 
 int to_copy(const to_tensor *out, const to_tensor *x) {
     TO_TRY(to_check_tensor(out, "to_copy", "out"));
@@ -8,6 +9,21 @@ int to_copy(const to_tensor *out, const to_tensor *x) {
     TO_TRY(to_check_same_shape(out, x, "to_copy", "out", "x"));
     if (to_numel(out) == 0)
         return TO_OK;
+    if ((to_is_x8(out->dtype) || to_is_x8(x->dtype)) && out->dtype != x->dtype) {
+        /* The row-interleaved layouts are made from and read back into their plain type only. */
+        int x8 = to_is_x8(out->dtype) ? out->dtype : x->dtype;
+        if ((to_is_x8(out->dtype) ? x->dtype : out->dtype) != to_x8_base(x8))
+            return to_fail(TO_ERR_DTYPE, "to_copy: cannot convert %s to %s: %s converts only to and "
+                           "from %s", to_dtype_name(x->dtype), to_dtype_name(out->dtype),
+                           to_dtype_name(x8), to_dtype_name(to_x8_base(x8)));
+        if (!to_is_contiguous(out) || !to_is_contiguous(x))
+            return to_fail(TO_ERR_INVALID_ARGUMENT, "to_copy: converting to or from %s needs "
+                           "contiguous tensors", to_dtype_name(x8));
+        TO_TRY(to_check_no_alias(out, x, 0, "to_copy", "out", "x"));
+        TO_TRY(to_require_cpu(out, "to_copy"));
+        TO_TRY(to_require_cpu(x, "to_copy"));
+        return to_cpu_repack(out, x);
+    }
     if ((to_is_quantized(out->dtype) || to_is_quantized(x->dtype)) && out->dtype != x->dtype) {
         /* Blocks are made from and read into f32 rows: the other side must be a float (or
          * quantized) dtype; integers would only reach the blocks through a lossy float. */

@@ -22,7 +22,7 @@ int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, cons
                        to_dtype_name(to_is_quantized(x->dtype) ? x->dtype : out->dtype));
     TO_TRY(to_check_dtype(out, TO_FLOAT_DTYPES, OP, "out"));
     TO_TRY(to_check_dtype(x, TO_FLOAT_DTYPES, OP, "x"));
-    TO_TRY(to_check_dtype(w, TO_FLOAT_DTYPES | TO_QUANT_DTYPES, OP, "w"));
+    TO_TRY(to_check_dtype(w, TO_FLOAT_DTYPES | TO_QUANT_DTYPES | TO_X8_DTYPES, OP, "w"));
     if (bias)
         TO_TRY(to_check_dtype(bias, TO_FLOAT_DTYPES, OP, "bias"));
 

@@ -52,10 +52,17 @@ def cast(x, dtype):
 
 def quantize(x, dtype, out=None):
     """x (float32/float16/bfloat16, or another quantized dtype) as blocks of the quantized
-    `dtype` (q8_0, q4_0, q4_1, q4_k, q6_k); x's last dimension is a whole number of blocks."""
+    `dtype` (q8_0, q4_0, q4_1, q4_k, q6_k, or the row-interleaved q4_0x8, q4_1x8); x's last
+    dimension is a whole number of blocks."""
     dtype = get_dtype(dtype)
     if not dtype.is_quantized:
         raise TypeError(f"quantize: {dtype.name} is not a quantized dtype")
+    # the C library converts an interleaved type only to and from its plain type: go through it
+    src_plain, dst_plain = dtypes.ROW_INTERLEAVED.get(x.dtype), dtypes.ROW_INTERLEAVED.get(dtype)
+    if src_plain is not None and dtype not in (x.dtype, src_plain):
+        x = quantize(x, src_plain)
+    if dst_plain is not None and x.dtype not in (dtype, dst_plain):
+        x = quantize(x, dst_plain)
     out = _out(out, x.shape, dtype, x)
     check(lib.to_copy(out._desc, x._desc))
     return out
@@ -66,6 +73,8 @@ def dequantize(x, dtype=dtypes.float32, out=None):
     dtype = get_dtype(dtype)
     if dtype.is_quantized or not dtype.is_float:
         raise TypeError(f"dequantize: {dtype.name} is not float32, float16 or bfloat16")
+    if x.dtype in dtypes.ROW_INTERLEAVED:
+        x = quantize(x, dtypes.ROW_INTERLEAVED[x.dtype])
     out = _out(out, x.shape, dtype, x)
     check(lib.to_copy(out._desc, x._desc))
     return out

@@ -1,5 +1,6 @@
 """to_matmul with block-quantized weights: out[M, N] = x[M, K] . w[N, K]^T (+ bias[N]), w in
-q8_0 / q4_0 / q4_1 / q4_k / q6_k, read in place; x, out and bias float.
+q8_0 / q4_0 / q4_1 / q4_k / q6_k, or q4_0x8 / q4_1x8 (the same blocks interleaved by 8 rows), read
+in place; x, out and bias float.
 
 The kernel quantizes each row of x to 8 bits (32-element blocks for q8_0/q4_0/q4_1 weights,
 256-element blocks for the k-quants): d = max|x_block| / 127 in f32, q = rint(x * (1 / d)) in
@@ -30,6 +31,7 @@ Two oracles, both in float64:
      256-blocks; we also assert it stays below 2% (3% when out is bf16) wherever there are at
      least 100 outputs to average over.
 """
+import ctypes
 import math
 
 import numpy as np
@@ -327,3 +329,121 @@ def test_short_weight_buffer_refused():
     out, x = ip.Tensor.empty(1, 4), ip.Tensor.zeros(1, 64)
     with pytest.raises(TensorOpsError, match="needs 160 bytes"):
         check(ip.lib.to_matmul(out._desc, x._desc, d, ip.ffi.NULL))
+
+
+# ---- q4_0x8 / q4_1x8: q4_0 / q4_1 blocks interleaved by 8 rows ----
+
+X8 = ["q4_0x8", "q4_1x8"]
+
+
+def plain_of(x8):
+    return x8[:4]
+
+
+def tensor_bytes(t):
+    return np.frombuffer(ctypes.string_at(t.data_ptr(), t.nbytes), dtype=np.uint8)
+
+
+def x8_layout(raw, x8, N, K):
+    """The documented layout, built independently in numpy from the plain blocks [N, K/32 * bb]:
+    per group of 8 rows and block b, the 8 rows' f16 d (q4_1: then their 8 m), then 128 bytes
+    in which byte 32 j + 4 r + t is byte 4 j + t of row r's 16 bytes of nibbles."""
+    bb, head = BLOCK[plain_of(x8)][1], (4 if x8 == "q4_1x8" else 2)
+    G, nb = N // 8, K // 32
+    blocks = raw.reshape(G, 8, nb, bb).transpose(0, 2, 1, 3)  # [G, nb, row r, bytes]
+    parts = [blocks[..., 0:2].reshape(G, nb, 16)]
+    if x8 == "q4_1x8":
+        parts.append(blocks[..., 2:4].reshape(G, nb, 16))
+    nibbles = blocks[..., head:].reshape(G, nb, 8, 4, 4).transpose(0, 1, 3, 2, 4)  # [G, nb, j, r, t]
+    parts.append(nibbles.reshape(G, nb, 128))
+    return np.concatenate(parts, axis=-1).reshape(-1)
+
+
+def make_w_x8(rng, x8, N, K):
+    w, wdeq, off = make_w(rng, plain_of(x8), N, K)
+    return ip.ops.quantize(w, x8), wdeq, off
+
+
+@pytest.mark.parametrize("x8", X8)
+def test_x8_layout_and_round_trip(x8):
+    """Repacking puts every byte where the layout says; unpacking gives the plain blocks back
+    bit for bit; dequantizing either gives gguf's values."""
+    rng = np.random.default_rng(11)
+    N, K = 24, 96
+    raw = make_raw(rng, plain_of(x8), N, K)
+    w = ip.Tensor.frombuffer(raw.tobytes(), plain_of(x8), shape=(N, K))
+    packed = ip.ops.quantize(w, x8)
+    assert packed.dtype.name == x8 and packed.shape == (N, K) and packed.nbytes == w.nbytes
+    assert np.array_equal(tensor_bytes(packed), x8_layout(raw, x8, N, K))
+    assert np.array_equal(tensor_bytes(ip.ops.quantize(packed, plain_of(x8))), raw.reshape(-1))
+    ref = dequantize(raw, GGML[plain_of(x8)]).reshape(N, K)
+    assert np.array_equal(out_values(ip.ops.dequantize(packed)), ref)
+
+
+X8_SHAPES = [(x8, M, N) for x8 in X8 for M in (1, 2, 3, 5, 17, 64) for N in (8, 24, 104)]
+
+
+@pytest.mark.parametrize("x8,M,N", X8_SHAPES, ids=[f"{x}-M{M}-N{N}" for x, M, N in X8_SHAPES])
+def test_x8_shapes(simd, gen, x8, M, N):
+    """Against the same two oracles as the plain types: ragged panels of x, one to 13 groups of
+    8 weight rows, K over several block counts, x dtype and bias rotating."""
+    i = X8_SHAPES.index((x8, M, N))
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    K = 32 * BLOCKS[32][i % len(BLOCKS[32])]
+    w, wdeq, off = make_w_x8(rng, x8, N, K)
+    x, x64 = make_x(gen, M, K, FLOAT_DTYPES[i % 3], "rows" if i % 4 == 3 else "contiguous")
+    b, b64 = randn(N, dtype=ip.float32, gen=gen, scale=0.1) if i % 2 == 0 else (None, None)
+    out = ip.Tensor.full((M, N), float("nan"), dtype=FLOAT_DTYPES[(i + 1) % 3])
+    c_matmul(out, x, w, b)
+    check_result(out_values(out), x64.numpy(), plain_of(x8), wdeq, off,
+                 None if b64 is None else b64.numpy(), out.dtype)
+
+
+@pytest.mark.parametrize("x8", X8)
+def test_x8_prefill_chunks_and_threads(gen, x8):
+    """x walked in two chunks of panels; the same bits with 1, 2 or 3 threads."""
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    w, wdeq, off = make_w_x8(rng, x8, 40, 1536)
+    x, x64 = randn(130, 1536, gen=gen)
+    before, results = ip.num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            ip.set_num_threads(n)
+            out = ip.Tensor.empty(130, 40)
+            c_matmul(out, x, w)
+            results.append(out_values(out))
+    finally:
+        ip.set_num_threads(before)
+    check_result(results[0], x64.numpy(), plain_of(x8), wdeq, off, None, ip.float32)
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+
+
+def test_x8_from_floats_and_to_other_types():
+    """ops.quantize reaches and leaves an interleaved type through its plain type."""
+    rng = np.random.default_rng(12)
+    a = rng.standard_normal((16, 64)).astype(np.float32)
+    f = ip.Tensor.frombuffer(a.tobytes(), ip.float32, (16, 64), copy=True)
+    via_plain = ip.ops.dequantize(ip.ops.quantize(f, "q4_1"))
+    packed = ip.ops.quantize(f, "q4_1x8")
+    assert np.array_equal(out_values(ip.ops.dequantize(packed)), out_values(via_plain))
+    other = ip.ops.quantize(packed, "q4_0x8")
+    assert np.array_equal(out_values(ip.ops.dequantize(other)),
+                          out_values(ip.ops.dequantize(ip.ops.quantize(via_plain, "q4_0"))))
+
+
+def test_x8_misuse_refused():
+    rng = np.random.default_rng(13)
+    raw = make_raw(rng, "q4_1", 16, 64)
+    with pytest.raises(TensorOpsError, match="multiple of 8 rows"):
+        ip.ops.quantize(ip.Tensor.frombuffer(raw[:12].tobytes(), "q4_1", shape=(12, 64)), "q4_1x8")
+    packed = ip.ops.quantize(ip.Tensor.frombuffer(raw.tobytes(), "q4_1", shape=(16, 64)), "q4_1x8")
+    with pytest.raises(TensorOpsError, match="multiple of 8 rows"):  # a view of 4 rows
+        c_matmul(ip.Tensor.empty(1, 4), ip.Tensor.zeros(1, 64), packed[:4])
+    for target in ("float32", "q8_0", "q4_0"):  # the C library converts to q4_1 only
+        out = ip.Tensor.empty(16, 64, dtype=target)
+        with pytest.raises(TensorOpsError, match="converts only to and from q4_1"):
+            check(ip.lib.to_copy(out._desc, packed._desc))
+    with pytest.raises(TensorOpsError, match="expected one of"):  # not an embedding table
+        ip.ops.embedding(packed, ip.Tensor.zeros(2, dtype=ip.int64))
+    with pytest.raises(TensorOpsError, match="expected one of"):
+        check(ip.lib.to_fill(packed._desc, 0.0))

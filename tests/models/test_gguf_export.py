@@ -101,6 +101,24 @@ def test_quantized_export(ckpt, tmp_path, qtype):
     assert torch.equal(same, ours)
 
 
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1"])
+def test_interleaved_rows_match_plain_blocks(ckpt, qtype):
+    """On the CPU, loading gives the q4 projections the 8-row interleaved layout (the token
+    embedding stays plain); their logits equal the plain blocks' up to f32 summation order."""
+    from inference_pio import dtypes, ops
+    from inference_pio.nn import Linear
+    arch, model, folder = ckpt
+    llm = LLM(folder, quantization=qtype)
+    assert llm.model.model.layers[0].mlp.up_proj.weight.dtype.name == qtype + "x8"
+    assert llm.model.model.embed_tokens.weight.dtype.name == qtype
+    ids = ids_for(model)
+    interleaved = to_torch(llm.logits(ids))
+    for _, m in llm.model.named_modules():
+        if isinstance(m, Linear) and m.weight.dtype in dtypes.ROW_INTERLEAVED:
+            m.weight = ops.quantize(m.weight, dtypes.ROW_INTERLEAVED[m.weight.dtype])
+    assert max(rel_errors(interleaved, to_torch(llm.logits(ids)))) <= 1e-5
+
+
 def test_exported_tokenizer_and_template(ckpt, tmp_path):
     arch, model, folder = ckpt
     path = export_gguf(folder, tmp_path / f"{arch}-tok.gguf", "q8_0")

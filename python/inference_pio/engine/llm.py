@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ..io.hf_config import eos_token_ids, load_hf_config
 from ..tokenizer import CheckpointTokenizer, GGUFTokenizer
 from .llm_engine import LLMEngine
-from .loader import load_model
+from .loader import load_model, resolve_dtype
 from .params import RequestOutput, SamplingParams
 from .sequence import Status
 
@@ -31,11 +31,12 @@ class LLM:
     kv_cache_tokens: size of the paged KV cache pool shared by all running sequences (memory is
     reserved, and only touched as it fills). max_num_seqs / max_num_batched_tokens: the
     scheduler's limits per step (a longer prompt is prefilled in chunks of the latter).
-    enforce_eager: run every step op by op instead of replaying captured decode graphs."""
+    enforce_eager: run every step op by op instead of replaying captured decode graphs.
+    kv_cache_dtype: "auto" (the float weights' dtype) or "float32", "bfloat16", "float16"."""
 
     def __init__(self, model, device="cpu", dtype="auto", quantization=None, max_model_len=None,
                  kv_cache_tokens=None, block_size=16, max_num_seqs=32, max_num_batched_tokens=512,
-                 enforce_eager=False, progress=None):
+                 enforce_eager=False, progress=None, kv_cache_dtype="auto"):
         self.path = os.fspath(model)
         self.model, self.config = load_model(self.path, dtype, device, progress, quantization)
         self.tokenizer, generation_config = _tokenizer_and_generation_config(self.path, self.model)
@@ -49,7 +50,8 @@ class LLM:
             raise ValueError(f"max_model_len must be in 1..{limit} (the model's max_position_embeddings)")
         kv_cache_tokens = max(max_model_len, 8192) if kv_cache_tokens is None else kv_cache_tokens
         self.engine = LLMEngine(self.model, eos, max_model_len, kv_cache_tokens, block_size,
-                                max_num_seqs, max_num_batched_tokens, use_graphs=not enforce_eager)
+                                max_num_seqs, max_num_batched_tokens, use_graphs=not enforce_eager,
+                                kv_dtype=None if kv_cache_dtype == "auto" else resolve_dtype(kv_cache_dtype, {}))
 
     @property
     def eos_token_ids(self):

@@ -6,10 +6,11 @@ in the wanted dtype (or block-quantized) is used in place from the memory map (n
 time); others are converted once, or quantized when `quantization` asks for it."""
 import os
 
-from .. import dtypes
+from .. import dtypes, ops
 from ..io import CheckpointError, CheckpointWeights, load_hf_config
 from ..io.gguf import GGUFFile
 from ..io.gguf_arch import hf_config, hf_name
+from ..nn import Linear
 from ..progress import ProgressBar
 from ..quantize import QuantizedWeights
 from inference_pio.models import model_class
@@ -90,7 +91,19 @@ def load_model(path, dtype="auto", device="cpu", progress=None, quantization=Non
     if quantization is not None:
         weights = QuantizedWeights(weights, quantization)
     load_weights(model, weights, progress)
+    interleave_rows(model)
     return model, config
+
+
+def interleave_rows(model):
+    """Gives each CPU q4_0 / q4_1 projection weight (Linear) with a multiple of 8 rows the
+    row-interleaved layout q4_0x8 / q4_1x8, which the CPU matmul reads about twice as fast (one
+    instruction serves 8 rows). The same blocks in another order: a copy of the same size
+    replaces the memory-mapped tensor. Embedding tables, read row by row, stay as stored."""
+    for _, m in model.named_modules():
+        w = getattr(m, "weight", None) if isinstance(m, Linear) else None
+        if w is not None and not w.is_cuda and w.dtype in (dtypes.q4_0, dtypes.q4_1) and w.shape[0] % 8 == 0:
+            m.weight = ops.quantize(w, w.dtype.name + "x8")
 
 
 def load_weights(model, weights, progress=None):
