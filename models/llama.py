@@ -110,6 +110,11 @@ class LlamaForCausalLM(Module):
         c = self.config
         return c.num_hidden_layers, c.num_key_value_heads, c.head_dim
 
+    @property
+    def head(self):
+        """The module whose weight the output head multiplies: lm_head, or the tied embedding."""
+        return self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+
     def checkpoint_name(self, name):
         """Our parameter name for a checkpoint tensor name; None to skip it (a tied head's
         duplicate lm_head.weight, which some files store anyway)."""
@@ -127,5 +132,4 @@ class LlamaForCausalLM(Module):
         for layer in self.model.layers:
             delta = layer(residual, delta, batch)
         h = final_hidden(residual, delta, self.model.norm, batch.logits_indices)
-        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return ops.matmul(h, head, out_dtype=dtypes.float32)
+        return ops.matmul(h, self.head.weight, out_dtype=dtypes.float32)

@@ -5,11 +5,11 @@
 #include <immintrin.h>
 
 /* elements and bytes per block; a plain dtype is a block of one element */
-static const int block_sizes[TO_DTYPE_COUNT] = {1, 1, 1, 1, 1, 1, 1, 32, 32, 32, 256, 256, 32, 32};
-static const int block_bytes[TO_DTYPE_COUNT] = {4, 2, 2, 1, 4, 8, 1, 34, 18, 20, 144, 210, 18, 20};
+static const int block_sizes[TO_DTYPE_COUNT] = {1, 1, 1, 1, 1, 1, 1, 32, 32, 32, 256, 256, 32, 32, 32};
+static const int block_bytes[TO_DTYPE_COUNT] = {4, 2, 2, 1, 4, 8, 1, 34, 18, 20, 144, 210, 18, 20, 34};
 static const char *const dtype_names[TO_DTYPE_COUNT] = {
     "float32", "float16", "bfloat16", "int8", "int32", "int64", "uint8",
-    "q8_0",    "q4_0",    "q4_1",     "q4_k", "q6_k", "q4_0x8", "q4_1x8"};
+    "q8_0",    "q4_0",    "q4_1",     "q4_k", "q6_k", "q4_0x8", "q4_1x8", "q8_0x8"};
 
 int to_dtype_block_size(int dtype) { return dtype >= 0 && dtype < TO_DTYPE_COUNT ? block_sizes[dtype] : 0; }
 

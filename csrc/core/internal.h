@@ -33,7 +33,7 @@ int to_fail(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3
 #define TO_INDEX_DTYPES (TO_MASK(TO_I32) | TO_MASK(TO_I64))
 #define TO_QUANT_DTYPES (TO_MASK(TO_Q8_0) | TO_MASK(TO_Q4_0) | TO_MASK(TO_Q4_1) | TO_MASK(TO_Q4_K) | TO_MASK(TO_Q6_K))
 /* GGML blocks with the rows interleaved by TO_X8_ROWS (see TO_Q4_0_X8) */
-#define TO_X8_DTYPES (TO_MASK(TO_Q4_0_X8) | TO_MASK(TO_Q4_1_X8))
+#define TO_X8_DTYPES (TO_MASK(TO_Q4_0_X8) | TO_MASK(TO_Q4_1_X8) | TO_MASK(TO_Q8_0_X8))
 #define TO_X8_ROWS 8
 #define TO_ALL_DTYPES ((1u << TO_DTYPE_COUNT) - 1u)
 #define TO_PLAIN_DTYPES (TO_ALL_DTYPES & ~(TO_QUANT_DTYPES | TO_X8_DTYPES))
@@ -105,9 +105,11 @@ static inline int64_t to_dtype_bytes(int dtype, int64_t n) {
 
 static inline int to_is_quantized(int dtype) { return to_dtype_block_size(dtype) > 1; }
 
-static inline int to_is_x8(int dtype) { return dtype == TO_Q4_0_X8 || dtype == TO_Q4_1_X8; }
+static inline int to_is_x8(int dtype) { return (TO_X8_DTYPES >> dtype) & 1u; }
 /* the plain block type whose blocks an x8 type interleaves (Q4_0 for Q4_0_X8) */
-static inline int to_x8_base(int dtype) { return dtype == TO_Q4_0_X8 ? TO_Q4_0 : TO_Q4_1; }
+static inline int to_x8_base(int dtype) {
+    return dtype == TO_Q4_0_X8 ? TO_Q4_0 : dtype == TO_Q4_1_X8 ? TO_Q4_1 : TO_Q8_0;
+}
 
 /* Address of element `offset` (in elements, block-aligned for quantized dtypes) of a buffer. */
 static inline void *to_elem_ptr(void *base, int dtype, int64_t offset) {

@@ -7,8 +7,10 @@
  * ranges of output rows. Every id is checked before the first row is written, so a bad id leaves
  * out untouched. */
 #include "cpu/embedding.h"
+#include "cpu/qmatmul.h"
 #include "cpu/quant.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 
 /* "[3]" or "[2, 5]": the position of element (row r, column j) of t in its own dimensions. */
@@ -78,17 +80,30 @@ void to_cpu_copy_row(void *dst, int dto, int64_t so, const void *src, int dtx, i
 
 struct embedding_job {
     const to_tensor *out, *table, *ids;
+    atomic_int failed;
 };
 
 static void embedding_rows(void *arg, int64_t begin, int64_t end) {
-    const struct embedding_job *job = arg;
+    struct embedding_job *job = arg;
     const to_tensor *out = job->out, *table = job->table, *ids = job->ids;
     int64_t D = table->shape[1];
+    /* a row-interleaved table's row is first gathered into the plain blocks of its base type */
+    int dt = to_is_x8(table->dtype) ? to_x8_base(table->dtype) : table->dtype;
+    char *plain = NULL;
+    if (dt != table->dtype && !(plain = to_scratch(2, (size_t)to_dtype_bytes(dt, D)))) {
+        atomic_store(&job->failed, 1);
+        return;
+    }
     for (int64_t t = begin; t < end; t++) {
         int64_t id = to_load_index(ids->data, ids->dtype, t * ids->strides[0]);
-        to_cpu_copy_row(to_elem_ptr(out->data, out->dtype, t * out->strides[0]), out->dtype, out->strides[1],
-                        to_elem_ptr(table->data, table->dtype, id * table->strides[0]), table->dtype,
-                        table->strides[1], D);
+        char *orow = to_elem_ptr(out->data, out->dtype, t * out->strides[0]);
+        if (plain) {
+            to_x8_gather_row(table->dtype, table->data, id, D / TO_QK, plain);
+            to_cpu_copy_row(orow, out->dtype, out->strides[1], plain, dt, 1, D);
+        } else {
+            to_cpu_copy_row(orow, out->dtype, out->strides[1], to_elem_ptr(table->data, table->dtype, id * table->strides[0]),
+                            table->dtype, table->strides[1], D);
+        }
     }
 }
 
@@ -100,7 +115,9 @@ int to_cpu_embedding(const to_tensor *out, const to_tensor *table, const to_tens
     /* a thread is worth waking for about 64 KB of output */
     int64_t row_bytes = D * to_dtype_size(out->dtype);
     int64_t min_rows = row_bytes >= 65536 ? 1 : 65536 / row_bytes;
-    struct embedding_job job = {out, table, ids};
+    struct embedding_job job = {out, table, ids, 0};
     to_parallel_for(T, min_rows, embedding_rows, &job);
+    if (atomic_load(&job.failed))
+        return to_fail(TO_ERR_OUT_OF_MEMORY, "to_embedding: out of memory for a table row");
     return TO_OK;
 }

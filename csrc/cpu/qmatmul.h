@@ -24,11 +24,14 @@ typedef struct {
 } to_qx32;
 
 /* res[i][r] = row i < xr of the panel x (nb blocks) times weight row r of the group of 8 rows
- * at w (Q4_0_X8 or Q4_1_X8: nb groups of 8 blocks). */
+ * at w (an X8 type: nb groups of 8 blocks). */
 void to_qx8_tile(int wtype, int xr, const char *w, const to_qx32 *x, int64_t nb, int simd,
                  float res[TO_QX_ROWS][8]);
 
-/* out = x converted between a Q4_0 / Q4_1 tensor and its X8 form (either way round): contiguous
+/* Row `row` of the X8 tensor w (nb blocks per row) as plain blocks of its base type at `plain`. */
+void to_x8_gather_row(int wtype, const char *w, int64_t row, int64_t nb, char *plain);
+
+/* out = x converted between a Q4_0 / Q4_1 / Q8_0 tensor and its X8 form (either way): contiguous
  * 2-D CPU tensors of one shape with a multiple of 8 rows, validated by to_copy. */
 int to_cpu_repack(const to_tensor *out, const to_tensor *x);
 

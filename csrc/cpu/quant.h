@@ -45,8 +45,9 @@ typedef struct {
     uint16_t d;
 } to_block_q6_k;
 
-/* Q4_0_X8 / Q4_1_X8: block b of rows 8g .. 8g+7 as one group (see TO_Q4_0_X8). qs[32 j + 4 r + t]
- * is byte 4 j + t of row r's block, so a 32-byte load at 32 j holds 4 bytes of each row. */
+/* Q4_0_X8 / Q4_1_X8 / Q8_0_X8: block b of rows 8g .. 8g+7 as one group (see TO_Q4_0_X8).
+ * qs[32 j + 4 r + t] is byte 4 j + t of row r's quants, so a 32-byte load at 32 j holds 4 bytes
+ * of each row. */
 typedef struct {
     uint16_t d[8];
     uint8_t qs[8 * TO_QK / 2];
@@ -57,6 +58,11 @@ typedef struct {
     uint8_t qs[8 * TO_QK / 2];
 } to_block_q4_1x8;
 
+typedef struct {
+    uint16_t d[8];
+    int8_t qs[8 * TO_QK];
+} to_block_q8_0x8;
+
 _Static_assert(sizeof(to_block_q8_0) == 34, "q8_0 block");
 _Static_assert(sizeof(to_block_q4_0) == 18, "q4_0 block");
 _Static_assert(sizeof(to_block_q4_1) == 20, "q4_1 block");
@@ -64,6 +70,7 @@ _Static_assert(sizeof(to_block_q4_k) == 144, "q4_k block");
 _Static_assert(sizeof(to_block_q6_k) == 210, "q6_k block");
 _Static_assert(sizeof(to_block_q4_0x8) == 8 * 18, "q4_0x8 group");
 _Static_assert(sizeof(to_block_q4_1x8) == 8 * 20, "q4_1x8 group");
+_Static_assert(sizeof(to_block_q8_0x8) == 8 * 34, "q8_0x8 group");
 
 /* dst[0..n) = the n elements (a whole number of blocks) that start at block `src` */
 void to_dequantize_row(int dtype, const void *src, float *dst, int64_t n);

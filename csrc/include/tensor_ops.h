@@ -60,15 +60,17 @@ typedef enum {
     TO_Q4_1 = 9,  /* 32 elements: f16 d, f16 m, 16 bytes of nibbles; x = d * q + m */
     TO_Q4_K = 10, /* 256 elements: f16 d, f16 dmin, 12 bytes of 6-bit sub-scales/mins, 128 bytes of nibbles */
     TO_Q6_K = 11, /* 256 elements: 128 bytes low nibbles, 64 bytes high 2 bits, 16 x i8 scales, f16 d */
-    /* Q4_0 / Q4_1 with the blocks of each 8 rows interleaved, the layout the CPU matmul reads
-     * fastest (one vector instruction serves 8 rows). Only a contiguous 2-D [N, K] tensor with
-     * N a multiple of 8; rows 8g .. 8g+7 take the bytes they take in Q4_0 / Q4_1, as K / 32
-     * groups of 8 blocks: the 8 f16 d (Q4_1: then the 8 f16 m), then 128 bytes of nibbles in
-     * which the 32 bytes at 32 j hold bytes 4 j .. 4 j + 3 of each row's 16, row by row.
-     * to_copy converts between each and its plain type; to_matmul takes them as w. */
+    /* Q4_0 / Q4_1 / Q8_0 with the blocks of each 8 rows interleaved, the layout the CPU matmul
+     * reads fastest (one vector instruction serves 8 rows). Only a contiguous 2-D [N, K] tensor
+     * with N a multiple of 8; rows 8g .. 8g+7 take the bytes they take in the plain type, as
+     * K / 32 groups of 8 blocks: the 8 f16 d (Q4_1: then the 8 f16 m), then the 8 rows' quant
+     * bytes (16 each for Q4, 32 for Q8_0) in which the 32 bytes at 32 j hold bytes 4 j .. 4 j + 3
+     * of each row, row by row. to_copy converts between each and its plain type; to_matmul
+     * takes them as w, to_embedding as a table. */
     TO_Q4_0_X8 = 12,
     TO_Q4_1_X8 = 13,
-    TO_DTYPE_COUNT = 14
+    TO_Q8_0_X8 = 14,
+    TO_DTYPE_COUNT = 15
 } to_dtype;
 
 typedef enum {
@@ -154,7 +156,7 @@ int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions
 /* ---- matrix products ---- */
 /* out[M, N] = x[M, K] . w[N, K]^T  (weights in the checkpoint's [out, in] layout).
  * x, out: f32, f16 or bf16; w: those or a block-quantized type (q8_0, q4_0, q4_1, q4_k, q6_k,
- * q4_0x8, q4_1x8), read in place: each x row is then quantized to 8 bits per block and the block dot products
+ * q4_0x8, q4_1x8, q8_0x8), read in place: each x row is then quantized to 8 bits per block and the block dot products
  * run in integers (as GGML does; relative error ~0.5 % per dot product). Accumulation in f32.
  * w and out need unit stride in their last dimension; x may have any strides. bias [N]
  * optional (NULL). */

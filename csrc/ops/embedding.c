@@ -17,7 +17,8 @@ int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *
      * quantized blocks to floats (an integer table converted through f32 would not be exact). A
      * quantized table (GGUF token embeddings) is dequantized row by row. */
     if (out->dtype != table->dtype) {
-        TO_TRY(to_check_dtype(table, TO_FLOAT_DTYPES | TO_QUANT_DTYPES, OP, "table (out has another dtype)"));
+        TO_TRY(to_check_dtype(table, TO_FLOAT_DTYPES | TO_QUANT_DTYPES | TO_X8_DTYPES, OP,
+                              "table (out has another dtype)"));
         TO_TRY(to_check_dtype(out, TO_FLOAT_DTYPES, OP, "out (table has another dtype)"));
     }
 

@@ -5,9 +5,10 @@ Block-quantized weight types (q8_0, q4_0, q4_1, q4_k, q6_k: GGML's blocks) store
 elements in `block_bytes` bytes; they have no per-element size (itemsize 0) and no buffer format.
 A quantized tensor's last dimension is a whole number of blocks.
 
-q4_0x8 and q4_1x8 hold the same blocks as q4_0 and q4_1 with those of every 8 rows interleaved,
-the layout the CPU matmul reads fastest: only contiguous 2-D tensors with a multiple of 8 rows,
-made with ops.quantize (from their plain type or from floats) and taken by matmul as weights."""
+q4_0x8, q4_1x8 and q8_0x8 hold the same blocks as q4_0, q4_1 and q8_0 with those of every 8 rows
+interleaved, the layout the CPU matmul reads fastest: only contiguous 2-D tensors with a multiple
+of 8 rows, made with ops.quantize (from their plain type or from floats), taken by matmul as
+weights and by embedding as tables."""
 from ._lib import lib
 
 
@@ -50,9 +51,10 @@ q4_k = DType("q4_k", lib.TO_Q4_K, 0, None, True, (256, 144))
 q6_k = DType("q6_k", lib.TO_Q6_K, 0, None, True, (256, 210))
 q4_0x8 = DType("q4_0x8", lib.TO_Q4_0_X8, 0, None, True, (32, 18))
 q4_1x8 = DType("q4_1x8", lib.TO_Q4_1_X8, 0, None, True, (32, 20))
+q8_0x8 = DType("q8_0x8", lib.TO_Q8_0_X8, 0, None, True, (32, 34))
 
 QUANTIZED = (q8_0, q4_0, q4_1, q4_k, q6_k)  # the GGML block types (quantization choices)
-ROW_INTERLEAVED = {q4_0x8: q4_0, q4_1x8: q4_1}  # -> the plain type whose blocks they hold
+ROW_INTERLEAVED = {q4_0x8: q4_0, q4_1x8: q4_1, q8_0x8: q8_0}  # -> the plain type whose blocks they hold
 ALL = (float32, float16, bfloat16, int8, int32, int64, uint8) + QUANTIZED + tuple(ROW_INTERLEAVED)
 BY_CODE = {d.code: d for d in ALL}
 _ALIASES = {"f32": float32, "float": float32, "f16": float16, "half": float16, "bf16": bfloat16,

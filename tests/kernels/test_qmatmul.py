@@ -1,6 +1,6 @@
 """to_matmul with block-quantized weights: out[M, N] = x[M, K] . w[N, K]^T (+ bias[N]), w in
-q8_0 / q4_0 / q4_1 / q4_k / q6_k, or q4_0x8 / q4_1x8 (the same blocks interleaved by 8 rows), read
-in place; x, out and bias float.
+q8_0 / q4_0 / q4_1 / q4_k / q6_k, or q4_0x8 / q4_1x8 / q8_0x8 (the same blocks interleaved by 8
+rows), read in place; x, out and bias float.
 
 The kernel quantizes each row of x to 8 bits (32-element blocks for q8_0/q4_0/q4_1 weights,
 256-element blocks for the k-quants): d = max|x_block| / 127 in f32, q = rint(x * (1 / d)) in
@@ -331,9 +331,9 @@ def test_short_weight_buffer_refused():
         check(ip.lib.to_matmul(out._desc, x._desc, d, ip.ffi.NULL))
 
 
-# ---- q4_0x8 / q4_1x8: q4_0 / q4_1 blocks interleaved by 8 rows ----
+# ---- q4_0x8 / q4_1x8 / q8_0x8: q4_0 / q4_1 / q8_0 blocks interleaved by 8 rows ----
 
-X8 = ["q4_0x8", "q4_1x8"]
+X8 = ["q4_0x8", "q4_1x8", "q8_0x8"]
 
 
 def plain_of(x8):
@@ -346,16 +346,17 @@ def tensor_bytes(t):
 
 def x8_layout(raw, x8, N, K):
     """The documented layout, built independently in numpy from the plain blocks [N, K/32 * bb]:
-    per group of 8 rows and block b, the 8 rows' f16 d (q4_1: then their 8 m), then 128 bytes
-    in which byte 32 j + 4 r + t is byte 4 j + t of row r's 16 bytes of nibbles."""
+    per group of 8 rows and block b, the 8 rows' f16 d (q4_1: then their 8 m), then the quant
+    bytes, in which byte 32 j + 4 r + t is byte 4 j + t of row r's (16 of nibbles, or 32)."""
     bb, head = BLOCK[plain_of(x8)][1], (4 if x8 == "q4_1x8" else 2)
     G, nb = N // 8, K // 32
     blocks = raw.reshape(G, 8, nb, bb).transpose(0, 2, 1, 3)  # [G, nb, row r, bytes]
     parts = [blocks[..., 0:2].reshape(G, nb, 16)]
     if x8 == "q4_1x8":
         parts.append(blocks[..., 2:4].reshape(G, nb, 16))
-    nibbles = blocks[..., head:].reshape(G, nb, 8, 4, 4).transpose(0, 1, 3, 2, 4)  # [G, nb, j, r, t]
-    parts.append(nibbles.reshape(G, nb, 128))
+    qb = bb - head
+    quants = blocks[..., head:].reshape(G, nb, 8, qb // 4, 4).transpose(0, 1, 3, 2, 4)  # [G, nb, j, r, t]
+    parts.append(quants.reshape(G, nb, 8 * qb))
     return np.concatenate(parts, axis=-1).reshape(-1)
 
 
@@ -439,11 +440,23 @@ def test_x8_misuse_refused():
     packed = ip.ops.quantize(ip.Tensor.frombuffer(raw.tobytes(), "q4_1", shape=(16, 64)), "q4_1x8")
     with pytest.raises(TensorOpsError, match="multiple of 8 rows"):  # a view of 4 rows
         c_matmul(ip.Tensor.empty(1, 4), ip.Tensor.zeros(1, 64), packed[:4])
-    for target in ("float32", "q8_0", "q4_0"):  # the C library converts to q4_1 only
+    for target in ("float32", "q8_0", "q4_0", "q8_0x8"):  # each converts to its plain type only
         out = ip.Tensor.empty(16, 64, dtype=target)
-        with pytest.raises(TensorOpsError, match="converts only to and from q4_1"):
+        with pytest.raises(TensorOpsError, match="q4_1x8 converts only to and from q4_1|q8_0x8 converts only to and from q8_0"):
             check(ip.lib.to_copy(out._desc, packed._desc))
-    with pytest.raises(TensorOpsError, match="expected one of"):  # not an embedding table
-        ip.ops.embedding(packed, ip.Tensor.zeros(2, dtype=ip.int64))
     with pytest.raises(TensorOpsError, match="expected one of"):
         check(ip.lib.to_fill(packed._desc, 0.0))
+
+
+@pytest.mark.parametrize("x8", X8)
+def test_x8_embedding_rows(x8):
+    """An interleaved table (a tied embedding that is also the head) looks its rows up as the
+    plain table does: the same dequantized values, for every row of a group."""
+    rng = np.random.default_rng(14)
+    raw = make_raw(rng, plain_of(x8), 24, 64)
+    plain = ip.Tensor.frombuffer(raw.tobytes(), plain_of(x8), shape=(24, 64))
+    packed = ip.ops.quantize(plain, x8)
+    ids = ip.Tensor.frombuffer(np.array([0, 7, 8, 23, 13, 7], np.int64).tobytes(), ip.int64, (6,))
+    assert np.array_equal(out_values(ip.ops.embedding(packed, ids)), out_values(ip.ops.embedding(plain, ids)))
+    with pytest.raises(TensorOpsError, match="outside"):
+        ip.ops.embedding(packed, ip.Tensor.frombuffer(np.array([24], np.int64).tobytes(), ip.int64, (1,)))

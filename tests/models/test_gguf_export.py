@@ -101,20 +101,21 @@ def test_quantized_export(ckpt, tmp_path, qtype):
     assert torch.equal(same, ours)
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
 def test_interleaved_rows_match_plain_blocks(ckpt, qtype):
-    """On the CPU, loading gives the q4 projections the 8-row interleaved layout (the token
-    embedding stays plain); their logits equal the plain blocks' up to f32 summation order."""
+    """On the CPU, loading gives the projections the 8-row interleaved layout, and the token
+    embedding too where it is tied (it is then the head); the logits equal the plain blocks'
+    up to f32 summation order."""
     from inference_pio import dtypes, ops
-    from inference_pio.nn import Linear
     arch, model, folder = ckpt
     llm = LLM(folder, quantization=qtype)
     assert llm.model.model.layers[0].mlp.up_proj.weight.dtype.name == qtype + "x8"
-    assert llm.model.model.embed_tokens.weight.dtype.name == qtype
+    tied = llm.model.config.tie_word_embeddings
+    assert llm.model.model.embed_tokens.weight.dtype.name == qtype + ("x8" if tied else "")
     ids = ids_for(model)
     interleaved = to_torch(llm.logits(ids))
     for _, m in llm.model.named_modules():
-        if isinstance(m, Linear) and m.weight.dtype in dtypes.ROW_INTERLEAVED:
+        if getattr(m, "weight", None) is not None and m.weight.dtype in dtypes.ROW_INTERLEAVED:
             m.weight = ops.quantize(m.weight, dtypes.ROW_INTERLEAVED[m.weight.dtype])
     assert max(rel_errors(interleaved, to_torch(llm.logits(ids)))) <= 1e-5
 

@@ -85,7 +85,8 @@ def test_model_facts(models):
     cfg = llm.model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.vocab_size, cfg.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
-    assert llm.model.model.embed_tokens.weight.dtype.name == "q8_0"
-    # the file's q4_1 projections, interleaved by 8 rows for the CPU matmul as they load
+    # the file's q8_0 tied embedding (also the head) and q4_1 projections, interleaved by 8 rows
+    # for the CPU matmul as they load
+    assert llm.model.model.embed_tokens.weight.dtype.name == "q8_0x8"
     assert llm.model.model.layers[0].mlp.up_proj.weight.dtype.name == "q4_1x8"
     assert 2 in llm.eos_token_ids  # <|im_end|> ends a chat turn
