@@ -327,6 +327,24 @@ def test_writer_refuses_what_llama_cpp_would_not_load(tmp_path):
     assert not os.path.exists(tmp_path / "x.gguf.tmp")
 
 
+def test_release_drops_pages_not_data(tmp_path):
+    """release(t) lets the process drop the map's pages of a tensor it no longer uses; the map is
+    read-only, so reading the tensor again gives the same bytes. Tensors from elsewhere, and a
+    closed file, are a no-op."""
+    path = tmp_path / "big.gguf"
+    w = GGUFWriter(path)
+    a = np.random.default_rng().standard_normal(40000).astype(np.float32)
+    w.add_tensor("a", ip.Tensor.frombuffer(a.tobytes(), ip.float32, (40000,), copy=True))
+    w.write()
+    with GGUFFile(path) as f:
+        t = f.get("a")
+        before = bytes(t)
+        f.release(t)
+        assert bytes(t) == before == a.tobytes()
+        f.release(ip.Tensor.zeros(4))
+    f.release(t)
+
+
 def test_lazy_tensors_are_produced_one_at_a_time_while_writing(tmp_path, rng):
     made = []
 

@@ -91,7 +91,7 @@ def load_model(path, dtype="auto", device="cpu", progress=None, quantization=Non
     if quantization is not None:
         weights = QuantizedWeights(weights, quantization)
     load_weights(model, weights, progress)
-    interleave_rows(model)
+    interleave_rows(model, getattr(weights, "file", None))
     return model, config
 
 
@@ -129,12 +129,13 @@ def load_weights(model, weights, progress=None):
     bar.close()
 
 
-def interleave_rows(model):
+def interleave_rows(model, source=None):
     """Gives each CPU matmul weight in q4_0, q4_1 or q8_0 with a multiple of 8 rows (the Linear
     projections, and a tied embedding that is also the output head) the row-interleaved layout
     q4_0x8 / q4_1x8 / q8_0x8, which the CPU matmul reads about twice as fast (one instruction
     serves 8 rows); a tied embedding's lookups gather their row from it. The same blocks in
-    another order: a copy of the same size replaces the memory-mapped tensor."""
+    another order: a copy of the same size replaces the memory-mapped tensor, whose pages the
+    mapped file `source` (GGUFFile) then releases, so memory holds the weights once."""
     owners = [m for _, m in model.named_modules() if isinstance(m, Linear)]
     head = getattr(model, "head", None)
     if head is not None and not isinstance(head, Linear):
@@ -144,3 +145,5 @@ def interleave_rows(model):
         w = m.weight
         if w is not None and not w.is_cuda and w.dtype in plain and w.ndim == 2 and w.shape[0] % 8 == 0:
             m.weight = ops.quantize(w, plain[w.dtype])
+            if source is not None:
+                source.release(w)

@@ -13,6 +13,7 @@ import os
 import struct
 
 from .. import dtypes
+from .._lib import ffi
 from ..tensor import Tensor
 
 SINGLE_FILE = "model.safetensors"
@@ -82,6 +83,22 @@ class MappedFile:
             raise self.error(self.path, "no such file") from None
         except OSError as e:
             raise self.error(self.path, f"cannot open: {e.strerror or e}") from None
+
+    def release(self, tensor):
+        """Lets the process drop its pages of `tensor`'s bytes in the map (a tensor get()
+        returned that is no longer used, e.g. after a converted copy replaced it). The map is
+        read-only, so a page touched again is read back from the file: nothing is lost. Only
+        pages wholly inside the tensor are released; other tensors are a no-op."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED") or tensor.is_cuda:
+            return
+        base = int(ffi.cast("uintptr_t", ffi.from_buffer(self._mmap)))
+        start = tensor.data_ptr() - base
+        if not 0 <= start < len(self._mmap):
+            return
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = min(start + tensor.nbytes, len(self._mmap)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self):
         """Drops the mapping. Tensors still viewing it keep it exported; mmap refuses to unmap
