@@ -27,6 +27,8 @@ def _model_args(p):
                    help="weights' dtype (default: the checkpoint's)")
     p.add_argument("--quantization", default=None, choices=[d.name for d in dtypes.QUANTIZED],
                    help="quantize the weight matrices to this block type as they load")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="KV cache dtype (default: float16 for block-quantized weights, else the weights')")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: min(model limit, 8192))")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
 
@@ -45,7 +47,7 @@ def _load(args):
         runtime.set_num_threads(args.threads)
     model = args.model if args.model is not None else demo_model_path()
     return LLM(model, device=args.device, dtype=args.dtype, quantization=args.quantization,
-               max_model_len=args.max_model_len, progress=sys.stderr.isatty())
+               max_model_len=args.max_model_len, progress=sys.stderr.isatty(), kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _stream(llm, prompt, params, out):

@@ -33,3 +33,12 @@ def test_kv_cache_dtype(folder, kv):
 def test_kv_cache_dtype_refused(folder):
     with pytest.raises(ValueError, match="float32"):
         LLM(folder, kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("dtype,quantization,expected", [
+    ("float32", None, "float32"), ("bfloat16", None, "bfloat16"),
+    ("float32", "q8_0", "float16"),  # block-quantized matrices, float32 rest: llama.cpp's f16 cache
+    ("bfloat16", "q4_0", "bfloat16")])
+def test_auto_kv_cache_dtype(folder, dtype, quantization, expected):
+    llm = LLM(folder, dtype=dtype, quantization=quantization)
+    assert llm.engine.kv_cache.dtype.name == expected

@@ -3,6 +3,7 @@ config), starts an engine over it, and offers generate / stream / chat / logits.
 import os
 from dataclasses import dataclass
 
+from .. import dtypes
 from ..io.hf_config import eos_token_ids, load_hf_config
 from ..tokenizer import CheckpointTokenizer, GGUFTokenizer
 from .llm_engine import LLMEngine
@@ -20,6 +21,16 @@ class StreamDelta:
     finish_reason: str | None = None
 
 
+def _kv_dtype(model, name):
+    """The KV cache dtype LLM(kv_cache_dtype=name) means for `model`. For "auto" with quantized
+    matrices, float16 halves the bytes attention reads per decode step against float32 (SmolLM2
+    Q4_1 decode 3-9 % faster in alternating rounds) at float16 rounding of keys and values."""
+    if name != "auto":
+        return resolve_dtype(name, {})
+    quantized = any(p.dtype.is_quantized for p in model.parameters())
+    return dtypes.float16 if quantized and model.dtype is dtypes.float32 else model.dtype
+
+
 class LLM:
     """A model ready to generate.
 
@@ -32,7 +43,9 @@ class LLM:
     reserved, and only touched as it fills). max_num_seqs / max_num_batched_tokens: the
     scheduler's limits per step (a longer prompt is prefilled in chunks of the latter).
     enforce_eager: run every step op by op instead of replaying captured decode graphs.
-    kv_cache_dtype: "auto" (the float weights' dtype) or "float32", "bfloat16", "float16"."""
+    kv_cache_dtype: "float32", "bfloat16", "float16", or "auto": float16 when the weight matrices
+    are block-quantized and the other weights float32 (quantized GGUF files, or `quantization`
+    on a float32 checkpoint), as llama.cpp's cache; otherwise the float weights' dtype."""
 
     def __init__(self, model, device="cpu", dtype="auto", quantization=None, max_model_len=None,
                  kv_cache_tokens=None, block_size=16, max_num_seqs=32, max_num_batched_tokens=512,
@@ -51,7 +64,7 @@ class LLM:
         kv_cache_tokens = max(max_model_len, 8192) if kv_cache_tokens is None else kv_cache_tokens
         self.engine = LLMEngine(self.model, eos, max_model_len, kv_cache_tokens, block_size,
                                 max_num_seqs, max_num_batched_tokens, use_graphs=not enforce_eager,
-                                kv_dtype=None if kv_cache_dtype == "auto" else resolve_dtype(kv_cache_dtype, {}))
+                                kv_dtype=_kv_dtype(self.model, kv_cache_dtype))
 
     @property
     def eos_token_ids(self):
