@@ -5,7 +5,7 @@ SAN_LIB := $(BUILD)/sanitize/libtensor_ops.so
 ASAN_RT := $(shell gcc -print-file-name=libasan.so)
 UBSAN_RT := $(shell gcc -print-file-name=libubsan.so)
 
-.PHONY: build demo demo-model bench-gguf install-test test test-c test-sanitize test-gpu bench clean
+.PHONY: build demo demo-model bench-gguf install-test test test-c test-sanitize test-gpu bench-gpu bench clean
 
 build:
 	$(PYTHON) -m pip install -q setuptools wheel cffi ninja
@@ -55,7 +55,13 @@ test-gpu:
 	$(INPLACE)
 	$(RUN_INPLACE) $(PYTHON) -c "import inference_pio as ip; print('GPUs visible:', ip.cuda_device_count())"
 	$(RUN_INPLACE) $(PYTHON) tests/c/run_c_tests.py
-	$(RUN_INPLACE) $(PYTHON) -m pytest -q tests
+	$(RUN_INPLACE) $(PYTHON) -m pytest -q --maxfail=40 --timeout=300 tests/cuda tests/test_cuda.py
+	$(RUN_INPLACE) $(PYTHON) -m pytest -q --timeout=300 tests
+
+# The GPU benchmarks (BENCHMARKS.md, CUDA section), on the same machine.
+bench-gpu:
+	$(INPLACE)
+	$(RUN_INPLACE) $(PYTHON) benchmarks/bench_gpu.py --json $(or $(OUT),.)/gpu.json
 
 bench: install-test
 	$(PYTHON) benchmarks/bench_kernels.py --threads 2 --json benchmarks/results/kernels-cpu.json

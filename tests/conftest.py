@@ -31,3 +31,12 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """Runs a model test on the CPU and, where a GPU is visible (the lent H200), on the GPU."""
+    import inference_pio as ip
+    if request.param == "cuda" and ip.cuda_device_count() == 0:
+        pytest.skip("no GPU visible (CUDA not built in, or no driver/device)")
+    return request.param

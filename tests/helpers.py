@@ -56,10 +56,12 @@ def strided(t, kind):
 
 
 def on_cuda(t):
-    """A copy of t's descriptor marked as a CUDA tensor (never dereferenced: the op must refuse)."""
+    """A copy of t's descriptor marked as a tensor of GPU 63, which no machine here has (never
+    dereferenced: the op must refuse it before launching anything)."""
     d = ip.ffi.new("to_tensor *")
     d[0] = t._desc[0]
     d.device = ip.lib.TO_CUDA
+    d.device_index = 63
     return d
 
 

@@ -1,4 +1,4 @@
-"""GPU memory and copies (the CUDA ops arrive with the CUDA backend). Runs where a GPU is
+"""GPU memory and copies (each op family's GPU kernels have their own tests in tests/cuda). Runs where a GPU is
 visible (the lent H200 via `make test-gpu`); elsewhere each test skips, saying why."""
 import gc
 
@@ -41,6 +41,8 @@ def test_caching_allocator_reuses_freed_blocks():
 def test_bad_device_index_and_missing_kernels_are_clear_errors():
     with pytest.raises(ip.DeviceError, match="no GPU with index 99"):
         ip.Tensor.empty(4, device="cuda:99")
-    x = ip.Tensor.empty(4, device="cuda")
+    # sampling has no GPU kernel yet (the engine samples GPU logits on the host)
+    logits = ip.Tensor.zeros(2, 8, device="cuda")
+    f = ip.Tensor.full((2,), 0.5, device="cuda")
     with pytest.raises(ip.UnsupportedError, match="no CUDA kernel"):
-        ip.ops.add(x, x)
+        ip.ops.sample(logits, f, ip.Tensor.zeros(2, dtype=ip.int32, device="cuda"), f, f, f)

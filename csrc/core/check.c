@@ -114,7 +114,17 @@ int to_check_same_device(const char *op, const to_tensor *first, ...) {
         }
     }
     va_end(ap);
-    return status;
+    return status == TO_OK ? to_check_gpu_visible(first, op) : status;
+}
+
+int to_check_gpu_visible(const to_tensor *t, const char *op) {
+    if (t->device != TO_CUDA)
+        return TO_OK;
+    int n = 0;
+    to_cuda_count(&n);
+    if (t->device_index >= 0 && t->device_index < n)
+        return TO_OK;
+    return to_fail(TO_ERR_DEVICE, "%s: no GPU with index %d (%d visible)", op, t->device_index, n);
 }
 
 int to_require_cpu(const to_tensor *t, const char *op) {

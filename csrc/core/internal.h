@@ -45,8 +45,12 @@ int to_check_dtype(const to_tensor *t, unsigned mask, const char *op, const char
 int to_check_ndim(const to_tensor *t, int ndim, const char *op, const char *name);
 int to_check_same_shape(const to_tensor *a, const to_tensor *b, const char *op, const char *na,
                         const char *nb);
-/* Every tensor of the NULL-terminated list is on the device of the first. */
+/* Every tensor of the NULL-terminated list is on the device of the first, and that device is
+ * there (to_check_gpu_visible). */
 int to_check_same_device(const char *op, const to_tensor *first, ...);
+/* Error (TO_ERR_DEVICE) when t is on a GPU index that is not visible: no kernel is ever
+ * launched on a descriptor that names a missing GPU. */
+int to_check_gpu_visible(const to_tensor *t, const char *op);
 /* "[2, 3]" into buf, for error messages. */
 void to_shape_str(const to_tensor *t, char *buf, size_t size);
 int64_t to_numel(const to_tensor *t);

@@ -1,5 +1,6 @@
 /* no_cuda.c - the CUDA entry points of a build without nvcc: no GPUs, clear errors. */
 #include "internal.h"
+#include "cuda/cuda_ops.h"
 
 static int no_cuda(const char *what) {
     return to_fail(TO_ERR_DEVICE, "%s: this build of libtensor_ops has no CUDA support "
@@ -32,4 +33,56 @@ int to_cuda_sync(int device_index) {
 int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes, int kind) {
     (void)device_index, (void)dst, (void)src, (void)nbytes, (void)kind;
     return no_cuda("to_copy");
+}
+
+/* ---- the op kernels (csrc/cuda/cuda_ops.h); csrc/ops never reaches these without a GPU
+ * tensor, which this build cannot make, but they must link ---- */
+
+int to_cuda_copy(const to_tensor *out, const to_tensor *x) { (void)out, (void)x; return no_cuda("to_copy"); }
+int to_cuda_fill(const to_tensor *out, double value) { (void)out, (void)value; return no_cuda("to_fill"); }
+int to_cuda_elementwise(const to_tensor *out, const to_tensor *a, const to_tensor *b, int op, float scale) {
+    (void)out, (void)a, (void)b, (void)op, (void)scale;
+    return no_cuda("elementwise op");
+}
+int to_cuda_softmax(const to_tensor *out, const to_tensor *x) { (void)out, (void)x; return no_cuda("to_softmax"); }
+int to_cuda_rms_norm(const to_tensor *out, const to_tensor *residual, const to_tensor *x,
+                     const to_tensor *weight, double eps) {
+    (void)out, (void)residual, (void)x, (void)weight, (void)eps;
+    return no_cuda("to_rms_norm");
+}
+int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
+                 const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling) {
+    (void)out, (void)x, (void)positions, (void)inv_freq, (void)rotary_dim, (void)interleaved,
+        (void)attention_scaling;
+    return no_cuda("to_rope");
+}
+int to_cuda_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids) {
+    (void)out, (void)table, (void)ids;
+    return no_cuda("to_embedding");
+}
+int to_cuda_argmax(const to_tensor *out, const to_tensor *x) { (void)out, (void)x; return no_cuda("to_argmax"); }
+int to_cuda_topk(const to_tensor *values, const to_tensor *indices, const to_tensor *x, int k) {
+    (void)values, (void)indices, (void)x, (void)k;
+    return no_cuda("to_topk");
+}
+int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias) {
+    (void)out, (void)x, (void)w, (void)bias;
+    return no_cuda("to_matmul");
+}
+int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,
+                           const to_tensor *v, const to_tensor *slot_mapping) {
+    (void)k_cache, (void)v_cache, (void)k, (void)v, (void)slot_mapping;
+    return no_cuda("to_kv_cache_store");
+}
+int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
+                            const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
+                            const to_tensor *context_lens, const to_tensor *block_tables, double scale) {
+    (void)out, (void)q, (void)k_cache, (void)v_cache, (void)cu_seqlens_q, (void)context_lens,
+        (void)block_tables, (void)scale;
+    return no_cuda("to_paged_attention");
+}
+int to_cuda_fetch(const to_tensor *t, to_tensor *host, void **buf) {
+    (void)t, (void)host;
+    *buf = NULL;
+    return no_cuda("reading a GPU tensor");
 }

@@ -4,10 +4,12 @@
 // so steady-state decode never calls cudaMalloc/cudaFree (both synchronise the device).
 // Sizes round up to 512 bytes below 1 MiB and to 2 MiB above, which bounds the waste while
 // letting a freed block serve later requests of nearby sizes.
-#include "internal.h"
+#include "cuda/common.cuh"
 
 #include <cuda_runtime.h>
+#include <stdlib.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -24,6 +26,8 @@ struct DeviceCache {
 
 std::mutex cache_lock;
 DeviceCache caches[kMaxDevices];
+cudaStream_t streams[kMaxDevices]; // created on first use, never destroyed
+std::mutex stream_lock;
 
 int cuda_fail(cudaError_t err, const char *what) {
     return to_fail(TO_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(err), cudaGetErrorName(err));
@@ -53,16 +57,40 @@ void release_cached(int device_index) {
 
 }  // namespace
 
+cudaStream_t to_cuda_stream(int device_index) {
+    if (check_device(device_index, "cuda stream") != TO_OK)
+        return nullptr;
+    std::lock_guard<std::mutex> guard(stream_lock);
+    if (!streams[device_index]) {
+        cudaError_t err = cudaStreamCreateWithFlags(&streams[device_index], cudaStreamNonBlocking);
+        if (err != cudaSuccess) {
+            cuda_fail(err, "cudaStreamCreate");
+            streams[device_index] = nullptr;
+        }
+    }
+    return streams[device_index];
+}
+
+int to_cuda_check_launch(const char *op) {
+    cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? TO_OK : cuda_fail(err, op);
+}
+
 extern "C" {
 
 int to_cuda_compiled(void) { return 1; }
 
 int to_cuda_count(int *out) {
-    int n = 0;
-    // No driver or no GPU: report zero devices rather than an error.
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
-        cudaGetLastError();
-        n = 0;
+    // Asked before every GPU op: counted once (GPUs do not come and go while a process runs).
+    static std::atomic<int> count{-1};
+    int n = count.load();
+    if (n < 0) {
+        // No driver or no GPU: report zero devices rather than an error.
+        if (cudaGetDeviceCount(&n) != cudaSuccess) {
+            cudaGetLastError();
+            n = 0;
+        }
+        count.store(n);
     }
     *out = n;
     return TO_OK;
@@ -120,14 +148,41 @@ int to_cuda_sync(int device_index) {
     return err == cudaSuccess ? TO_OK : cuda_fail(err, "to_cuda_synchronize");
 }
 
+int to_cuda_fetch(const to_tensor *t, to_tensor *host, void **buf) {
+    *host = *t;
+    *buf = nullptr;
+    // the bytes from data to the farthest element (t is validated: non-negative strides)
+    int64_t last = 0;
+    for (int i = 0; i < t->ndim; i++)
+        last += t->shape[i] > 0 ? (t->shape[i] - 1) * t->strides[i] : 0;
+    int64_t nbytes = to_numel(t) ? to_dtype_bytes(t->dtype, last + 1) : 0;
+    *buf = malloc(nbytes > 0 ? (size_t)nbytes : 1);
+    if (!*buf)
+        return to_fail(TO_ERR_OUT_OF_MEMORY, "cannot copy %lld bytes of a GPU tensor to the host",
+                       (long long)nbytes);
+    if (nbytes > 0)
+        TO_TRY(to_cuda_memcpy(t->device_index, *buf, t->data, nbytes, 1));
+    host->data = *buf;
+    host->nbytes = nbytes;
+    host->device = TO_CPU;
+    host->device_index = 0;
+    return TO_OK;
+}
+
 int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes, int kind) {
     TO_TRY(check_device(device_index, "to_copy"));
     static const cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
                                            cudaMemcpyDeviceToDevice};
     if (kind < 0 || kind > 2)
         return to_fail(TO_ERR_INVALID_ARGUMENT, "to_copy: bad copy kind %d", kind);
-    // Synchronous on the default stream: the host buffer may be reused as soon as we return.
-    cudaError_t err = cudaMemcpy(dst, src, (size_t)nbytes, kinds[kind]);
+    // On the GPU's stream, after the kernels queued there, and finished before returning: the
+    // host buffer may be reused (or read) as soon as we return.
+    cudaStream_t stream = to_cuda_stream(device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+    cudaError_t err = cudaMemcpyAsync(dst, src, (size_t)nbytes, kinds[kind], stream);
+    if (err == cudaSuccess)
+        err = cudaStreamSynchronize(stream);
     return err == cudaSuccess ? TO_OK : cuda_fail(err, "to_copy");
 }
 

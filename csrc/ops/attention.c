@@ -11,6 +11,7 @@
  * any other argument; there is no in-place form.
  */
 #include "internal.h"
+#include "cuda/cuda_ops.h"
 #include "cpu/attention.h"
 #include "cpu/embedding.h" /* to_load_index */
 
@@ -107,7 +108,6 @@ int to_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const 
                        (long long)slot_mapping->shape[0], (long long)T);
 
     TO_TRY(to_check_same_device(STORE, k_cache, v_cache, k, v, slot_mapping, (const to_tensor *)NULL));
-    TO_TRY(to_require_cpu(k_cache, STORE));
     TO_TRY(to_check_writable(k_cache, STORE, "k_cache"));
     TO_TRY(to_check_writable(v_cache, STORE, "v_cache"));
     TO_TRY(to_check_no_alias(k_cache, v_cache, 0, STORE, "k_cache", "v_cache"));
@@ -116,6 +116,16 @@ int to_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const 
     for (int i = 0; i < 3; i++) {
         TO_TRY(to_check_no_alias(k_cache, inputs[i], 0, STORE, "k_cache", names[i]));
         TO_TRY(to_check_no_alias(v_cache, inputs[i], 0, STORE, "v_cache", names[i]));
+    }
+    if (k_cache->device == TO_CUDA) { /* the slots are checked on a host copy */
+        to_tensor host;
+        void *buf;
+        int status = to_cuda_fetch(slot_mapping, &host, &buf);
+        if (status == TO_OK)
+            status = check_slots(&host, k_cache->shape[0] * k_cache->shape[1]);
+        free(buf);
+        TO_TRY(status);
+        return to_cuda_kv_cache_store(k_cache, v_cache, k, v, slot_mapping);
     }
     TO_TRY(check_slots(slot_mapping, k_cache->shape[0] * k_cache->shape[1]));
     return to_cpu_kv_cache_store(k_cache, v_cache, k, v, slot_mapping);
@@ -212,12 +222,26 @@ int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor
 
     TO_TRY(to_check_same_device(ATTN, out, q, k_cache, v_cache, cu_seqlens_q, context_lens,
                                 block_tables, (const to_tensor *)NULL));
-    TO_TRY(to_require_cpu(out, ATTN));
     TO_TRY(to_check_writable(out, ATTN, "out"));
     const to_tensor *inputs[] = {q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables};
     const char *names[] = {"q", "k_cache", "v_cache", "cu_seqlens_q", "context_lens", "block_tables"};
     for (int i = 0; i < 6; i++)
         TO_TRY(to_check_no_alias(out, inputs[i], 0, ATTN, "out", names[i]));
+    if (out->device == TO_CUDA) { /* the batch's values are checked on host copies */
+        to_tensor h[3];
+        void *buf[3] = {NULL, NULL, NULL};
+        const to_tensor *meta[3] = {cu_seqlens_q, context_lens, block_tables};
+        int status = TO_OK;
+        for (int i = 0; i < 3 && status == TO_OK; i++)
+            status = to_cuda_fetch(meta[i], &h[i], &buf[i]);
+        if (status == TO_OK)
+            status = check_batch(&h[0], &h[1], &h[2], T, k_cache->shape[0], k_cache->shape[1]);
+        for (int i = 0; i < 3; i++)
+            free(buf[i]);
+        TO_TRY(status);
+        return to_cuda_paged_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens,
+                                       block_tables, scale);
+    }
     TO_TRY(check_batch(cu_seqlens_q, context_lens, block_tables, T, k_cache->shape[0],
                        k_cache->shape[1]));
     return to_cpu_paged_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,

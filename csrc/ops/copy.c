@@ -2,6 +2,7 @@
 #include "internal.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/qmatmul.h"
+#include "cuda/cuda_ops.h"
 
 int to_copy(const to_tensor *out, const to_tensor *x) {
     TO_TRY(to_check_tensor(out, "to_copy", "out"));
@@ -39,7 +40,19 @@ int to_copy(const to_tensor *out, const to_tensor *x) {
     }
     if (out->device == TO_CPU && x->device == TO_CPU)
         return to_cpu_copy(out, x);
-    /* Anything touching a GPU moves bytes as they are: same dtype, contiguous, one memcpy. */
+    if (out->device == TO_CUDA && x->device == TO_CUDA && out->device_index == x->device_index &&
+        (out->dtype != x->dtype || !to_is_contiguous(out) || !to_is_contiguous(x))) {
+        /* on one GPU: strided and converting copies run there */
+        if (to_is_x8(x->dtype) || to_is_x8(out->dtype) || (to_is_quantized(out->dtype) && out->dtype != x->dtype))
+            return to_fail(TO_ERR_UNSUPPORTED, "to_copy: on a GPU, block-quantized tensors are "
+                           "dequantized and copied, not quantized or repacked (do that on the CPU)");
+        TO_TRY(to_check_gpu_visible(out, "to_copy"));
+        TO_TRY(to_check_writable(out, "to_copy", "out"));
+        TO_TRY(to_check_no_alias(out, x, 1, "to_copy", "out", "x"));
+        return to_cuda_copy(out, x);
+    }
+    /* Between the host and a GPU (or two GPUs) bytes move as they are: same dtype, contiguous,
+     * one memcpy. */
     if (out->dtype != x->dtype || !to_is_contiguous(out) || !to_is_contiguous(x))
         return to_fail(TO_ERR_UNSUPPORTED, "to_copy: copies to or from a GPU need the same dtype "
                        "on both sides and contiguous tensors (convert on one side first)");
@@ -56,6 +69,10 @@ int to_copy(const to_tensor *out, const to_tensor *x) {
 int to_fill(const to_tensor *out, double value) {
     TO_TRY(to_check_tensor(out, "to_fill", "out"));
     TO_TRY(to_check_dtype(out, TO_PLAIN_DTYPES, "to_fill", "out"));
-    TO_TRY(to_require_cpu(out, "to_fill"));
+    if (out->device == TO_CUDA) {
+        TO_TRY(to_check_gpu_visible(out, "to_fill"));
+        TO_TRY(to_check_writable(out, "to_fill", "out"));
+        return to_cuda_fill(out, value);
+    }
     return to_cpu_fill(out, value);
 }

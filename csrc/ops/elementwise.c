@@ -10,12 +10,19 @@
  * The header does not promise an in-place to_softmax, but its kernel reads every chunk of a row
  * before writing it, so the same rule (exact view allowed) applies there too. */
 #include "internal.h"
+#include "cuda/cuda_ops.h"
 #include "cpu/elementwise.h"
 
 #include <stdint.h>
 
 
 /* ---- the ops ---- */
+
+static int run_elementwise(const to_tensor *out, const to_tensor *a, const to_tensor *b, int op, float scale) {
+    if (out->device == TO_CUDA)
+        return to_cuda_elementwise(out, a, b, op, scale);
+    return to_cpu_elementwise(out, a, b, op, scale);
+}
 
 /* Checks shared by the elementwise ops; b may be NULL (to_scale). */
 static int check_elementwise(const char *op, const to_tensor *out, const char *aname,
@@ -32,7 +39,6 @@ static int check_elementwise(const char *op, const to_tensor *out, const char *a
     }
     TO_TRY(to_check_same_shape(out, a, op, "out", aname));
     TO_TRY(to_check_same_device(op, out, a, bname ? b : NULL, (const to_tensor *)NULL));
-    TO_TRY(to_require_cpu(out, op));
     TO_TRY(to_check_writable(out, op, "out"));
     TO_TRY(to_check_no_alias(out, a, 1, op, "out", aname));
     if (bname)
@@ -42,12 +48,12 @@ static int check_elementwise(const char *op, const to_tensor *out, const char *a
 
 int to_add(const to_tensor *out, const to_tensor *a, const to_tensor *b) {
     TO_TRY(check_elementwise("to_add", out, "a", a, "b", b));
-    return to_cpu_elementwise(out, a, b, TO_EW_ADD, 0.0f);
+    return run_elementwise(out, a, b, TO_EW_ADD, 0.0f);
 }
 
 int to_mul(const to_tensor *out, const to_tensor *a, const to_tensor *b) {
     TO_TRY(check_elementwise("to_mul", out, "a", a, "b", b));
-    return to_cpu_elementwise(out, a, b, TO_EW_MUL, 0.0f);
+    return run_elementwise(out, a, b, TO_EW_MUL, 0.0f);
 }
 
 /* The factor is rounded to f32 and the product taken in f32, as torch does for a float tensor
@@ -55,12 +61,12 @@ int to_mul(const to_tensor *out, const to_tensor *a, const to_tensor *b) {
  * the f32 range becomes +-inf, NaN gives NaN, as IEEE arithmetic says. */
 int to_scale(const to_tensor *out, const to_tensor *x, double scale) {
     TO_TRY(check_elementwise("to_scale", out, "x", x, NULL, NULL));
-    return to_cpu_elementwise(out, x, NULL, TO_EW_SCALE, (float)scale);
+    return run_elementwise(out, x, NULL, TO_EW_SCALE, (float)scale);
 }
 
 int to_silu_mul(const to_tensor *out, const to_tensor *gate, const to_tensor *up) {
     TO_TRY(check_elementwise("to_silu_mul", out, "gate", gate, "up", up));
-    return to_cpu_elementwise(out, gate, up, TO_EW_SILU_MUL, 0.0f);
+    return run_elementwise(out, gate, up, TO_EW_SILU_MUL, 0.0f);
 }
 
 /* Softmax over the last dimension (a 0-d tensor is one row of one element), in f32 with the row
@@ -68,5 +74,5 @@ int to_silu_mul(const to_tensor *out, const to_tensor *gate, const to_tensor *up
  * row whose entries are all -inf, or that holds a NaN or +inf, comes out all NaN. */
 int to_softmax(const to_tensor *out, const to_tensor *x) {
     TO_TRY(check_elementwise("to_softmax", out, "x", x, NULL, NULL));
-    return to_cpu_softmax(out, x);
+    return out->device == TO_CUDA ? to_cuda_softmax(out, x) : to_cpu_softmax(out, x);
 }

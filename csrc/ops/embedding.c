@@ -3,6 +3,9 @@
  * data) before it writes anything. out must not overlap table or ids. */
 #include "internal.h"
 #include "cpu/embedding.h"
+#include "cuda/cuda_ops.h"
+
+#include <stdlib.h>
 
 #define OP "to_embedding"
 
@@ -39,6 +42,17 @@ int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *
     TO_TRY(to_check_no_alias(out, table, 0, OP, "out", "table"));
     TO_TRY(to_check_no_alias(out, ids, 0, OP, "out", "ids"));
 
-    TO_TRY(to_require_cpu(out, OP));
+    if (out->device == TO_CUDA) { /* the ids are checked on a host copy */
+        if (to_is_x8(table->dtype))
+            return to_fail(TO_ERR_UNSUPPORTED, OP ": table is %s, a CPU layout", to_dtype_name(table->dtype));
+        to_tensor host;
+        void *buf;
+        int status = to_cuda_fetch(ids, &host, &buf);
+        if (status == TO_OK)
+            status = to_cpu_check_indices(&host, table->shape[0], OP, "ids", "the table's rows");
+        free(buf);
+        TO_TRY(status);
+        return to_cuda_embedding(out, table, ids);
+    }
     return to_cpu_embedding(out, table, ids);
 }

@@ -4,6 +4,7 @@
 #include "internal.h"
 #include "cpu/matmul.h"
 #include "cpu/qmatmul.h"
+#include "cuda/cuda_ops.h"
 
 #define OP "to_matmul"
 
@@ -72,7 +73,12 @@ int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, cons
     if (bias)
         TO_TRY(to_check_no_alias(out, bias, 0, OP, "out", "bias"));
 
-    TO_TRY(to_require_cpu(out, OP));
+    if (out->device == TO_CUDA) {
+        if (to_is_x8(w->dtype))
+            return to_fail(TO_ERR_UNSUPPORTED, OP ": w is %s, a CPU layout; convert it to %s for a "
+                           "GPU", to_dtype_name(w->dtype), to_dtype_name(to_x8_base(w->dtype)));
+        return to_cuda_matmul(out, x, w, bias);
+    }
     if (bs > 1)
         return to_cpu_qmatmul(out, x, w, bias);
     return to_cpu_matmul(out, x, w, bias);

@@ -18,6 +18,7 @@
  * Any other overlap is refused.
  */
 #include "internal.h"
+#include "cuda/cuda_ops.h"
 #include "cpu/norm.h"
 
 #include <math.h>
@@ -48,10 +49,11 @@ int to_rms_norm(const to_tensor *out, const to_tensor *x, const to_tensor *weigh
     TO_TRY(check_norm_args(op, x, weight, eps));
     TO_TRY(to_check_same_shape(out, x, op, "out", "x"));
     TO_TRY(to_check_same_device(op, out, x, weight, (const to_tensor *)NULL));
-    TO_TRY(to_require_cpu(out, op));
     TO_TRY(to_check_writable(out, op, "out"));
     TO_TRY(to_check_no_alias(out, x, 1, op, "out", "x"));
     TO_TRY(to_check_no_alias(out, weight, 0, op, "out", "weight"));
+    if (out->device == TO_CUDA)
+        return to_cuda_rms_norm(out, NULL, x, weight, eps);
     return to_cpu_rms_norm(out, NULL, x, weight, eps);
 }
 
@@ -70,7 +72,6 @@ int to_add_rms_norm(const to_tensor *out, const to_tensor *residual, const to_te
     TO_TRY(check_norm_args(op, x, weight, eps));
     TO_TRY(to_check_same_shape(out, residual, op, "out", "residual"));
     TO_TRY(to_check_same_device(op, out, residual, x, weight, (const to_tensor *)NULL));
-    TO_TRY(to_require_cpu(out, op));
     TO_TRY(to_check_writable(out, op, "out"));
     TO_TRY(to_check_writable(residual, op, "residual"));
     TO_TRY(to_check_no_alias(out, residual, 0, op, "out", "residual"));
@@ -78,5 +79,7 @@ int to_add_rms_norm(const to_tensor *out, const to_tensor *residual, const to_te
     TO_TRY(to_check_no_alias(out, weight, 0, op, "out", "weight"));
     TO_TRY(to_check_no_alias(residual, x, 1, op, "residual", "x"));
     TO_TRY(to_check_no_alias(residual, weight, 0, op, "residual", "weight"));
+    if (out->device == TO_CUDA)
+        return to_cuda_rms_norm(out, residual, x, weight, eps);
     return to_cpu_rms_norm(out, residual, x, weight, eps);
 }

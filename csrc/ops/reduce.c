@@ -4,6 +4,7 @@
  * dimensions (what the Python layer makes) or flat over the rows. Outputs must not reach one
  * element twice nor overlap x or each other. */
 #include "internal.h"
+#include "cuda/cuda_ops.h"
 #include "cpu/reduce.h"
 
 #include <stdio.h>
@@ -45,7 +46,8 @@ int to_argmax(const to_tensor *out, const to_tensor *x) {
     TO_TRY(to_check_writable(out, ARGMAX, "out"));
     TO_TRY(to_check_no_alias(out, x, 0, ARGMAX, "out", "x"));
 
-    TO_TRY(to_require_cpu(out, ARGMAX));
+    if (out->device == TO_CUDA)
+        return to_cuda_argmax(out, x);
     return to_cpu_argmax(out, x);
 }
 
@@ -88,6 +90,7 @@ int to_topk(const to_tensor *values, const to_tensor *indices, const to_tensor *
     if (indices->dtype == TO_I32 && n - 1 > INT32_MAX)
         return to_fail(TO_ERR_DTYPE, TOPK ": rows of %lld values need int64 indices", (long long)n);
 
-    TO_TRY(to_require_cpu(x, TOPK));
+    if (x->device == TO_CUDA)
+        return to_cuda_topk(values, indices, x, k);
     return to_cpu_topk(values, indices, x, k);
 }

@@ -12,6 +12,7 @@
  * order, no FMA).
  */
 #include "internal.h"
+#include "cuda/cuda_ops.h"
 #include "cpu/rope.h"
 
 #include <math.h>
@@ -52,10 +53,11 @@ int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions
                        attention_scaling);
 
     TO_TRY(to_check_same_device(OP, out, x, positions, inv_freq, (const to_tensor *)NULL));
-    TO_TRY(to_require_cpu(out, OP));
     TO_TRY(to_check_writable(out, OP, "out"));
     TO_TRY(to_check_no_alias(out, x, 1, OP, "out", "x"));
     TO_TRY(to_check_no_alias(out, positions, 0, OP, "out", "positions"));
     TO_TRY(to_check_no_alias(out, inv_freq, 0, OP, "out", "inv_freq"));
+    if (out->device == TO_CUDA)
+        return to_cuda_rope(out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
     return to_cpu_rope(out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
 }

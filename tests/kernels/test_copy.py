@@ -351,7 +351,7 @@ def test_copy_errors():
     short = ip.Tensor(ip.Tensor.empty(2).storage, (3,), (1,), ip.float32)
     with pytest.raises(ip.BoundsError, match="to_copy: out needs 12 bytes .* holds 8"):
         c_copy(short, ip.Tensor.zeros(3))
-    gpu, _keep = descriptor(device=ip.lib.TO_CUDA)  # fails before touching any GPU
+    gpu, _keep = descriptor(device=ip.lib.TO_CUDA, device_index=63)  # fails before touching any GPU
     with pytest.raises(ip.UnsupportedError, match="need the same dtype on both sides"):
         check(ip.lib.to_copy(gpu, ip.Tensor.zeros(4, 4, dtype=ip.bfloat16)._desc))
 
@@ -386,6 +386,6 @@ def test_fill_errors():
     bad, _keep = descriptor(dtype=-1)
     with pytest.raises(ip.DTypeError, match="to_fill: out has unknown dtype -1"):
         check(ip.lib.to_fill(bad, 0.0))
-    gpu, _keep = descriptor(device=ip.lib.TO_CUDA)
-    with pytest.raises(ip.UnsupportedError, match="to_fill: no CUDA kernel"):
+    gpu, _keep = descriptor(device=ip.lib.TO_CUDA, device_index=63)  # a GPU no machine has
+    with pytest.raises(ip.DeviceError, match="no GPU with index 63"):
         check(ip.lib.to_fill(gpu, 0.0))

@@ -34,33 +34,33 @@ def random_ids(n, vocab, seed):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_logits_f32_every_position(ckpt):
+def test_logits_f32_every_position(ckpt, device):
     model, folder = ckpt
     ids = random_ids(41, model.config.vocab_size, 1)
-    ours = to_torch(LLM(folder, dtype="float32").logits(ids))
+    ours = to_torch(LLM(folder, device=device, dtype="float32").logits(ids))
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     assert max(rel_errors(ours, ref)) <= 1e-4
 
 
-def test_greedy_32_tokens_match_generate(ckpt):
+def test_greedy_32_tokens_match_generate(ckpt, device):
     model, folder = ckpt
     prompt = random_ids(5, model.config.vocab_size, 3)
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    out = LLM(folder, dtype="float32").generate(prompt, SamplingParams(max_tokens=32, temperature=0))
+    out = LLM(folder, device=device, dtype="float32").generate(prompt, SamplingParams(max_tokens=32, temperature=0))
     assert out[0].token_ids == ref
 
 
-def test_interleaved_rope_on_permuted_weights_gives_same_logits(ckpt):
+def test_interleaved_rope_on_permuted_weights_gives_same_logits(ckpt, device):
     """llama GGUF files store q/k rows permuted for adjacent-pair rotation (reference 6.3):
     with rope_interleaved the permuted weights give the same logits as the HF layout."""
     model, folder = ckpt
     ids = random_ids(19, model.config.vocab_size, 7)
-    ref = to_torch(LLM(folder, dtype="float32").logits(ids))
+    ref = to_torch(LLM(folder, device=device, dtype="float32").logits(ids))
 
-    llm = LLM(folder, dtype="float32")
+    llm = LLM(folder, device=device, dtype="float32")
     cfg = llm.model.config
     hd = cfg.head_dim
     for layer in llm.model.model.layers:
@@ -68,5 +68,5 @@ def test_interleaved_rope_on_permuted_weights_gives_same_logits(ckpt):
         attn.rope_interleaved = True
         for proj, heads in ((attn.q_proj, cfg.num_attention_heads), (attn.k_proj, cfg.num_key_value_heads)):
             w = to_torch(proj.weight).reshape(heads, 2, hd // 2, -1).transpose(1, 2)
-            proj.weight = from_torch(w.reshape(heads * hd, -1).contiguous())
+            proj.weight = from_torch(w.reshape(heads * hd, -1).contiguous(), device)
     assert max(rel_errors(to_torch(llm.logits(ids)), ref)) <= 1e-5

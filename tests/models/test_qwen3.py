@@ -8,6 +8,8 @@ Tolerances, per position of the logits (relative L2 error ||ours - ref|| / ||ref
   error left is the KV cache's bf16 rounding. transformers' own bf16 run (bf16 activations too)
   is further from that reference than we are, which the test also checks.
 - decode vs prefill, chunked vs whole, batched vs alone: same math in another order: 1e-5.
+Each of these runs on the CPU and, where a GPU is visible, on the GPU (the `device` fixture):
+the GPU's float32 path is plain f32 arithmetic too (no TF32), so the same bounds hold.
 """
 import copy
 
@@ -58,9 +60,9 @@ def random_ids(n, vocab, seed):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_logits_f32_every_position(ckpt):
+def test_logits_f32_every_position(ckpt, device):
     model, folder = ckpt
-    llm = LLM(folder, dtype="float32")
+    llm = LLM(folder, device=device, dtype="float32")
     ids = random_ids(37, model.config.vocab_size, 1)
     ours = to_torch(llm.logits(ids))
     assert ours.shape == (37, model.config.vocab_size)
@@ -68,10 +70,10 @@ def test_logits_f32_every_position(ckpt):
     assert max(errs) <= 1e-4, errs
 
 
-def test_logits_bf16(ckpt):
+def test_logits_bf16(ckpt, device):
     model, folder = ckpt
     ids = random_ids(29, model.config.vocab_size, 2)
-    ours = to_torch(LLM(folder, dtype="bfloat16").logits(ids))
+    ours = to_torch(LLM(folder, device=device, dtype="bfloat16").logits(ids))
     rounded = copy.deepcopy(model)
     with torch.no_grad():
         for p in rounded.parameters():
@@ -84,12 +86,12 @@ def test_logits_bf16(ckpt):
     assert sum(errs) <= sum(hf_errs), (errs, hf_errs)
 
 
-def test_logits_f16(ckpt):
+def test_logits_f16(ckpt, device):
     """float16 weights and KV cache (f32 compute) against transformers in f32 on the same
     f16-rounded weights: f16 keeps 3 more mantissa bits than bf16, so 4e-3."""
     model, folder = ckpt
     ids = random_ids(21, model.config.vocab_size, 6)
-    ours = to_torch(LLM(folder, dtype="float16").logits(ids))
+    ours = to_torch(LLM(folder, device=device, dtype="float16").logits(ids))
     rounded = copy.deepcopy(model)
     with torch.no_grad():
         for p in rounded.parameters():
@@ -98,45 +100,45 @@ def test_logits_f16(ckpt):
     assert max(errs) <= 4e-3, errs
 
 
-def test_greedy_32_tokens_match_generate(ckpt):
+def test_greedy_32_tokens_match_generate(ckpt, device):
     model, folder = ckpt
     prompt = random_ids(6, model.config.vocab_size, 3)
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    out = LLM(folder, dtype="float32").generate(prompt, SamplingParams(max_tokens=32, temperature=0))
+    out = LLM(folder, device=device, dtype="float32").generate(prompt, SamplingParams(max_tokens=32, temperature=0))
     assert out[0].token_ids == ref
     assert out[0].finish_reason == "length" and out[0].prompt_token_ids == prompt
 
 
-def test_decode_and_chunked_prefill_equal_prefill(ckpt):
+def test_decode_and_chunked_prefill_equal_prefill(ckpt, device):
     model, folder = ckpt
     ids = random_ids(23, model.config.vocab_size, 4)
-    whole = to_torch(LLM(folder, dtype="float32").logits(ids))
+    whole = to_torch(LLM(folder, device=device, dtype="float32").logits(ids))
     for chunk in (1, 5):  # chunk 1 is token-by-token decode over the paged cache
-        part = to_torch(LLM(folder, dtype="float32", max_num_batched_tokens=chunk, block_size=4).logits(ids))
+        part = to_torch(LLM(folder, device=device, dtype="float32", max_num_batched_tokens=chunk, block_size=4).logits(ids))
         assert max(rel_errors(part, whole)) <= 1e-5, chunk
 
 
-def test_batch_equals_single(ckpt):
+def test_batch_equals_single(ckpt, device):
     model, folder = ckpt
     vocab = model.config.vocab_size
     prompts = [random_ids(n, vocab, 10 + n) for n in (1, 9, 17, 4)]
     params = SamplingParams(max_tokens=12, temperature=0)
-    llm = LLM(folder, dtype="float32", block_size=4, max_num_batched_tokens=16)
+    llm = LLM(folder, device=device, dtype="float32", block_size=4, max_num_batched_tokens=16)
     together = llm.generate(prompts, params)
     for p, out in zip(prompts, together):
         assert llm.generate(p, params)[0].token_ids == out.token_ids
 
 
-def test_mixed_batch_logits(ckpt):
+def test_mixed_batch_logits(ckpt, device):
     """One forward holding a decode step, a prefill chunk and a whole prefill gives each
     sequence's rows as computed alone."""
     from inference_pio.engine.batch import ForwardBatch
     from inference_pio.engine.sequence import Sequence
 
     model, folder = ckpt
-    llm = LLM(folder, dtype="float32", block_size=4)
+    llm = LLM(folder, device=device, dtype="float32", block_size=4)
     eng = llm.engine
     vocab = model.config.vocab_size
     a, b, c = (random_ids(n, vocab, 20 + n) for n in (11, 14, 6))
@@ -144,12 +146,12 @@ def test_mixed_batch_logits(ckpt):
     # a: all but its last token already in the cache; b: its first 5 tokens
     for seq, done in zip(seqs[:2], (10, 5)):
         eng.blocks.allocate(seq, done)
-        eng.model(ForwardBatch([(seq, done)], eng.blocks, eng.kv_cache))
+        eng.model(ForwardBatch([(seq, done)], eng.blocks, eng.kv_cache, device))
         seq.num_computed = done
     work = [(seqs[0], 1), (seqs[1], 9), (seqs[2], 6)]
     for seq, n in work:
         eng.blocks.allocate(seq, n)
-    got = to_torch(eng.model(ForwardBatch(work, eng.blocks, eng.kv_cache, logits_for="all")))
+    got = to_torch(eng.model(ForwardBatch(work, eng.blocks, eng.kv_cache, device, logits_for="all")))
     want = torch.cat([to_torch(llm.logits(a))[10:], to_torch(llm.logits(b))[5:], to_torch(llm.logits(c))])
     assert max(rel_errors(got, want)) <= 1e-5
 

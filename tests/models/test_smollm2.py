@@ -90,3 +90,15 @@ def test_model_facts(models):
     assert llm.model.model.embed_tokens.weight.dtype.name == "q8_0x8"
     assert llm.model.model.layers[0].mlp.up_proj.weight.dtype.name == "q4_1x8"
     assert 2 in llm.eos_token_ids  # <|im_end|> ends a chat turn
+
+
+@pytest.mark.skipif(not __import__("inference_pio").cuda_device_count(), reason="no GPU visible")
+def test_gpu_reads_the_blocks_with_float_activations(models):
+    """On the GPU the quantized matrices are dequantized in registers and multiplied with float32
+    activations (no 8-bit activation rounding), so with a float32 cache the logits match
+    transformers on the dequantized file to f32 summation order (1e-3, the loose end of it)."""
+    llm = LLM(demo_model_path(), device="cuda", kv_cache_dtype="float32")
+    for prompt in PROMPTS[:2]:
+        ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+        rel = rel_errors(to_torch(llm.logits(ids)).to(torch.float64), hf_logits(models[1], ids))
+        assert rel.max().item() <= 1e-3, rel.tolist()

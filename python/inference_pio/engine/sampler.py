@@ -14,7 +14,9 @@ def _tensor(code, values, dtype):
 def sample(logits, seqs):
     """Token ids (a list of ints) for logits [len(seqs), vocab], row i for seqs[i]."""
     if all(s.params.greedy for s in seqs):
-        return ops.argmax(logits).tolist()
+        return ops.argmax(logits).tolist()  # on the logits' device: only the ids come back
+    if logits.is_cuda:  # no GPU sampling kernel yet: the rows come to the host
+        logits = logits.cpu()
     p = [s.params for s in seqs]
     out = ops.sample(logits,
                      _tensor("f", [x.temperature for x in p], dtypes.float32),

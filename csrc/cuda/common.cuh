@@ -1,0 +1,120 @@
+// common.cuh - what the CUDA kernel files share: the per-GPU stream, launch checking, element
+// loads and stores of every plain dtype as f32, strided indexing, and warp/block reductions.
+#pragma once
+
+#include "internal.h"
+#include "cuda/cuda_ops.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+// The stream every op of GPU `device_index` runs on (created on first use, non-blocking, so
+// work on it is ordered only by itself; copies to and from the host use it too). Also makes
+// that GPU current. NULL with an error recorded if the GPU cannot be reached.
+cudaStream_t to_cuda_stream(int device_index);
+
+// TO_OK, or a TO_ERR_CUDA error naming `op` if the last launch (or anything before it) failed.
+int to_cuda_check_launch(const char *op);
+
+// ---- shapes and strides, passed to kernels by value ----
+
+struct TensorView {
+    char *data;
+    int dtype;
+    int ndim;
+    int64_t shape[TO_MAX_DIMS];
+    int64_t strides[TO_MAX_DIMS]; // in elements
+};
+
+inline TensorView to_view(const to_tensor *t) {
+    TensorView v;
+    v.data = (char *)t->data;
+    v.dtype = t->dtype;
+    v.ndim = t->ndim;
+    for (int i = 0; i < TO_MAX_DIMS; i++) {
+        v.shape[i] = i < t->ndim ? t->shape[i] : 1;
+        v.strides[i] = i < t->ndim ? t->strides[i] : 0;
+    }
+    return v;
+}
+
+// Element offset (in elements) of the i-th element in row-major logical order.
+__device__ __forceinline__ int64_t to_offset(const TensorView &v, int64_t i) {
+    int64_t off = 0;
+    for (int d = v.ndim - 1; d >= 0; d--) {
+        int64_t n = v.shape[d];
+        off += (i % n) * v.strides[d];
+        i /= n;
+    }
+    return off;
+}
+
+// ---- element access of the plain dtypes as f32 (rounding to nearest even on stores) ----
+
+__device__ __forceinline__ float to_load(const char *base, int dtype, int64_t i) {
+    switch (dtype) {
+    case TO_F32: return ((const float *)base)[i];
+    case TO_F16: return __half2float(((const __half *)base)[i]);
+    case TO_BF16: return __bfloat162float(((const __nv_bfloat16 *)base)[i]);
+    case TO_I8: return (float)((const int8_t *)base)[i];
+    case TO_I32: return (float)((const int32_t *)base)[i];
+    case TO_I64: return (float)((const int64_t *)base)[i];
+    case TO_U8: return (float)((const uint8_t *)base)[i];
+    }
+    return 0.0f;
+}
+
+__device__ __forceinline__ void to_store(char *base, int dtype, int64_t i, float x) {
+    switch (dtype) {
+    case TO_F32: ((float *)base)[i] = x; break;
+    case TO_F16: ((__half *)base)[i] = __float2half_rn(x); break;
+    case TO_BF16: ((__nv_bfloat16 *)base)[i] = __float2bfloat16_rn(x); break;
+    default: break; // integer stores are the copy kernel's business (truncation, saturation)
+    }
+}
+
+__device__ __forceinline__ int64_t to_load_index_dev(const char *base, int dtype, int64_t i) {
+    return dtype == TO_I32 ? (int64_t)((const int32_t *)base)[i] : ((const int64_t *)base)[i];
+}
+
+// ---- reductions ----
+
+__device__ __forceinline__ float to_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float to_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// `scratch` holds 32 floats of shared memory.
+__device__ __forceinline__ float to_block_sum(float v, float *scratch) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    v = to_warp_sum(v);
+    __syncthreads(); // scratch may still be read from a previous call
+    if (lane == 0)
+        scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0f;
+    return to_warp_sum(v);
+}
+
+__device__ __forceinline__ float to_block_max(float v, float *scratch) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    v = to_warp_max(v);
+    __syncthreads();
+    if (lane == 0)
+        scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : -INFINITY;
+    return to_warp_max(v);
+}
+
+inline int64_t to_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

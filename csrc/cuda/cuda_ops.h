@@ -1,0 +1,75 @@
+/* cuda_ops.h - the CUDA kernels behind the public ops, one entry per op family, mirroring the
+ * CPU ones (csrc/cpu). Arguments arrive validated by csrc/ops/ exactly as for the CPU: shapes,
+ * dtypes, strides, aliasing, and the values of index tensors (ids, slots, block tables, which
+ * csrc/ops/ reads through to_cuda_fetch before dispatching). Every tensor is on the same GPU
+ * (device_index), and each entry launches its work on that GPU's stream (to_cuda_stream in
+ * common.cuh) without synchronising, and returns TO_OK or a TO_ERR_CUDA error naming the op
+ * when a launch fails. Semantics and dtype rules are the CPU kernels': see each op's comment
+ * in tensor_ops.h and its csrc/cpu counterpart.
+ *
+ * A build without nvcc links csrc/core/no_cuda.c instead, whose entries fail with a clear
+ * "no CUDA support in this build" error. */
+#ifndef TO_CUDA_OPS_H
+#define TO_CUDA_OPS_H
+
+#include "internal.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+#pragma GCC visibility push(hidden)
+
+/* ---- copy.cu ---- */
+/* out = x on one GPU, any strides, converting between any two plain dtypes as to_cpu_copy does
+ * (floats round to nearest even; float -> integer truncates and saturates; NaN -> 0), and
+ * block-quantized x dequantized into a float out (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; rows contiguous).
+ * Same-dtype quantized copies move whole blocks. */
+int to_cuda_copy(const to_tensor *out, const to_tensor *x);
+/* every element of a plain-dtype out = value (converted as to_cpu_fill does) */
+int to_cuda_fill(const to_tensor *out, double value);
+
+/* ---- elementwise.cu ---- */
+/* op: TO_EW_ADD / MUL / SCALE / SILU_MUL (csrc/cpu/elementwise.h), computed in f32; a and b of
+ * out's shape with any strides (0 allowed), out exactly an input's view or disjoint. */
+int to_cuda_elementwise(const to_tensor *out, const to_tensor *a, const to_tensor *b, int op, float scale);
+int to_cuda_softmax(const to_tensor *out, const to_tensor *x);
+
+/* ---- norm.cu ---- */
+/* as to_cpu_rms_norm: residual NULL, or residual += x in place first and the sum normalised */
+int to_cuda_rms_norm(const to_tensor *out, const to_tensor *residual, const to_tensor *x,
+                     const to_tensor *weight, double eps);
+
+/* ---- rope.cu ---- */
+int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
+                 const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling);
+
+/* ---- embedding.cu ---- */
+int to_cuda_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids);
+
+/* ---- reduce.cu ---- */
+int to_cuda_argmax(const to_tensor *out, const to_tensor *x);
+int to_cuda_topk(const to_tensor *values, const to_tensor *indices, const to_tensor *x, int k);
+
+/* ---- matmul.cu ---- */
+/* out[M, N] = x[M, K] . w[N, K]^T (+ bias), w float (f32/f16/bf16) or block-quantized (Q8_0,
+ * Q4_0, Q4_1, Q4_K, Q6_K; the X8 layouts are CPU-only and never reach here), f32 accumulation. */
+int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
+
+/* ---- attention.cu ---- */
+int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,
+                           const to_tensor *v, const to_tensor *slot_mapping);
+int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
+                            const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
+                            const to_tensor *context_lens, const to_tensor *block_tables, double scale);
+
+/* ---- device.cu: helpers for csrc/ops ---- */
+/* A host copy of the (small) device tensor t for validating its values: *host is t's descriptor
+ * on the CPU over *buf (malloc'd, the caller frees it with free()), synchronising t's stream. */
+int to_cuda_fetch(const to_tensor *t, to_tensor *host, void **buf);
+
+#pragma GCC visibility pop
+#ifdef __cplusplus
+}
+#endif
+
+#endif

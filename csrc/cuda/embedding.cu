@@ -1,0 +1,142 @@
+// embedding.cu - table row lookup (to_embedding; semantics in csrc/cpu/embedding.c).
+//
+// out[t, :] = table[ids[t], :]. The ids were checked against the table on the host already.
+//   - same dtype: elements moved as bits (any plain dtype, so integers and NaN payloads survive);
+//   - float table into another float out: through f32, rounded to nearest even like to_store_f32;
+//   - block-quantized table (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): each element dequantized exactly as
+//     csrc/cpu/quant.c does (the same products and sums in the same order, each rounded to f32,
+//     never fused: __fmul_rn/__fadd_rn), so the rows are bit-identical to the CPU's.
+// Grid: blocks take output rows; the threads of a block take the row's columns.
+#include "cuda/common.cuh"
+
+namespace {
+
+constexpr int kQK = 32;   // elements per block of Q8_0, Q4_0, Q4_1
+constexpr int kQKK = 256; // elements per super-block of Q4_K, Q6_K
+
+struct EmbeddingArgs {
+    TensorView out, table, ids;
+    int64_t T, D;
+    int quantized;           // table is block-quantized: rows dequantized
+    int64_t table_row_bytes; // quantized table: bytes between rows (table strides are in elements)
+    int elem_size;           // same-dtype copy: bytes per element (0: converted through f32)
+};
+
+// f16 bits at p (2-byte fields of the GGML blocks, read bytewise: little-endian, any alignment)
+__device__ __forceinline__ float f16_at(const uint8_t *p) {
+    return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+}
+
+// Element e of the block-quantized row starting at `row`, as quant.c's dequant_* computes it.
+// Block layouts (csrc/cpu/quant.h): Q8_0 {d, qs[32]} 34 bytes; Q4_0 {d, qs[16]} 18 bytes;
+// Q4_1 {d, m, qs[16]} 20 bytes; Q4_K {d, dmin, scales[12], qs[128]} 144 bytes;
+// Q6_K {ql[128], qh[64], scales[16], d} 210 bytes.
+__device__ float dequant_element(int dtype, const uint8_t *row, int64_t e) {
+    switch (dtype) {
+    case TO_Q8_0: {
+        const uint8_t *b = row + (e / kQK) * 34;
+        int j = (int)(e % kQK);
+        return __fmul_rn(f16_at(b), (float)(int8_t)b[2 + j]);
+    }
+    case TO_Q4_0: {
+        const uint8_t *b = row + (e / kQK) * 18;
+        int j = (int)(e % kQK); // j < 16: low nibble of qs[j]; j >= 16: high nibble of qs[j - 16]
+        int q = j < 16 ? (b[2 + j] & 0xF) : (b[2 + j - 16] >> 4);
+        return __fmul_rn(f16_at(b), (float)(q - 8));
+    }
+    case TO_Q4_1: {
+        const uint8_t *b = row + (e / kQK) * 20;
+        int j = (int)(e % kQK);
+        int q = j < 16 ? (b[4 + j] & 0xF) : (b[4 + j - 16] >> 4);
+        return __fadd_rn(__fmul_rn(f16_at(b), (float)q), f16_at(b + 2));
+    }
+    case TO_Q4_K: {
+        const uint8_t *b = row + (e / kQKK) * 144;
+        const uint8_t *s = b + 4, *qs = b + 16;
+        int i = (int)(e % kQKK), j = i / 32, l = i % 32;
+        int sc, m; // GGML's get_scale_min_k4
+        if (j < 4) {
+            sc = s[j] & 63;
+            m = s[j + 4] & 63;
+        } else {
+            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+        float d1 = __fmul_rn(f16_at(b), (float)sc), m1 = __fmul_rn(f16_at(b + 2), (float)m);
+        int q = (qs[32 * (j / 2) + l] >> (j & 1 ? 4 : 0)) & 0xF;
+        return __fsub_rn(__fmul_rn(d1, (float)q), m1);
+    }
+    case TO_Q6_K: {
+        const uint8_t *b = row + (e / kQKK) * 210;
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *scales = (const int8_t *)(b + 192);
+        int i = (int)(e % kQKK);
+        int h = i >> 7, k = (i >> 5) & 3, l = i & 31;
+        int lo = (ql[64 * h + 32 * (k & 1) + l] >> (k & 2 ? 4 : 0)) & 0xF;
+        int hi = (qh[32 * h + l] >> (2 * k)) & 3;
+        int q = lo | (hi << 4);
+        return __fmul_rn(__fmul_rn(f16_at(b + 208), (float)scales[i / 16]), (float)(q - 32));
+    }
+    }
+    return 0.0f;
+}
+
+__global__ void embedding_kernel(EmbeddingArgs a) {
+    const int64_t so = a.out.strides[1], st = a.table.strides[1];
+    const bool same = a.elem_size > 0;
+    for (int64_t t = blockIdx.x; t < a.T; t += gridDim.x) {
+        const int64_t id = to_load_index_dev(a.ids.data, a.ids.dtype, t * a.ids.strides[0]);
+        const int64_t oo = t * a.out.strides[0];
+        if (a.quantized) {
+            const uint8_t *row = (const uint8_t *)a.table.data + id * a.table_row_bytes;
+            for (int64_t j = threadIdx.x; j < a.D; j += blockDim.x)
+                to_store(a.out.data, a.out.dtype, oo + j * so, dequant_element(a.table.dtype, row, j));
+        } else if (same) {
+            const int64_t to = id * a.table.strides[0];
+            for (int64_t j = threadIdx.x; j < a.D; j += blockDim.x) {
+                int64_t dst = oo + j * so, src = to + j * st;
+                switch (a.elem_size) {
+                case 1: ((uint8_t *)a.out.data)[dst] = ((const uint8_t *)a.table.data)[src]; break;
+                case 2: ((uint16_t *)a.out.data)[dst] = ((const uint16_t *)a.table.data)[src]; break;
+                case 4: ((uint32_t *)a.out.data)[dst] = ((const uint32_t *)a.table.data)[src]; break;
+                default: ((uint64_t *)a.out.data)[dst] = ((const uint64_t *)a.table.data)[src]; break;
+                }
+            }
+        } else {
+            const int64_t to = id * a.table.strides[0];
+            for (int64_t j = threadIdx.x; j < a.D; j += blockDim.x)
+                to_store(a.out.data, a.out.dtype, oo + j * so, to_load(a.table.data, a.table.dtype, to + j * st));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" int to_cuda_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids) {
+    int64_t T = out->shape[0], D = out->shape[1];
+    if (T == 0 || D == 0)
+        return TO_OK;
+    cudaStream_t stream = to_cuda_stream(out->device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+    EmbeddingArgs a = {};
+    a.out = to_view(out);
+    a.table = to_view(table);
+    a.ids = to_view(ids);
+    a.T = T;
+    a.D = D;
+    a.quantized = to_is_quantized(table->dtype);
+    a.table_row_bytes = 0;
+    a.elem_size = 0;
+    if (a.quantized) {
+        // rows of whole blocks, contiguous within a row (as the CPU reads them); the row stride is
+        // in elements, a whole number of blocks
+        a.table_row_bytes = to_dtype_bytes(table->dtype, table->strides[0]);
+    } else if (table->dtype == out->dtype) {
+        a.elem_size = to_dtype_size(table->dtype);
+    }
+    int threads = D >= 512 ? 256 : D >= 128 ? 128 : 64;
+    int64_t blocks = T < (1 << 30) ? T : (1 << 30);
+    embedding_kernel<<<(unsigned)blocks, threads, 0, stream>>>(a);
+    return to_cuda_check_launch("to_embedding");
+}

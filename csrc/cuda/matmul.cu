@@ -1,0 +1,514 @@
+// matmul.cu - to_cuda_matmul: out[M, N] = x[M, K] . w[N, K]^T (+ bias[N]), accumulated in f32.
+//
+// x, out and bias are f32, f16 or bf16 in any combination (x with any strides, out rows
+// out->strides[0] apart); w is f32/f16/bf16 or GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) along
+// K, with unit last stride and rows w->strides[0] elements apart. csrc/ops/matmul.c has checked
+// all of that, so nothing is re-validated here.
+//
+// Three kernels, chosen by M (rows of x):
+//
+//  - GEMV (M <= GEMV_MAX_ROWS = 8, decode). Reading w once is the whole cost, so one warp owns one
+//    weight row and streams it (16-byte loads for float w when aligned; in-register
+//    dequantization for block types), dotting each piece with all M rows of x at once. x is
+//    converted to f32 into shared memory once per block, a chunk of K at a time, so any dtype and
+//    any strides of x cost the same. Lanes read consecutive pieces of the row, so the warp's
+//    loads are coalesced, and a warp shuffle reduces the 32 partial sums at the end.
+//    Quantized w is dequantized to exactly the f32 values csrc/cpu/quant.c gives, and x stays
+//    f32: unlike the CPU path (which quantizes x to 8 bits), the GPU result is f32-accurate
+//    against the dequantized weights.
+//
+//  - Tensor-core GEMM (M > 8, x and w both bf16 or both f16): 64x64 output tiles, K in steps of
+//    32 through shared memory, WMMA 16x16x16 fragments with f32 accumulators.
+//
+//  - FMA GEMM (M > 8, every other combination: f32, mixed dtypes, quantized w): 64x64 output
+//    tiles, K in steps of 16 through f32 shared-memory tiles (quantized w is dequantized while
+//    the tile is loaded), 4x4 outputs per thread.
+//
+// Why 8: at M rows the GEMV does M FMAs per weight element it loads and keeps M accumulators
+// per lane; up to ~8 rows it stays bound by the weight stream (the CPU path uses the same split).
+// Beyond that the tiled kernels, which reuse each loaded weight for 64 rows, win.
+#include "cuda/common.cuh"
+
+#include <mma.h>
+
+#define GEMV_MAX_ROWS 8
+#define GEMV_WARPS 8                  // weight rows (one per warp) per GEMV block
+#define GEMV_SMEM_FLOATS 8192         // x staging: 32 KB, MR rows of GEMV_SMEM_FLOATS / MR floats
+
+// ---------------------------------------------------------------------------------------------
+// Block-quantized weights: four consecutive elements k .. k+3 (k a multiple of 4) of a row that
+// starts at `row`, as f32, with the operations of csrc/cpu/quant.c in the same order (so the
+// values are identical). Blocks are only 2-byte aligned (34, 18 and 210 bytes long), so words
+// are read as pairs of 16-bit halves.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float f16_at(const char *p) { return __half2float(*(const __half *)p); }
+
+__device__ __forceinline__ uint32_t u32_at(const char *p) {
+    const uint16_t *h = (const uint16_t *)p;
+    return (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+}
+
+struct Q8_0 {
+    static constexpr int BS = 32, BB = 34;
+    __device__ static void load4(const char *row, int64_t k, float v[4]) {
+        const char *b = row + (k / BS) * BB;
+        int j = (int)(k % BS);
+        float d = f16_at(b);
+        uint32_t q = u32_at(b + 2 + j);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            v[i] = d * (float)(int8_t)(q >> (8 * i));
+    }
+};
+
+struct Q4_0 {
+    static constexpr int BS = 32, BB = 18;
+    __device__ static void load4(const char *row, int64_t k, float v[4]) {
+        const char *b = row + (k / BS) * BB;
+        int j = (int)(k % BS); // element j < 16: low nibble of qs[j]; else high nibble of qs[j - 16]
+        float d = f16_at(b);
+        uint32_t q = u32_at(b + 2 + (j & 15)) >> (j >= 16 ? 4 : 0);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            v[i] = d * (float)((int)((q >> (8 * i)) & 0xF) - 8);
+    }
+};
+
+struct Q4_1 {
+    static constexpr int BS = 32, BB = 20;
+    __device__ static void load4(const char *row, int64_t k, float v[4]) {
+        const char *b = row + (k / BS) * BB;
+        int j = (int)(k % BS);
+        float d = f16_at(b), m = f16_at(b + 2);
+        uint32_t q = u32_at(b + 4 + (j & 15)) >> (j >= 16 ? 4 : 0);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            v[i] = __fadd_rn(__fmul_rn(d, (float)((q >> (8 * i)) & 0xF)), m);
+    }
+};
+
+struct Q4_K {
+    static constexpr int BS = 256, BB = 144;
+    __device__ static void load4(const char *row, int64_t k, float v[4]) {
+        const char *b = row + (k / BS) * BB;
+        int j = (int)(k % BS), sb = j / 32, l = j % 32;
+        const uint8_t *s = (const uint8_t *)b + 4; // 12 bytes of 6-bit scales and mins
+        int sc, m;
+        if (sb < 4) {
+            sc = s[sb] & 63;
+            m = s[sb + 4] & 63;
+        } else {
+            sc = (s[sb + 4] & 0xF) | ((s[sb - 4] >> 6) << 4);
+            m = (s[sb + 4] >> 4) | ((s[sb] >> 6) << 4);
+        }
+        float d1 = __fmul_rn(f16_at(b), (float)sc), m1 = __fmul_rn(f16_at(b + 2), (float)m);
+        // sub-blocks 2i and 2i+1 share 32 bytes of qs: low nibbles for 2i, high for 2i+1
+        uint32_t q = u32_at(b + 16 + 32 * (sb / 2) + l) >> (sb & 1 ? 4 : 0);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            v[i] = __fsub_rn(__fmul_rn(d1, (float)((q >> (8 * i)) & 0xF)), m1);
+    }
+};
+
+struct Q6_K {
+    static constexpr int BS = 256, BB = 210;
+    __device__ static void load4(const char *row, int64_t k, float v[4]) {
+        const char *b = row + (k / BS) * BB;
+        // element e = 128 h + 32 c + l: low 4 bits in ql[64 h + 32 (c & 1) + l] (high nibble for
+        // c >= 2), high 2 bits at bit 2c of qh[32 h + l]; scale scales[e / 16]
+        int e = (int)(k % BS), h = e / 128, c = (e / 32) % 4, l = e % 32;
+        uint32_t lo = u32_at(b + 64 * h + 32 * (c & 1) + l) >> (c & 2 ? 4 : 0);
+        uint32_t hi = u32_at(b + 128 + 32 * h + l) >> (2 * c);
+        float ds = __fmul_rn(f16_at(b + 208), (float)((const int8_t *)b)[192 + e / 16]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int q = (int)((lo >> (8 * i)) & 0xF) | ((int)((hi >> (8 * i)) & 3) << 4);
+            v[i] = __fmul_rn(ds, (float)(q - 32));
+        }
+    }
+};
+
+// The same, choosing the type at run time (the GEMM's tile loader; the branch is uniform).
+__device__ __forceinline__ void dequant4(int dtype, const char *row, int64_t k, float v[4]) {
+    switch (dtype) {
+    case TO_Q8_0: Q8_0::load4(row, k, v); break;
+    case TO_Q4_0: Q4_0::load4(row, k, v); break;
+    case TO_Q4_1: Q4_1::load4(row, k, v); break;
+    case TO_Q4_K: Q4_K::load4(row, k, v); break;
+    case TO_Q6_K: Q6_K::load4(row, k, v); break;
+    default: v[0] = v[1] = v[2] = v[3] = 0.0f; break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float weights for the GEMV: VEC consecutive elements per lane per step. Vec: one 16-byte load
+// (needs a 16-byte aligned row start); Scalar: one element (any alignment).
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> struct FloatVec {
+    static constexpr int VEC = 16 / sizeof(T);
+    static constexpr bool QUANT = false;
+    __device__ static void load(const char *row, int64_t k, float v[VEC]) {
+        uint4 raw = __ldg((const uint4 *)((const T *)row + k));
+        const T *t = (const T *)&raw;
+#pragma unroll
+        for (int i = 0; i < VEC; i++)
+            v[i] = to_f32(t[i]);
+    }
+    __device__ static float load1(const char *row, int64_t k) { return to_f32(((const T *)row)[k]); }
+};
+
+template <typename T> struct FloatScalar {
+    static constexpr int VEC = 1;
+    static constexpr bool QUANT = false;
+    __device__ static void load(const char *row, int64_t k, float v[1]) { v[0] = to_f32(((const T *)row)[k]); }
+    __device__ static float load1(const char *row, int64_t k) { return to_f32(((const T *)row)[k]); }
+};
+
+template <class Q> struct Quant {
+    static constexpr int VEC = 4;
+    static constexpr bool QUANT = true;
+    __device__ static void load(const char *row, int64_t k, float v[4]) { Q::load4(row, k, v); }
+    __device__ static float load1(const char *, int64_t) { return 0.0f; } // never called: K is whole blocks
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shared argument block
+// ---------------------------------------------------------------------------------------------
+
+struct MatmulArgs {
+    int64_t M, N, K;
+    const char *x;      // x[m, k] at element m * xs0 + k * xs1
+    int64_t xs0, xs1;
+    int x_dt;
+    const char *w;      // row n starts at byte n * w_row_bytes
+    int64_t w_row_bytes;
+    int w_dt;
+    bool w_quant;       // block-quantized w
+    char *out;          // out[m, n] at element m * os0 + n
+    int64_t os0;
+    int out_dt;
+    const char *bias;   // bias[n] at element n * bs0, or NULL
+    int64_t bs0;
+    int bias_dt;
+};
+
+__device__ __forceinline__ void store_out(const MatmulArgs &a, int64_t m, int64_t n, float acc) {
+    if (a.bias)
+        acc += to_load(a.bias, a.bias_dt, n * a.bs0);
+    to_store(a.out, a.out_dt, m * a.os0 + n, acc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV: MR >= M rows of x, one warp per weight row, GEMV_WARPS rows per block.
+// ---------------------------------------------------------------------------------------------
+
+// (The 4 in the launch bounds lets ptxas use up to 64 registers: left to itself it aimed at
+// ~40 and spilled a few bytes in the Q4_K / Q4_0 kernels. 4 blocks of 32 KB still fit an SM.)
+template <int MR, class W>
+__global__ void __launch_bounds__(32 * GEMV_WARPS, 4) gemv_kernel(MatmulArgs a) {
+    constexpr int KC = GEMV_SMEM_FLOATS / MR; // k per staged chunk of x (a multiple of 256)
+    constexpr int VEC = W::VEC;
+    __shared__ __align__(16) float xs[MR * KC]; // x[m, k0 + kk] at xs[m * KC + kk], as f32
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int64_t n = (int64_t)blockIdx.x * GEMV_WARPS + warp;
+    bool active = n < a.N; // idle warps still help stage x and meet the barriers
+    const char *wrow = a.w + (active ? n : 0) * a.w_row_bytes;
+
+    float acc[MR];
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+        acc[m] = 0.0f;
+
+    for (int64_t k0 = 0; k0 < a.K; k0 += KC) {
+        int kc = (int)min((int64_t)KC, a.K - k0);
+        __syncthreads(); // the previous chunk is no longer being read
+        for (int i = threadIdx.x; i < MR * kc; i += blockDim.x) {
+            int m = i / kc, kk = i % kc;
+            xs[m * KC + kk] = m < a.M ? to_load(a.x, a.x_dt, m * a.xs0 + (k0 + kk) * a.xs1) : 0.0f;
+        }
+        __syncthreads();
+        if (!active)
+            continue;
+
+        // Main part: lane handles VEC consecutive elements, the warp 32 * VEC per step. k0 is a
+        // multiple of KC, so 16-byte alignment of the row carries over to every step.
+        int kv = kc / VEC * VEC;
+#pragma unroll 2
+        for (int k = lane * VEC; k < kv; k += 32 * VEC) {
+            float wv[VEC];
+            W::load(wrow, k0 + k, wv);
+#pragma unroll
+            for (int m = 0; m < MR; m++) {
+                const float *xr = xs + m * KC + k;
+                if constexpr (VEC % 4 == 0) {
+#pragma unroll
+                    for (int i = 0; i < VEC; i += 4) {
+                        float4 xv = *(const float4 *)(xr + i);
+                        acc[m] += wv[i] * xv.x + wv[i + 1] * xv.y + wv[i + 2] * xv.z + wv[i + 3] * xv.w;
+                    }
+                } else {
+                    acc[m] += wv[0] * xr[0];
+                }
+            }
+        }
+        // Tail of a float row whose K is not a multiple of VEC (never for block types).
+        if constexpr (!W::QUANT) {
+            for (int k = kv + lane; k < kc; k += 32) {
+                float wv = W::load1(wrow, k0 + k);
+#pragma unroll
+                for (int m = 0; m < MR; m++)
+                    acc[m] += wv * xs[m * KC + k];
+            }
+        }
+    }
+
+    if (!active)
+        return;
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+        float s = to_warp_sum(acc[m]);
+        if (lane == 0 && m < a.M)
+            store_out(a, m, n, s);
+    }
+}
+
+template <class W>
+static void launch_gemv(const MatmulArgs &a, cudaStream_t stream) {
+    dim3 grid((unsigned)to_ceil_div(a.N, GEMV_WARPS)), block(32 * GEMV_WARPS);
+    if (a.M <= 1)
+        gemv_kernel<1, W><<<grid, block, 0, stream>>>(a);
+    else if (a.M <= 2)
+        gemv_kernel<2, W><<<grid, block, 0, stream>>>(a);
+    else if (a.M <= 4)
+        gemv_kernel<4, W><<<grid, block, 0, stream>>>(a);
+    else
+        gemv_kernel<8, W><<<grid, block, 0, stream>>>(a);
+}
+
+template <typename T>
+static void launch_gemv_float(const MatmulArgs &a, bool aligned16, cudaStream_t stream) {
+    if (aligned16)
+        launch_gemv<FloatVec<T>>(a, stream);
+    else
+        launch_gemv<FloatScalar<T>>(a, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
+// FMA GEMM: 64x64 tile of out per block of 256 threads (16x16, 4x4 outputs each), K in steps of
+// 16 through f32 shared memory. Handles every dtype combination (x through to_load, quantized w
+// dequantized while loading its tile).
+// ---------------------------------------------------------------------------------------------
+
+#define FG_BM 64
+#define FG_BN 64
+#define FG_BK 16
+
+__global__ void __launch_bounds__(256) gemm_fma_kernel(MatmulArgs a) {
+    // k-major tiles so that a thread's 4 rows (or columns) are one float4; +4 pads the stores
+    __shared__ __align__(16) float xt[FG_BK][FG_BM + 4];
+    __shared__ __align__(16) float wt[FG_BK][FG_BN + 4];
+    int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    int64_t m0 = (int64_t)blockIdx.y * FG_BM, n0 = (int64_t)blockIdx.x * FG_BN;
+
+    float acc[4][4] = {};
+    for (int64_t k0 = 0; k0 < a.K; k0 += FG_BK) {
+        // x tile: 64 rows x 16 k, 4 elements per thread, consecutive threads along k
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int i = tid + 256 * r, kk = i % FG_BK, mm = i / FG_BK;
+            int64_t m = m0 + mm, k = k0 + kk;
+            xt[kk][mm] = m < a.M && k < a.K ? to_load(a.x, a.x_dt, m * a.xs0 + k * a.xs1) : 0.0f;
+        }
+        // w tile: 64 rows x 16 k, 4 consecutive k per thread (one dequant4 for block types;
+        // K is then a multiple of 32, so the 4 are all in range or all out)
+        {
+            int nn = tid / 4, kq = (tid % 4) * 4;
+            int64_t n = n0 + nn, k = k0 + kq;
+            float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (n < a.N) {
+                const char *row = a.w + n * a.w_row_bytes;
+                if (a.w_quant) {
+                    if (k < a.K)
+                        dequant4(a.w_dt, row, k, v);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        if (k + j < a.K)
+                            v[j] = to_load(row, a.w_dt, k + j);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                wt[kq + j][nn] = v[j];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < FG_BK; kk++) {
+            float4 xv = *(const float4 *)&xt[kk][ty * 4];
+            float4 wv = *(const float4 *)&wt[kk][tx * 4];
+            float xr[4] = {xv.x, xv.y, xv.z, xv.w}, wr[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    acc[i][j] += xr[i] * wr[j];
+        }
+        __syncthreads(); // the tiles are overwritten next step
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int64_t m = m0 + ty * 4 + i;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int64_t n = n0 + tx * 4 + j;
+            if (m < a.M && n < a.N)
+                store_out(a, m, n, acc[i][j]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core GEMM (x and w both T = __half or both __nv_bfloat16): 64x64 tile per block of 128
+// threads (4 warps, 32x32 each = 2x2 WMMA 16x16x16 fragments, f32 accumulators), K in steps of
+// 32 through shared memory. Elements are copied as raw 16-bit values (no conversion needed);
+// out of range ones are zero, so partial tiles in M, N and K need no special case.
+// ---------------------------------------------------------------------------------------------
+
+#define TC_BM 64
+#define TC_BN 64
+#define TC_BK 32
+#define TC_LD (TC_BK + 8) // row pitch in elements: a multiple of 8 (WMMA), and off the banks' period
+
+template <typename T>
+__global__ void __launch_bounds__(128) gemm_tc_kernel(MatmulArgs a) {
+    using namespace nvcuda;
+    __shared__ __align__(32) uint16_t xt[TC_BM * TC_LD]; // x[m0 + r, k0 + c] at r * TC_LD + c
+    __shared__ __align__(32) uint16_t wt[TC_BN * TC_LD]; // w[n0 + r, k0 + c] at r * TC_LD + c
+    __shared__ __align__(32) float ct[TC_BM * (TC_BN + 4)];
+    int tid = threadIdx.x, warp = tid / 32;
+    int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+    int64_t m0 = (int64_t)blockIdx.y * TC_BM, n0 = (int64_t)blockIdx.x * TC_BN;
+    const uint16_t *x = (const uint16_t *)a.x;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            wmma::fill_fragment(acc[i][j], 0.0f);
+
+    for (int64_t k0 = 0; k0 < a.K; k0 += TC_BK) {
+        // 64 x 32 of each, 16 elements per thread, consecutive threads along k (coalesced when
+        // the rows are contiguous)
+#pragma unroll 4
+        for (int r = 0; r < TC_BM * TC_BK / 128; r++) {
+            int i = tid + 128 * r, c = i % TC_BK, row = i / TC_BK;
+            int64_t k = k0 + c, m = m0 + row, n = n0 + row;
+            xt[row * TC_LD + c] = m < a.M && k < a.K ? x[m * a.xs0 + k * a.xs1] : (uint16_t)0;
+            wt[row * TC_LD + c] = n < a.N && k < a.K ? ((const uint16_t *)(a.w + n * a.w_row_bytes))[k]
+                                                     : (uint16_t)0;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TC_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2]; // w^T: [k][n]
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+                wmma::load_matrix_sync(fa[i], (const T *)xt + (wm + 16 * i) * TC_LD + kk, TC_LD);
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+                wmma::load_matrix_sync(fb[j], (const T *)wt + (wn + 16 * j) * TC_LD + kk, TC_LD);
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+                    wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+    // Through shared memory to apply bias, convert and clip to M x N.
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            wmma::store_matrix_sync(ct + (wm + 16 * i) * (TC_BN + 4) + wn + 16 * j, acc[i][j], TC_BN + 4,
+                                    wmma::mem_row_major);
+    __syncthreads();
+    for (int i = tid; i < TC_BM * TC_BN; i += 128) {
+        int r = i / TC_BN, c = i % TC_BN;
+        int64_t m = m0 + r, n = n0 + c;
+        if (m < a.M && n < a.N)
+            store_out(a, m, n, ct[r * (TC_BN + 4) + c]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry
+// ---------------------------------------------------------------------------------------------
+
+extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w,
+                              const to_tensor *bias) {
+    MatmulArgs a;
+    a.M = x->shape[0];
+    a.K = x->shape[1];
+    a.N = w->shape[0];
+    if (a.M == 0 || a.N == 0)
+        return TO_OK; // nothing to write
+    cudaStream_t stream = to_cuda_stream(out->device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+
+    a.x = (const char *)x->data;
+    a.xs0 = x->strides[0];
+    a.xs1 = x->strides[1];
+    a.x_dt = x->dtype;
+    a.w = (const char *)w->data;
+    a.w_row_bytes = to_dtype_bytes(w->dtype, w->strides[0]); // a whole number of blocks
+    a.w_dt = w->dtype;
+    a.w_quant = to_is_quantized(w->dtype);
+    a.out = (char *)out->data;
+    a.os0 = out->strides[0];
+    a.out_dt = out->dtype;
+    a.bias = bias ? (const char *)bias->data : nullptr;
+    a.bs0 = bias ? bias->strides[0] : 0;
+    a.bias_dt = bias ? bias->dtype : TO_F32;
+
+    if (a.M <= GEMV_MAX_ROWS) {
+        // 16-byte loads need every row start 16-byte aligned (K itself may be anything: the
+        // kernel finishes each chunk with scalar loads)
+        bool aligned16 = (uintptr_t)a.w % 16 == 0 && (a.N == 1 || a.w_row_bytes % 16 == 0);
+        switch (w->dtype) {
+        case TO_F32: launch_gemv_float<float>(a, aligned16, stream); break;
+        case TO_F16: launch_gemv_float<__half>(a, aligned16, stream); break;
+        case TO_BF16: launch_gemv_float<__nv_bfloat16>(a, aligned16, stream); break;
+        case TO_Q8_0: launch_gemv<Quant<Q8_0>>(a, stream); break;
+        case TO_Q4_0: launch_gemv<Quant<Q4_0>>(a, stream); break;
+        case TO_Q4_1: launch_gemv<Quant<Q4_1>>(a, stream); break;
+        case TO_Q4_K: launch_gemv<Quant<Q4_K>>(a, stream); break;
+        case TO_Q6_K: launch_gemv<Quant<Q6_K>>(a, stream); break;
+        default: return to_fail(TO_ERR_UNSUPPORTED, "to_matmul: w dtype %s has no CUDA kernel", to_dtype_name(w->dtype));
+        }
+        return to_cuda_check_launch("to_matmul");
+    }
+
+    // N along grid x (up to 2^31 - 1 tiles), M along grid y (65535 tiles of 64: M < 4.19M rows)
+    dim3 grid_tc((unsigned)to_ceil_div(a.N, TC_BN), (unsigned)to_ceil_div(a.M, TC_BM));
+    if (x->dtype == TO_BF16 && w->dtype == TO_BF16)
+        gemm_tc_kernel<__nv_bfloat16><<<grid_tc, 128, 0, stream>>>(a);
+    else if (x->dtype == TO_F16 && w->dtype == TO_F16)
+        gemm_tc_kernel<__half><<<grid_tc, 128, 0, stream>>>(a);
+    else {
+        dim3 grid((unsigned)to_ceil_div(a.N, FG_BN), (unsigned)to_ceil_div(a.M, FG_BM));
+        gemm_fma_kernel<<<grid, 256, 0, stream>>>(a);
+    }
+    return to_cuda_check_launch("to_matmul");
+}

@@ -1,0 +1,301 @@
+// reduce.cu - argmax and top-k over the last dimension (to_argmax / to_topk; semantics in
+// csrc/cpu/reduce.c). One block per row; the rows are all other dimensions flattened.
+//
+// Ranking, as on the CPU: NaN is larger than every number (as in torch), -0.0 equals +0.0, and
+// ties (equal values, or two NaNs) go to the lower index. Both kernels rank by the CPU's 64-bit
+// key: the high half is the value mapped to an unsigned integer that grows with it (NaN above
+// +inf, -0.0 onto +0.0), the low half the complement of the index, so a larger key is a better
+// entry and no two entries of a row have the same key.
+//
+// argmax: each thread keeps the best key of its elements, then a block reduction.
+//
+// top-k: the k best entries of a row are found by radix selection on the keys and then sorted in
+// shared memory, in chunks of at most kChunk output positions so any k up to the row length
+// works without a global workspace. For the chunk of ranks [s, s + m):
+//   1. select: the key of rank s + m - 1 (rank 0 the largest), 8 bits at a time from the top:
+//      a 256-bin histogram of the next digit over the keys that share the digits chosen so far
+//      picks the digit holding the wanted rank; once that digit holds a single key, one more pass
+//      finds it (random data usually needs 3 or 4 passes over the row, not 8);
+//   2. collect: the keys in [that key, the previous chunk's lowest key) are exactly the m keys of
+//      the chunk (keys are unique) and go to shared memory;
+//   3. bitonic sort, largest first, and write values and indices.
+// The usual calls (sampling with k <= a few hundred, MoE routing) are one chunk: a few streaming
+// passes over the row. Values written out are read back from x at the chosen indices (bits moved
+// unchanged when values has x's dtype), so -0.0 and NaN payloads come out as they are in x.
+#include "cuda/common.cuh"
+
+namespace {
+
+constexpr int kChunk = 2048; // output positions sorted at once in shared memory (16 KB of keys)
+constexpr int kBins = 256;   // radix digit of 8 bits
+
+struct RowArgs {
+    TensorView x, out, values, indices;
+    int64_t rows, n, sx; // rows, row length, stride of x's last dimension
+    int k;
+};
+
+// Element offset of row `row` of v: the row-major index over all dimensions but the last.
+__device__ __forceinline__ int64_t row_offset(const TensorView &v, int64_t row) {
+    int64_t off = 0;
+    for (int d = v.ndim - 2; d >= 0; d--) {
+        int64_t n = v.shape[d];
+        off += (row % n) * v.strides[d];
+        row /= n;
+    }
+    return off;
+}
+
+// The value's rank as an unsigned integer (same as order_key in csrc/cpu/reduce.c).
+__device__ __forceinline__ uint32_t order_key(float v) {
+    if (v != v)
+        return 0xffffffffu;
+    uint32_t u = __float_as_uint(v);
+    if (u == 0x80000000u) // -0.0 ties with +0.0
+        u = 0;
+    return (u & 0x80000000u) ? ~u : u | 0x80000000u;
+}
+
+// The entry key of element j of a row. Real keys are never 0 (order_key(-inf) = 0x007fffff is the
+// smallest), so 0 can pad a sort.
+__device__ __forceinline__ uint64_t entry_key(const char *x, int dtype, int64_t row_off, int64_t sx, int64_t j) {
+    float v = to_load(x, dtype, row_off + j * sx);
+    return (uint64_t)order_key(v) << 32 | (uint32_t)~(uint32_t)j;
+}
+
+// ===================================================================================== argmax
+
+// (key, index) pairs: the better one has the larger key, or the same key and the lower index
+__device__ __forceinline__ void keep_better(uint32_t &key, int64_t &idx, uint32_t k2, int64_t i2) {
+    if (k2 > key || (k2 == key && i2 < idx)) {
+        key = k2;
+        idx = i2;
+    }
+}
+
+__global__ void argmax_kernel(RowArgs a) {
+    __shared__ uint32_t skey[32];
+    __shared__ int64_t sidx[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+        const int64_t xo = row_offset(a.x, row);
+        // key 0 is below every real key, so the first element always replaces it
+        uint32_t key = 0;
+        int64_t idx = INT64_MAX;
+        for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+            uint32_t kj = order_key(to_load(a.x.data, a.x.dtype, xo + j * a.sx));
+            if (kj > key) { // strictly: this thread's elements come in index order, keep the first
+                key = kj;
+                idx = j;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1)
+            keep_better(key, idx, __shfl_xor_sync(0xffffffffu, key, o), __shfl_xor_sync(0xffffffffu, idx, o));
+        if (lane == 0) {
+            skey[warp] = key;
+            sidx[warp] = idx;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            key = lane < nwarps ? skey[lane] : 0;
+            idx = lane < nwarps ? sidx[lane] : INT64_MAX;
+            for (int o = 16; o > 0; o >>= 1)
+                keep_better(key, idx, __shfl_xor_sync(0xffffffffu, key, o), __shfl_xor_sync(0xffffffffu, idx, o));
+            if (lane == 0)
+                ((int64_t *)a.out.data)[to_offset(a.out, row)] = idx;
+        }
+        __syncthreads(); // skey/sidx are reused by the next row
+    }
+}
+
+// ===================================================================================== top-k
+
+struct SelectShared {
+    uint32_t hist[kBins];
+    uint64_t found;  // the selected key
+    int digit;       // the digit chosen in this pass
+    int64_t rank;    // the wanted rank within the keys that share the chosen digits
+    int64_t in_bin;  // how many keys share the chosen digits
+    int count;       // keys collected so far in this chunk
+};
+
+// The key of descending rank `rank` (0: the largest) among the row's n keys. Called by the whole
+// block; every thread gets the result.
+__device__ uint64_t select_rank(const RowArgs &a, int64_t xo, int64_t rank, SelectShared &sh) {
+    uint64_t prefix = 0, mask = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < kBins; b += blockDim.x)
+            sh.hist[b] = 0;
+        __syncthreads();
+        for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+            uint64_t key = entry_key(a.x.data, a.x.dtype, xo, a.sx, j);
+            if ((key & mask) == prefix)
+                atomicAdd(&sh.hist[(key >> shift) & 0xff], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // warp 0 finds the digit: lane l holds bins 255 - 8l down to 248 - 8l (descending),
+            // an inclusive scan over the lanes gives the keys in higher bins
+            int lane = threadIdx.x;
+            uint32_t counts[8], sum = 0;
+            for (int i = 0; i < 8; i++) {
+                counts[i] = sh.hist[kBins - 1 - 8 * lane - i];
+                sum += counts[i];
+            }
+            uint32_t incl = sum;
+            for (int o = 1; o < 32; o <<= 1) {
+                uint32_t up = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o)
+                    incl += up;
+            }
+            int64_t before = (int64_t)(incl - sum); // keys in the bins above this lane's
+            if (before <= rank && rank < (int64_t)incl) { // exactly one lane holds the rank
+                int64_t r = rank - before;
+                for (int i = 0; i < 8; i++) {
+                    if (r < (int64_t)counts[i]) {
+                        sh.digit = kBins - 1 - 8 * lane - i;
+                        sh.rank = r;
+                        sh.in_bin = counts[i];
+                        break;
+                    }
+                    r -= counts[i];
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= (uint64_t)sh.digit << shift;
+        mask |= (uint64_t)0xff << shift;
+        rank = sh.rank;
+        int64_t in_bin = sh.in_bin;
+        __syncthreads(); // sh.digit/rank/in_bin are rewritten by the next pass
+        if (shift == 0)
+            return prefix; // all 64 bits chosen
+        if (in_bin == 1) {
+            // a single key has these leading digits: one pass finds it
+            for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+                uint64_t key = entry_key(a.x.data, a.x.dtype, xo, a.sx, j);
+                if ((key & mask) == prefix)
+                    sh.found = key;
+            }
+            __syncthreads();
+            uint64_t found = sh.found;
+            __syncthreads();
+            return found;
+        }
+    }
+    return prefix; // not reached
+}
+
+// buf[0 .. p) sorted largest first (p a power of two)
+__device__ void bitonic_sort_desc(uint64_t *buf, int p) {
+    for (int size = 2; size <= p; size <<= 1) {
+        for (int stride = size / 2; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < p / 2; i += blockDim.x) {
+                int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
+                bool desc = (lo & size) == 0; // the final merge (size == p) is descending throughout
+                uint64_t a = buf[lo], b = buf[hi];
+                if ((a < b) == desc) {
+                    buf[lo] = b;
+                    buf[hi] = a;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+__global__ void topk_kernel(RowArgs a) {
+    __shared__ uint64_t buf[kChunk];
+    __shared__ SelectShared sh;
+    const int64_t svals = a.values.strides[a.values.ndim - 1], sidx = a.indices.strides[a.indices.ndim - 1];
+    const bool same_dtype = a.values.dtype == a.x.dtype;
+    const int xsize = a.x.dtype == TO_F32 ? 4 : 2;
+
+    for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+        const int64_t xo = row_offset(a.x, row);
+        const int64_t vo = row_offset(a.values, row), io = row_offset(a.indices, row);
+        uint64_t upper = 0; // the previous chunk's lowest key (unused for the first chunk)
+        for (int64_t s = 0; s < a.k; s += kChunk) {
+            const int m = (int)(a.k - s < kChunk ? a.k - s : kChunk);
+            const uint64_t lo = select_rank(a, xo, s + m - 1, sh);
+
+            // collect the chunk's m keys (any order) and pad to a power of two with 0 (sorts last)
+            if (threadIdx.x == 0)
+                sh.count = 0;
+            __syncthreads();
+            for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+                uint64_t key = entry_key(a.x.data, a.x.dtype, xo, a.sx, j);
+                if (key >= lo && (s == 0 || key < upper))
+                    buf[atomicAdd(&sh.count, 1)] = key;
+            }
+            int p = 1;
+            while (p < m)
+                p <<= 1;
+            for (int i = m + threadIdx.x; i < p; i += blockDim.x)
+                buf[i] = 0;
+            __syncthreads();
+            bitonic_sort_desc(buf, p);
+
+            for (int i = threadIdx.x; i < m; i += blockDim.x) {
+                int64_t j = (int64_t)(uint32_t)~(uint32_t)buf[i];
+                int64_t pos = s + i, src = xo + j * a.sx;
+                if (same_dtype && xsize == 4)
+                    ((uint32_t *)a.values.data)[vo + pos * svals] = ((const uint32_t *)a.x.data)[src];
+                else if (same_dtype)
+                    ((uint16_t *)a.values.data)[vo + pos * svals] = ((const uint16_t *)a.x.data)[src];
+                else // f32 values of an f16/bf16 row: exact
+                    ((float *)a.values.data)[vo + pos * svals] = to_load(a.x.data, a.x.dtype, src);
+                if (a.indices.dtype == TO_I32)
+                    ((int32_t *)a.indices.data)[io + pos * sidx] = (int32_t)j;
+                else
+                    ((int64_t *)a.indices.data)[io + pos * sidx] = j;
+            }
+            upper = lo;
+            __syncthreads(); // buf and sh are reused by the next chunk
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" int to_cuda_argmax(const to_tensor *out, const to_tensor *x) {
+    int64_t rows = to_num_rows(x), n = to_row_len(x);
+    if (rows == 0 || n == 0)
+        return TO_OK;
+    cudaStream_t stream = to_cuda_stream(out->device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+    RowArgs a = {};
+    a.x = to_view(x);
+    a.out = to_view(out);
+    a.rows = rows;
+    a.n = n;
+    a.sx = to_row_stride_last(x);
+    a.k = 1;
+    int threads = n >= 8192 ? 1024 : n >= 1024 ? 256 : 64;
+    int64_t blocks = rows < (1 << 30) ? rows : (1 << 30);
+    argmax_kernel<<<(unsigned)blocks, threads, 0, stream>>>(a);
+    return to_cuda_check_launch("to_argmax");
+}
+
+extern "C" int to_cuda_topk(const to_tensor *values, const to_tensor *indices, const to_tensor *x, int k) {
+    int64_t rows = to_num_rows(x), n = to_row_len(x);
+    if (rows == 0 || n == 0)
+        return TO_OK;
+    cudaStream_t stream = to_cuda_stream(values->device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+    RowArgs a = {};
+    a.x = to_view(x);
+    a.values = to_view(values);
+    a.indices = to_view(indices);
+    a.rows = rows;
+    a.n = n;
+    a.sx = to_row_stride_last(x);
+    a.k = k;
+    // a long row is several passes of one block: use many threads for it
+    int threads = n >= 16384 ? 1024 : n >= 2048 ? 512 : 128;
+    int64_t blocks = rows < (1 << 30) ? rows : (1 << 30);
+    topk_kernel<<<(unsigned)blocks, threads, 0, stream>>>(a);
+    return to_cuda_check_launch("to_topk");
+}

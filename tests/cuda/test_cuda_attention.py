@@ -1,0 +1,316 @@
+"""to_kv_cache_store and to_paged_attention on the GPU (csrc/cuda/attention.cu).
+
+Oracle: per sequence, the context's keys and values gathered from the cache blocks through the
+block table, then plain causal softmax(q k^T * scale) v in float64 with the GQA head mapping,
+from the same (rounded) q and cache values; plus agreement with our CPU op on the same inputs.
+
+Tolerance per output element (as tests/kernels/test_attention.py derives it for the CPU), with
+u = 2^-24, L the context length, mag = sum_j w_j |v_j| and E_s = (D + 2) u |scale| max_j
+sum_d |q_d k_jd|:  |err| <= (2 E_s + (2 L + 120) u) mag, plus one rounding of an f16/bf16 out.
+The GPU differs from the CPU in ways inside that bound: q is pre-multiplied by scale * log2(e)
+(one more rounding per q element) and the weights are exp2f of base-2 scores; split
+(flash-decoding) rows add one more rescale and one more sum over segments.
+
+The caches of bf16/f16 hold values already rounded to their dtype, so the oracle sees exactly
+what the kernel reads: the cache dtype changes the inputs, not the tolerance.
+
+Batches build their blocks in a shuffled order, pad block_tables with ids that must never be
+read (-1, 10^6), and fill cache rows past each context and unused blocks with NaN, so a read of
+a key the kernel must not see shows up as NaN.
+"""
+import math
+
+import pytest
+import torch
+
+import inference_pio as ip
+from inference_pio import ops
+
+from helpers import FLOAT_DTYPES, TORCH_DTYPES, assert_within, from_torch, to_torch
+
+pytestmark = pytest.mark.skipif(ip.cuda_device_count() == 0,
+                                reason="no GPU visible (CUDA not built in, or no driver/device)")
+
+U32 = 2.0 ** -24
+U_OUT = {ip.float32: 0.0, ip.float16: 2.0 ** -11, ip.bfloat16: 2.0 ** -8}
+TINY_OUT = {ip.float32: 2.0 ** -150, ip.float16: 2.0 ** -25, ip.bfloat16: 2.0 ** -134}
+NAMES = {ip.float32: "f32", ip.float16: "f16", ip.bfloat16: "bf16"}
+
+
+class Batch:
+    """A paged cache and a batch of sequences seqs = [(queries, context), ...], on the host
+    (ours and float64 torch) and on the GPU."""
+
+    def __init__(self, gen, seqs, Hq, Hkv, D, bs, cache_dtype=ip.float32, q_dtype=ip.float32,
+                 index_dtype=torch.int64, spare=2, scale=None):
+        self.seqs, self.Hq, self.Hkv, self.D, self.bs = seqs, Hq, Hkv, D, bs
+        self.scale = 1.0 / math.sqrt(D) if scale is None else scale
+        per_seq = [-(-L // bs) for _, L in seqs]
+        num_blocks = sum(per_seq) + spare
+        max_blocks = max(per_seq, default=0) + 1
+        perm = torch.randperm(num_blocks, generator=gen)  # shuffled, non-contiguous block tables
+        bt = torch.full((len(seqs), max_blocks), -1, dtype=torch.int64)
+        bt[:, -1] = 10 ** 6
+        ct = TORCH_DTYPES[cache_dtype]
+        kc = torch.randn(num_blocks, bs, Hkv, D, generator=gen, dtype=torch.float64).to(ct)
+        vc = torch.randn(num_blocks, bs, Hkv, D, generator=gen, dtype=torch.float64).to(ct)
+        unused = torch.ones(num_blocks, bs, dtype=torch.bool)
+        used = 0
+        for s, ((n, L), nb) in enumerate(zip(seqs, per_seq)):
+            bt[s, :nb] = perm[used:used + nb]
+            used += nb
+            pos = torch.arange(L)
+            unused[bt[s, pos // bs], pos % bs] = False
+        kc[unused], vc[unused] = float("nan"), float("nan")
+        self.kc64, self.vc64, self.bt = kc.to(torch.float64), vc.to(torch.float64), bt
+        T = sum(n for n, _ in seqs)
+        q = torch.randn(T, Hq, D, generator=gen, dtype=torch.float64).to(TORCH_DTYPES[q_dtype])
+        self.q64 = q.to(torch.float64)
+        self.cu = torch.tensor([0] + [sum(n for n, _ in seqs[:s + 1]) for s in range(len(seqs))])
+        self.ctx = torch.tensor([L for _, L in seqs], dtype=torch.int64)
+        # host tensors (for the CPU op) and their GPU copies
+        self.host = [from_torch(q), from_torch(kc), from_torch(vc), from_torch(self.cu.to(index_dtype)),
+                     from_torch(self.ctx.to(index_dtype)), from_torch(bt.to(index_dtype))]
+        self.dev = [t.to("cuda") for t in self.host]
+
+    def run(self, q=None, out=None):
+        """The GPU op (q and out: GPU tensors or None), its result brought back to the host."""
+        q_d, kc, vc, cu, ctx, bt = self.dev
+        res = ops.paged_attention(q_d if q is None else q, kc, vc, cu, ctx, bt, self.scale, out=out)
+        assert res.device != "cpu"
+        return res.cpu()
+
+    def run_cpu(self):
+        q, kc, vc, cu, ctx, bt = self.host
+        return ops.paged_attention(q, kc, vc, cu, ctx, bt, self.scale)
+
+    def reference(self):
+        """(ref, tol before the out rounding), float64 [T, Hq, D]."""
+        T, Hq, D = self.q64.shape
+        G = self.Hq // self.Hkv
+        ref, tol = torch.zeros(T, Hq, D, dtype=torch.float64), torch.zeros(T, Hq, D, dtype=torch.float64)
+        for s, (n, L) in enumerate(self.seqs):
+            if n == 0:
+                continue
+            pos = torch.arange(L)
+            blocks, rows = self.bt[s][pos // self.bs], pos % self.bs
+            K = self.kc64[blocks, rows].repeat_interleave(G, 1)  # [L, Hq, D]
+            V = self.vc64[blocks, rows].repeat_interleave(G, 1)
+            Q = self.q64[self.cu[s]:self.cu[s + 1]]  # [n, Hq, D]
+            hidden = pos[None, :] > torch.arange(L - n, L)[:, None]  # [n, L]: key past the query
+            scores = torch.einsum("nhd,lhd->nhl", Q, K) * self.scale
+            w = scores.masked_fill(hidden[:, None, :], float("-inf")).softmax(-1)
+            absdot = (torch.einsum("nhd,lhd->nhl", Q.abs(), K.abs()) * abs(self.scale)).masked_fill(
+                hidden[:, None, :], 0)
+            e_s = (D + 2) * U32 * absdot.amax(-1, keepdim=True)
+            mag = torch.einsum("nhl,lhd->nhd", w, V.abs())
+            ref[self.cu[s]:self.cu[s + 1]] = torch.einsum("nhl,lhd->nhd", w, V)
+            tol[self.cu[s]:self.cu[s + 1]] = (2 * e_s + (2 * L + 120) * U32) * mag
+        return ref, tol
+
+    def check(self, out, against_cpu=True):
+        """out (host) against the float64 oracle, and against our CPU op within twice the bound
+        (both are within it of the oracle)."""
+        ref, tol = self.reference()
+        got = to_torch(out).to(torch.float64)
+        assert tuple(got.shape) == tuple(ref.shape)
+        tol = tol + U_OUT[out.dtype] * (ref.abs() + tol) + TINY_OUT[out.dtype]
+        assert_within(got, ref, tol)
+        if against_cpu:
+            cpu = to_torch(self.run_cpu()).to(torch.float64)
+            assert_within(got, cpu, 2 * tol)
+
+
+# ====================================================================== paged_attention: decode
+
+DECODE_LENS = [1, 17, 300, 2049]
+
+
+@pytest.mark.parametrize("cache_dtype", FLOAT_DTYPES, ids=NAMES.get)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 4), (8, 2), (16, 2)], ids=["g1", "g2", "g4", "g8"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_batch(gen, cache_dtype, Hq, Hkv, D):
+    """One query per sequence, contexts of 1, 17, 300, 2049 keys (several split segments for the
+    long ones), every GQA ratio, every cache dtype."""
+    b = Batch(gen, [(1, L) for L in DECODE_LENS], Hq, Hkv, D, 16, cache_dtype=cache_dtype)
+    b.check(b.run())
+
+
+@pytest.mark.parametrize("L", [1, 33, 128, 129, 1000, 4097])
+def test_decode_single_sequence(gen, L):
+    """Batch of one: the context split into as many segments as fill the GPU (merge kernel)."""
+    b = Batch(gen, [(1, L)], 32, 8, 128, 16, cache_dtype=ip.bfloat16, q_dtype=ip.bfloat16)
+    b.check(b.run())
+
+
+@pytest.mark.parametrize("nq", [2, 3, 4])
+def test_decode_few_queries(gen, nq):
+    """Short multi-query steps (speculative / tiny chunks) are split too: the earlier queries see
+    fewer keys, so the last segment may hold none of theirs (m = -inf partials)."""
+    b = Batch(gen, [(nq, 700), (nq, nq), (nq, 129)], 8, 2, 64, 16, cache_dtype=ip.float16)
+    b.check(b.run())
+
+
+def test_decode_large_batch(gen):
+    """Many sequences: no split (one block per sequence and kv head already fills the GPU)."""
+    lens = [int(x) for x in torch.randint(1, 400, (300,), generator=gen)]
+    b = Batch(gen, [(1, L) for L in lens], 8, 2, 128, 16, cache_dtype=ip.bfloat16, q_dtype=ip.bfloat16)
+    b.check(b.run(), against_cpu=False)
+
+
+# ===================================================================== paged_attention: prefill
+
+@pytest.mark.parametrize("cache_dtype", FLOAT_DTYPES, ids=NAMES.get)
+@pytest.mark.parametrize("bs", [16, 32])
+def test_prefill_batch(gen, cache_dtype, bs):
+    """Several sequences of many queries: whole prompts and chunked prefill (the queries the last
+    part of a longer context), an empty sequence in the middle, tiles spanning sequences' ends."""
+    seqs = [(70, 70), (40, 100), (0, 5), (5, 64), (129, 300), (33, 33)]
+    b = Batch(gen, seqs, 8, 2, 128, bs, cache_dtype=cache_dtype)
+    b.check(b.run())
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (8, 2), (16, 2), (64, 1)], ids=["g1", "g2", "g4", "g8", "g64"])
+@pytest.mark.parametrize("D", [64, 128, 80, 96, 40, 36, 256])
+def test_heads(gen, Hq, Hkv, D):
+    """GQA ratios (MQA with 64 heads: rows of one group over several tiles); head sizes of the
+    fast path, padded ones (80, 96, 40 inside a 128 or 64 tile), one without 16-byte rows for a
+    bf16 cache (36: the element-by-element loads) and 256."""
+    b = Batch(gen, [(1, 50), (6, 6), (3, 90), (0, 0), (20, 45)], Hq, Hkv, D, 16, cache_dtype=ip.bfloat16)
+    b.check(b.run())
+
+
+@pytest.mark.parametrize("cache_dtype", FLOAT_DTYPES, ids=NAMES.get)
+@pytest.mark.parametrize("q_dtype", FLOAT_DTYPES, ids=NAMES.get)
+def test_dtypes_mixed_batch(gen, cache_dtype, q_dtype):
+    """Decode, prefill and chunked prefill in one call, every q (= out) and cache dtype."""
+    b = Batch(gen, [(1, 1), (1, 37), (20, 20), (0, 5), (13, 50), (1, 640), (33, 33)], 8, 2, 64, 16,
+              cache_dtype=cache_dtype, q_dtype=q_dtype)
+    out = b.run()
+    assert out.dtype == q_dtype
+    b.check(out)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+def test_index_dtypes_and_scales(gen, index_dtype):
+    for scale in [1.0, 0.03, -0.2, 0.0]:
+        b = Batch(gen, [(3, 10), (1, 400), (40, 40)], 4, 2, 64, 16, index_dtype=index_dtype, scale=scale)
+        b.check(b.run())
+
+
+@pytest.mark.parametrize("kind", ["q_head_slice", "q_transposed", "out_strided", "out_f32"])
+def test_layouts(gen, kind):
+    """q as a view (the q heads of a fused qkv projection, a transposed last dimension), a strided
+    out, out of another dtype than q."""
+    b = Batch(gen, [(4, 9), (1, 300), (30, 30)], 8, 2, 64, 16, q_dtype=ip.bfloat16)
+    T, Hq, D = b.q64.shape
+    q_host, out = b.host[0], None
+    if kind == "q_head_slice":
+        qkv = ip.Tensor.zeros(T, 2 * Hq, D, dtype=ip.bfloat16)
+        qkv[:, :Hq, :] = q_host
+        q = qkv.to("cuda")[:, :Hq, :]
+    elif kind == "q_transposed":
+        q = q_host.to("cuda").transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        q = None
+    if kind == "out_strided":
+        out = ip.Tensor.zeros(T, Hq, 2 * D, dtype=ip.bfloat16, device="cuda")[:, :, ::2]
+    elif kind == "out_f32":
+        out = ip.Tensor.zeros(T, Hq, D, dtype=ip.float32, device="cuda")
+    if q is not None:
+        assert not q.is_contiguous()
+    got = b.run(q=q, out=out)
+    b.check(got, against_cpu=kind != "out_f32")
+
+
+def test_empty(gen):
+    """No queries at all, and sequences without queries: nothing written, no error."""
+    b = Batch(gen, [(0, 5), (0, 0)], 4, 2, 64, 16)
+    assert b.run().shape == (0, 4, 64)
+    b = Batch(gen, [(0, 40), (2, 3), (0, 0)], 4, 2, 64, 16)
+    b.check(b.run())
+
+
+def test_deterministic(gen):
+    """The same call twice gives the same bits (segments merged in order, no atomics)."""
+    b = Batch(gen, [(1, 3000), (50, 200), (2, 900)], 16, 4, 128, 16, cache_dtype=ip.bfloat16)
+    assert torch.equal(to_torch(b.run()), to_torch(b.run()))
+
+
+# ============================================================================== kv_cache_store
+
+@pytest.mark.parametrize("cache_dtype", FLOAT_DTYPES, ids=NAMES.get)
+@pytest.mark.parametrize("kv_dtype", FLOAT_DTYPES, ids=NAMES.get)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+def test_store(gen, cache_dtype, kv_dtype, index_dtype):
+    """Every (k/v, cache) dtype pair: the written slots hold torch's rounding (nearest even),
+    padding tokens (-1) write nothing, every other byte unchanged; and the CPU op agrees bit for
+    bit."""
+    nb, bs, Hkv, D, T = 6, 16, 2, 64, 11
+    ct, kt = TORCH_DTYPES[cache_dtype], TORCH_DTYPES[kv_dtype]
+    kc0 = torch.randn(nb, bs, Hkv, D, generator=gen, dtype=torch.float64).to(ct)
+    vc0 = torch.randn(nb, bs, Hkv, D, generator=gen, dtype=torch.float64).to(ct)
+    k = (torch.randn(T, Hkv, D, generator=gen, dtype=torch.float64) * 3).to(kt)
+    v = (torch.randn(T, Hkv, D, generator=gen, dtype=torch.float64) * 3).to(kt)
+    slots = torch.randperm(nb * bs, generator=gen)[:T]
+    slots[[2, 7]] = -1
+    kc, vc = from_torch(kc0).to("cuda"), from_torch(vc0).to("cuda")
+    sm = from_torch(slots.to(index_dtype))
+    ops.kv_cache_store(kc, vc, from_torch(k).to("cuda"), from_torch(v).to("cuda"), sm.to("cuda"))
+    want_k, want_v = kc0.clone().view(-1, Hkv, D), vc0.clone().view(-1, Hkv, D)
+    keep = slots >= 0
+    want_k[slots[keep]] = k[keep].to(ct)
+    want_v[slots[keep]] = v[keep].to(ct)
+    assert torch.equal(to_torch(kc.cpu()).view(-1, Hkv, D), want_k)
+    assert torch.equal(to_torch(vc.cpu()).view(-1, Hkv, D), want_v)
+    # the CPU op on the same inputs
+    kc_h, vc_h = from_torch(kc0), from_torch(vc0)
+    ops.kv_cache_store(kc_h, vc_h, from_torch(k), from_torch(v), sm)
+    assert torch.equal(to_torch(kc_h), to_torch(kc.cpu()))
+    assert torch.equal(to_torch(vc_h), to_torch(vc.cpu()))
+
+
+def test_store_strided_inputs(gen):
+    """k and v as views (a fused qkv projection's slices, transposed last dimensions)."""
+    nb, bs, Hkv, D, T = 4, 32, 2, 96, 9
+    kc = ip.Tensor.zeros(nb, bs, Hkv, D, dtype=ip.bfloat16, device="cuda")
+    vc = ip.Tensor.zeros(nb, bs, Hkv, D, dtype=ip.bfloat16, device="cuda")
+    kv = torch.randn(T, 3 * Hkv, D, generator=gen)
+    fused = from_torch(kv).to("cuda")
+    k = fused[:, Hkv:2 * Hkv, :]
+    v = fused[:, 2 * Hkv:, :].transpose(1, 2).contiguous().transpose(1, 2)
+    slots = torch.tensor([5, -1, 0, 127, 64, 33, -1, 1, 100])
+    ops.kv_cache_store(kc, vc, k, v, from_torch(slots).to("cuda"))
+    got_k, got_v = to_torch(kc.cpu()).view(-1, Hkv, D), to_torch(vc.cpu()).view(-1, Hkv, D)
+    keep = slots >= 0
+    assert torch.equal(got_k[slots[keep]], kv[keep, Hkv:2 * Hkv].to(torch.bfloat16))
+    assert torch.equal(got_v[slots[keep]], kv[keep, 2 * Hkv:].to(torch.bfloat16))
+    untouched = torch.ones(nb * bs, dtype=torch.bool)
+    untouched[slots[keep]] = False
+    assert not got_k[untouched].any() and not got_v[untouched].any()
+
+
+def test_store_then_attend(gen):
+    """A prefill written with kv_cache_store, then a decode step: the engine's sequence of calls,
+    all on the GPU, against the oracle on the gathered cache."""
+    Hq, Hkv, D, bs, L = 8, 2, 128, 16, 77
+    nb = 8
+    kc = ip.Tensor.zeros(nb, bs, Hkv, D, dtype=ip.float16, device="cuda")
+    vc = ip.Tensor.zeros(nb, bs, Hkv, D, dtype=ip.float16, device="cuda")
+    blocks = torch.randperm(nb, generator=gen)[:-(-L // bs)]
+    pos = torch.arange(L)
+    slots = blocks[pos // bs] * bs + pos % bs
+    k = torch.randn(L, Hkv, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(L, Hkv, D, generator=gen, dtype=torch.float64)
+    ops.kv_cache_store(kc, vc, from_torch(k.float()).to("cuda"), from_torch(v.float()).to("cuda"),
+                       from_torch(slots).to("cuda"))
+    q = torch.randn(1, Hq, D, generator=gen, dtype=torch.float64).float()
+    bt = blocks[None, :]
+    out = ops.paged_attention(from_torch(q).to("cuda"), kc, vc, from_torch(torch.tensor([0, 1])).to("cuda"),
+                              from_torch(torch.tensor([L])).to("cuda"), from_torch(bt).to("cuda"),
+                              1 / math.sqrt(D)).cpu()
+    K = k.half().double().repeat_interleave(Hq // Hkv, 1)
+    V = v.half().double().repeat_interleave(Hq // Hkv, 1)
+    w = (torch.einsum("hd,lhd->hl", q.double()[0], K) / math.sqrt(D)).softmax(-1)
+    ref = torch.einsum("hl,lhd->hd", w, V)[None]
+    assert_within(to_torch(out).double(), ref, torch.full_like(ref, 1e-5) + 1e-5 * ref.abs())

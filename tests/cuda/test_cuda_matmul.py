@@ -1,0 +1,266 @@
+"""to_matmul on the GPU (csrc/cuda/matmul.cu): out[M, N] = x[M, K] . w[N, K]^T (+ bias[N]).
+
+Oracle: torch float64 on exactly the values our tensors hold (inputs drawn in float64 and rounded
+to their dtype first). Quantized w: its values are our CPU dequantization (ip.ops.dequantize,
+GGML's arithmetic, which the GPU kernels repeat operation for operation), in float64. The GPU
+keeps x in f32 (it does not quantize activations as the CPU path does), so quantized and float
+weights get the same bound.
+
+Tolerance per output element (u32 = 2^-24): every path accumulates in f32 (the tensor-core path
+multiplies bf16/f16 pairs exactly and accumulates in f32 too), over n = K + 1 terms. With
+A = sum_k |x_k w_k| + |b|,
+    acc = min(n, 2 sqrt(n)) * u32 * A
+(the worst case for tiny K, the probabilistic random-walk bound beyond: see
+tests/kernels/test_matmul.py), plus one rounding to out's dtype:
+    |got - ref| <= acc + u_out * (|ref| + acc) + tiny_out
+with u_out = 2^-24 / 2^-11 / 2^-8 for f32 / f16 / bf16 and tiny_out half the subnormal spacing.
+
+Paths: M <= 8 is the GEMV (one warp per weight row), M > 8 a tiled GEMM (tensor cores when x and
+w are both bf16 or both f16, an f32 FMA tile otherwise); the shapes straddle both.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import inference_pio as ip
+from inference_pio import ops
+
+from helpers import FLOAT_DTYPES, assert_within, from_torch, randn, to_torch
+
+pytestmark = pytest.mark.skipif(ip.cuda_device_count() == 0,
+                                reason="no GPU visible (CUDA not built in, or no driver/device)")
+
+U32 = 2.0 ** -24
+U_OUT = {ip.float32: 2.0 ** -24, ip.float16: 2.0 ** -11, ip.bfloat16: 2.0 ** -8}
+TINY_OUT = {ip.float32: 2.0 ** -150, ip.float16: 2.0 ** -25, ip.bfloat16: 2.0 ** -134}
+NAMES = {ip.float32: "f32", ip.float16: "f16", ip.bfloat16: "bf16"}
+DTYPE_COMBOS = [(x, w, o) for x in FLOAT_DTYPES for w in FLOAT_DTYPES for o in FLOAT_DTYPES]
+
+QTYPES = ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"]
+BLOCK = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q4_k": (256, 144), "q6_k": (256, 210)}
+
+
+# ---- inputs ----
+
+def f16_field(rng, shape, lo, hi):
+    """Random positive f16 values in [lo, hi) as raw bytes, shape + (2,)."""
+    return rng.uniform(lo, hi, shape).astype(np.float16).view(np.uint8).reshape(shape + (2,))
+
+
+def make_qw(gen, wtype, N, K):
+    """(our CPU tensor of block type wtype [N, K], its values float64 [N, K]). Q8_0/Q4_0/Q4_1 are
+    quantized from normal values with gguf; Q4_K/Q6_K are random block bytes with sane f16
+    scales (every bit pattern of their quants and sub-block scales is valid)."""
+    from gguf import GGMLQuantizationType as GT
+    from gguf.quants import quantize
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    bs, bb = BLOCK[wtype]
+    if wtype in ("q8_0", "q4_0", "q4_1"):
+        w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+        if wtype == "q4_1":
+            w += rng.uniform(-0.02, 0.02, (N, K // bs, 1)).repeat(bs, -1).reshape(N, K).astype(np.float32)
+        raw = quantize(w, {"q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1}[wtype])
+    else:
+        nb = K // bs
+        raw = rng.integers(0, 256, (N, nb, bb), dtype=np.uint8)
+        if wtype == "q4_k":
+            raw[:, :, 0:2] = f16_field(rng, (N, nb), 1e-3, 4e-3)  # d
+            raw[:, :, 2:4] = f16_field(rng, (N, nb), 1e-3, 4e-3)  # dmin
+        else:
+            raw[:, :, 208:210] = f16_field(rng, (N, nb), 1e-4, 4e-4)  # d
+        raw = raw.reshape(N, nb * bb)
+    t = ip.Tensor.frombuffer(np.ascontiguousarray(raw).tobytes(), wtype, shape=(N, K))
+    w64 = to_torch(ops.dequantize(t)).to(torch.float64) if N * K else torch.zeros(N, K, dtype=torch.float64)
+    return t, w64
+
+
+def make_x(gen, M, K, dtype, kind):
+    """x [M, K] on the GPU in the given layout (views made on the device: a host -> device
+    transfer makes a tensor contiguous), and its float64 values."""
+    if kind == "contiguous":
+        x, x64 = randn(M, K, dtype=dtype, gen=gen)
+        return x.to("cuda"), x64
+    if kind == "transposed":  # column-major: strides (1, M)
+        xt, xt64 = randn(K, M, dtype=dtype, gen=gen)
+        return xt.to("cuda").T, xt64.T
+    if kind == "sliced":  # every other column of a wider buffer: strides (2K, 2)
+        wide, wide64 = randn(M, 2 * K, dtype=dtype, gen=gen)
+        return wide.to("cuda")[:, ::2], wide64[:, ::2]
+    if kind == "rows":  # every other row of a taller buffer: strides (2K, 1)
+        big, big64 = randn(2 * M, K, dtype=dtype, gen=gen)
+        return big.to("cuda")[::2], big64[::2]
+    raise ValueError(kind)
+
+
+def make_out(M, N, dtype):
+    """A GPU out [M, N] full of NaN (every element must be written)."""
+    return from_torch(torch.full((M, N), float("nan"), dtype=torch.float32)).to(dtype=dtype).to("cuda")
+
+
+# ---- checking ----
+
+def reference(x64, w64, b64):
+    ref = x64 @ w64.T
+    mag = x64.abs() @ w64.abs().T
+    if b64 is not None:
+        ref, mag = ref + b64, mag + b64.abs()
+    return ref, mag
+
+
+def assert_close(out, ref, mag, K, out_dtype):
+    got = to_torch(out.cpu()).to(torch.float64)
+    assert got.shape == ref.shape
+    n = K + 1
+    acc = min(n, 2.0 * math.sqrt(n)) * U32 * mag
+    tol = acc + U_OUT[out_dtype] * (ref.abs() + acc) + TINY_OUT[out_dtype]
+    assert_within(got, ref, tol)
+
+
+def run_case(gen, M, K, N, x_dtype, w_dtype, out_dtype, with_bias, x_kind="contiguous", bias_dtype=None):
+    x, x64 = make_x(gen, M, K, x_dtype, x_kind)
+    if w_dtype in QTYPES:
+        w, w64 = make_qw(gen, w_dtype, N, K)
+    else:
+        w, w64 = randn(N, K, dtype=w_dtype, gen=gen)
+    b, b64 = randn(N, dtype=bias_dtype or out_dtype, gen=gen) if with_bias else (None, None)
+    out = make_out(M, N, out_dtype)
+    ops.matmul(x, w.to("cuda"), b.to("cuda") if b is not None else None, out=out)
+    ref, mag = reference(x64, w64, b64)
+    assert_close(out, ref, mag, K, out_dtype)
+
+
+# ---- dtypes ----
+
+@pytest.mark.parametrize("M", [3, 37], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("x_dtype,w_dtype,out_dtype", DTYPE_COMBOS,
+                         ids=[f"x{NAMES[x]}-w{NAMES[w]}-o{NAMES[o]}" for x, w, o in DTYPE_COMBOS])
+def test_dtypes(gen, M, with_bias, x_dtype, w_dtype, out_dtype):
+    """Every float combination of x, w and out, with and without a bias (of out's dtype)."""
+    run_case(gen, M, 300, 45, x_dtype, w_dtype, out_dtype, with_bias)
+
+
+@pytest.mark.parametrize("bias_dtype", FLOAT_DTYPES, ids=lambda d: NAMES[d])
+def test_bias_dtypes(gen, bias_dtype):
+    for M in (2, 20):
+        run_case(gen, M, 64, 33, ip.bfloat16, ip.bfloat16, ip.float32, True, bias_dtype=bias_dtype)
+
+
+# ---- shapes ----
+
+SIZES_M = (1, 2, 3, 5, 8, 17, 64, 130)
+SIZES_N = (1, 7, 33, 100, 257)
+SIZES_K = (1, 31, 64, 1000)
+SHAPES = [(M, K, N) for M in SIZES_M for K in SIZES_K for N in SIZES_N]
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES, ids=[f"M{M}-K{K}-N{N}" for M, K, N in SHAPES])
+def test_shapes(gen, M, K, N):
+    """Odd sizes around every edge (GEMV row groups 1/2/4/8, 64-wide GEMM tiles, 16-byte
+    vectors of 4 or 8 elements, K steps of 16 and 32), the dtype combination and bias rotating."""
+    i = SHAPES.index((M, K, N))
+    x_dtype, w_dtype, out_dtype = DTYPE_COMBOS[(7 * i) % len(DTYPE_COMBOS)]
+    run_case(gen, M, K, N, x_dtype, w_dtype, out_dtype, with_bias=i % 2 == 0)
+
+
+@pytest.mark.parametrize("M", [1, 5, 130])
+@pytest.mark.parametrize("wd", [ip.bfloat16, ip.float16, ip.float32], ids=lambda d: NAMES[d])
+def test_tensor_core_and_vector_paths(gen, M, wd):
+    """x and w of one dtype (the tensor-core GEMM for bf16/f16, 16-byte GEMV loads), K spanning
+    several GEMV chunks of x (8192 / rows floats) and a ragged tail."""
+    run_case(gen, M, 9000 + 3, 70, wd, wd, ip.float32, with_bias=True)
+
+
+@pytest.mark.parametrize("M,K,N", [(0, 16, 5), (4, 16, 0), (20, 16, 0), (3, 0, 7), (20, 0, 7)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_empty(gen, M, K, N, with_bias):
+    """M, N or K = 0: out = bias (or 0) when there is anything to write."""
+    x, x64 = randn(M, K, dtype=ip.float32, gen=gen)
+    w, w64 = randn(N, K, dtype=ip.bfloat16, gen=gen)
+    b, b64 = randn(N, dtype=ip.float32, gen=gen) if with_bias else (None, None)
+    out = ops.matmul(x.to("cuda"), w.to("cuda"), b.to("cuda") if b is not None else None)
+    assert out.shape == (M, N) and out.device == x.to("cuda").device
+    ref, _ = reference(x64, w64, b64)
+    assert torch.equal(to_torch(out.cpu()).to(torch.float64), ref)
+
+
+# ---- layouts ----
+
+@pytest.mark.parametrize("M", [2, 8, 37], ids=["gemv2", "gemv8", "gemm"])
+@pytest.mark.parametrize("kind", ["transposed", "sliced", "rows"])
+@pytest.mark.parametrize("dt", [ip.bfloat16, ip.float32], ids=lambda d: NAMES[d])
+def test_strided_x(gen, M, kind, dt):
+    run_case(gen, M, 70, 50, dt, dt, ip.float32, with_bias=True, x_kind=kind)
+
+
+@pytest.mark.parametrize("M", [1, 3, 40], ids=["gemv1", "gemv3", "gemm"])
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=lambda d: NAMES[d])
+def test_out_row_slice(gen, M, out_dtype):
+    """out as columns [3, 3 + N) of a wider buffer (rows N + 8 apart); the columns around it
+    keep their values."""
+    K, N = 65, 37
+    x, x64 = randn(M, K, dtype=ip.bfloat16, gen=gen)
+    w, w64 = randn(N, K, dtype=ip.bfloat16, gen=gen)
+    b, b64 = randn(N, dtype=ip.float32, gen=gen)
+    sentinel = torch.full((M, N + 8), 7.0, dtype=torch.float32)
+    wide = from_torch(sentinel).to(dtype=out_dtype).to("cuda")
+    ops.matmul(x.to("cuda"), w.to("cuda"), b.to("cuda"), out=wide[:, 3:3 + N])
+    got = to_torch(wide.cpu()).to(torch.float64)
+    assert (got[:, :3] == 7).all() and (got[:, 3 + N:] == 7).all()
+    ref, mag = reference(x64, w64, b64)
+    n = K + 1
+    acc = min(n, 2.0 * math.sqrt(n)) * U32 * mag
+    assert_within(got[:, 3:3 + N], ref, acc + U_OUT[out_dtype] * (ref.abs() + acc) + TINY_OUT[out_dtype])
+
+
+def test_weight_row_slice(gen):
+    """w rows further apart than K (a column slice of a wider weight, 16-byte aligned rows and
+    not): the kernels follow w's row stride."""
+    M, K, N = 3, 40, 21
+    for extra in (8, 3):  # 8 bf16 = 16 bytes keeps rows aligned for the vector loads; 3 does not
+        for M in (3, 30):
+            x, x64 = randn(M, K, dtype=ip.float32, gen=gen)
+            wide, wide64 = randn(N, K + extra, dtype=ip.bfloat16, gen=gen)
+            out = ops.matmul(x.to("cuda"), wide.to("cuda")[:, :K])
+            ref, mag = reference(x64, wide64[:, :K], None)
+            assert_close(out, ref, mag, K, ip.float32)
+
+
+# ---- quantized weights ----
+
+@pytest.mark.parametrize("wtype", QTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 17, 64, 130])
+def test_quantized(gen, wtype, M):
+    bs = BLOCK[wtype][0]
+    for N, K in ((7, bs), (33, 4 * bs), (100, 9 * bs if bs == 32 else 3 * bs)):
+        x_dtype, out_dtype = FLOAT_DTYPES[M % 3], FLOAT_DTYPES[(M + N) % 3]
+        run_case(gen, M, K, N, x_dtype, wtype, out_dtype, with_bias=N % 2 == 1)
+
+
+@pytest.mark.parametrize("wtype", QTYPES)
+@pytest.mark.parametrize("kind", ["transposed", "sliced"])
+def test_quantized_strided_x(gen, wtype, kind):
+    for M in (2, 20):
+        run_case(gen, M, 512, 19, ip.float32, wtype, ip.float32, True, x_kind=kind)
+
+
+@pytest.mark.parametrize("wtype", QTYPES)
+def test_quantized_long_rows(gen, wtype):
+    """K over several GEMV chunks of x (8192 floats at M = 1, 1024 at M = 8)."""
+    for M in (1, 8, 12):
+        run_case(gen, M, 9216 if BLOCK[wtype][0] == 256 else 8224, 9, ip.bfloat16, wtype, ip.float32, True)
+
+
+# ---- decode shapes ----
+
+@pytest.mark.parametrize("wd", ["bf16", "f16", "f32"] + QTYPES)
+@pytest.mark.parametrize("N,K", [(1536, 576), (4096, 1024)])
+def test_decode_shapes(gen, wd, N, K):
+    """M = 1 at real model sizes (SmolLM2's MLP, a 4096 x 1024 projection)."""
+    w_dtype = {"bf16": ip.bfloat16, "f16": ip.float16, "f32": ip.float32}.get(wd, wd)
+    if w_dtype in QTYPES:
+        K = -(-K // BLOCK[w_dtype][0]) * BLOCK[w_dtype][0]  # whole blocks (576 -> 768 for the k-quants)
+    run_case(gen, 1, K, N, ip.bfloat16, w_dtype, ip.bfloat16, with_bias=False)
+    run_case(gen, 1, K, N, ip.float32, w_dtype, ip.float32, with_bias=True)
