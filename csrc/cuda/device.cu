@@ -10,6 +10,7 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -103,8 +104,10 @@ int to_cuda_alloc(int device_index, int64_t nbytes, void **out) {
     std::lock_guard<std::mutex> guard(cache_lock);
     DeviceCache &cache = caches[device_index];
     auto it = cache.free_blocks.lower_bound(size);
-    // reuse a cached block unless it is more than twice what was asked for
+    // reuse a cached block unless it is more than twice what was asked for; of the blocks of
+    // that size, the one freed last (its memory is likeliest still in the GPU's L2)
     if (it != cache.free_blocks.end() && it->first <= 2 * size) {
+        it = std::prev(cache.free_blocks.upper_bound(it->first));
         *out = it->second;
         cache.live_sizes[it->second] = it->first;
         cache.free_blocks.erase(it);
