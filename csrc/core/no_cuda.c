@@ -81,8 +81,3 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
         (void)block_tables, (void)scale;
     return no_cuda("to_paged_attention");
 }
-int to_cuda_fetch(const to_tensor *t, to_tensor *host, void **buf) {
-    (void)t, (void)host;
-    *buf = NULL;
-    return no_cuda("reading a GPU tensor");
-}

@@ -49,6 +49,8 @@ struct StoreArgs {
     int slot_dtype;
     int64_t slot_stride;
     int Hkv, D;
+    int64_t num_slots;       // num_blocks * block_size
+    unsigned long long *err; // the GPU's error word (common.cuh)
 };
 
 // One block per token: its Hkv * D key and value elements go to row `slot` of the caches
@@ -60,6 +62,11 @@ __global__ void __launch_bounds__(kStoreThreads) kv_store_kernel(StoreArgs a) {
     const int64_t slot = to_load_index_dev(a.slots, a.slot_dtype, t * a.slot_stride);
     if (slot < 0)
         return; // padding token
+    if (slot >= a.num_slots) { // skipped and reported, never written out of bounds
+        if (threadIdx.x == 0)
+            to_gpu_error(a.err, TO_GPU_ERR_SLOT, t, slot, a.num_slots);
+        return;
+    }
     const int64_t n = (int64_t)a.Hkv * a.D, row = slot * n;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
         int64_t h = i / a.D, d = i % a.D;
@@ -95,6 +102,8 @@ struct AttnArgs {
     int cu_dtype, ctx_dtype, bt_dtype;
     int64_t cu_stride, ctx_stride, bt_s0, bt_s1;
     int S, Hq, Hkv, G, D, block_size;
+    int64_t T, num_blocks, max_blocks; // q's rows; the caches' blocks; block_tables' width
+    unsigned long long *err;           // the GPU's error word (common.cuh)
     float qscale;   // scale * log2(e): scores in base 2
     int nsplit_max; // segments per split sequence, at most (1: no partials)
     int vec;        // cache rows can be read 16 bytes at a time (D * size % 16 == 0, aligned)
@@ -112,11 +121,36 @@ struct SeqPlan {
     int tiles, nsplit, seglen, nslots;
 };
 
+// What is wrong with sequence s's part of the batch (a TO_GPU_BATCH_* code, 0 if nothing), and
+// the offending value: the checks the CPU op makes on the host (csrc/ops/attention.c,
+// check_batch), made here so that no tile ever reads out of bounds.
+__device__ int check_sequence(const AttnArgs &a, int s, int64_t *value) {
+    int64_t b = to_load_index_dev(a.cu, a.cu_dtype, (int64_t)s * a.cu_stride);
+    int64_t e = to_load_index_dev(a.cu, a.cu_dtype, (int64_t)(s + 1) * a.cu_stride);
+    int64_t len = to_load_index_dev(a.ctx, a.ctx_dtype, (int64_t)s * a.ctx_stride);
+    *value = e;
+    if ((s == 0 && b != 0) || b < 0 || e < b || e > a.T || (s == a.S - 1 && e != a.T))
+        return TO_GPU_BATCH_CU;
+    *value = len;
+    if (len < e - b)
+        return TO_GPU_BATCH_CONTEXT;
+    int64_t blocks = len / a.block_size + (len % a.block_size != 0);
+    if (blocks > a.max_blocks || len > INT32_MAX)
+        return TO_GPU_BATCH_TABLE;
+    for (int64_t j = 0; j < blocks; j++) {
+        *value = to_load_index_dev(a.bt, a.bt_dtype, (int64_t)s * a.bt_s0 + j * a.bt_s1);
+        if (*value < 0 || *value >= a.num_blocks)
+            return TO_GPU_BATCH_BLOCK;
+    }
+    return 0;
+}
+
 __device__ SeqPlan plan_sequence(const AttnArgs &a, int s) {
+    SeqPlan p = {0, 1, 0, 0};
     int64_t b = to_load_index_dev(a.cu, a.cu_dtype, (int64_t)s * a.cu_stride);
     int64_t nq = to_load_index_dev(a.cu, a.cu_dtype, (int64_t)(s + 1) * a.cu_stride) - b;
     int64_t len = to_load_index_dev(a.ctx, a.ctx_dtype, (int64_t)s * a.ctx_stride);
-    SeqPlan p = {0, 1, (int)len, 0};
+    p.seglen = (int)len;
     if (nq <= 0)
         return p;
     int64_t row_tiles = (nq * a.G + RB - 1) / RB;
@@ -144,8 +178,19 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(AttnArgs a) {
     const int tid = threadIdx.x;
     const int per = (a.S + kPlanThreads - 1) / kPlanThreads;
     const int s0 = tid * per < a.S ? tid * per : a.S, s1 = s0 + per < a.S ? s0 + per : a.S;
-    int tiles = 0, nslots = 0;
+    // A batch with any inconsistent sequence gets no tiles at all (and is reported): sequences
+    // planned around a bad one could overlap, and overrun the bounds the host sized things by.
+    int bad = 0;
     for (int s = s0; s < s1; s++) {
+        int64_t value;
+        if (int what = check_sequence(a, s, &value)) {
+            to_gpu_error(a.err, TO_GPU_ERR_BATCH, s, what, value);
+            bad = 1;
+        }
+    }
+    bad = __syncthreads_or(bad);
+    int tiles = 0, nslots = 0;
+    for (int s = s0; s < s1 && !bad; s++) {
         SeqPlan p = plan_sequence(a, s);
         tiles += p.tiles;
         nslots += p.nslots;
@@ -163,7 +208,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(AttnArgs a) {
     }
     int tile_off = scan_tiles[tid] - tiles, slot_off = scan_slots[tid] - nslots;
     for (int s = s0; s < s1; s++) {
-        SeqPlan p = plan_sequence(a, s);
+        SeqPlan p = bad ? SeqPlan{0, 1, 0, 0} : plan_sequence(a, s);
         a.seq_info[s] = make_int4(tile_off, p.nsplit, p.seglen, slot_off);
         if (p.nslots > 0) {
             int b = (int)to_load_index_dev(a.cu, a.cu_dtype, (int64_t)s * a.cu_stride);
@@ -530,6 +575,9 @@ int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, c
     a.slot_stride = slot_mapping->strides[0];
     a.Hkv = (int)Hkv;
     a.D = (int)D;
+    a.num_slots = k_cache->shape[0] * k_cache->shape[1];
+    if (!(a.err = to_cuda_error_word(k_cache->device_index)))
+        return TO_ERR_CUDA;
     kv_store_kernel<<<(unsigned)T, kStoreThreads, 0, stream>>>(a);
     return to_cuda_check_launch("to_kv_cache_store");
 }
@@ -601,6 +649,9 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
     a.bt_s0 = block_tables->strides[0];
     a.bt_s1 = block_tables->strides[1];
     a.S = (int)S, a.Hq = (int)Hq, a.Hkv = (int)Hkv, a.G = (int)G, a.D = (int)D, a.block_size = (int)bs;
+    a.T = T, a.num_blocks = k_cache->shape[0], a.max_blocks = max_blocks;
+    if (!(a.err = to_cuda_error_word(dev)))
+        return TO_ERR_CUDA;
     a.qscale = (float)scale * kLog2e;
     a.nsplit_max = (int)nsplit_max;
     const int64_t esz = to_dtype_size(k_cache->dtype);

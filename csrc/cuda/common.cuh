@@ -18,6 +18,33 @@ cudaStream_t to_cuda_stream(int device_index);
 // TO_OK, or a TO_ERR_CUDA error naming `op` if the last launch (or anything before it) failed.
 int to_cuda_check_launch(const char *op);
 
+// ---- index values checked on the GPU ----
+// Kernels that follow indices (embedding ids, cache slots, block tables) check each value and,
+// instead of reading or writing out of bounds, skip it and record the first bad one in a word
+// of device memory per GPU. Nothing waits for this: the next call that synchronises with the
+// GPU (a copy to the host, to_cuda_synchronize) reads the word and returns the error, naming the
+// op and the index (device.cu, to_cuda_take_error). What was recorded: an error code and three
+// numbers for its message.
+enum {
+    TO_GPU_ERR_NONE = 0,
+    TO_GPU_ERR_EMBEDDING_ID = 1, // a = position in ids, b = the id, c = the table's rows
+    TO_GPU_ERR_SLOT = 2,         // a = position in slot_mapping, b = the slot, c = slots in the caches
+    TO_GPU_ERR_BATCH = 3,        // a = the sequence, b = what is wrong (TO_GPU_BATCH_*), c = a value
+};
+enum { TO_GPU_BATCH_CU = 1, TO_GPU_BATCH_CONTEXT = 2, TO_GPU_BATCH_TABLE = 3, TO_GPU_BATCH_BLOCK = 4 };
+
+// The error word of GPU `device_index` (4 x u64: code, a, b, c), allocated zeroed on first use.
+unsigned long long *to_cuda_error_word(int device_index);
+
+__device__ __forceinline__ void to_gpu_error(unsigned long long *word, int code, long long a, long long b,
+                                             long long c) {
+    if (atomicCAS(word, 0ull, (unsigned long long)code) == 0ull) { // the first error is kept
+        word[1] = (unsigned long long)a;
+        word[2] = (unsigned long long)b;
+        word[3] = (unsigned long long)c;
+    }
+}
+
 // ---- shapes and strides, passed to kernels by value ----
 
 struct TensorView {

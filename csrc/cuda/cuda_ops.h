@@ -1,7 +1,8 @@
 /* cuda_ops.h - the CUDA kernels behind the public ops, one entry per op family, mirroring the
  * CPU ones (csrc/cpu). Arguments arrive validated by csrc/ops/ exactly as for the CPU: shapes,
- * dtypes, strides, aliasing, and the values of index tensors (ids, slots, block tables, which
- * csrc/ops/ reads through to_cuda_fetch before dispatching). Every tensor is on the same GPU
+ * dtypes, strides, aliasing. The values of index tensors (ids, slots, block tables) live on the
+ * GPU and are checked there by the kernels that follow them, which skip a bad one and record it
+ * (common.cuh, "index values checked on the GPU"): no op waits for the GPU. Every tensor is on the same GPU
  * (device_index), and each entry launches its work on that GPU's stream (to_cuda_stream in
  * common.cuh) without synchronising, and returns TO_OK or a TO_ERR_CUDA error naming the op
  * when a launch fails. Semantics and dtype rules are the CPU kernels': see each op's comment
@@ -61,11 +62,6 @@ int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, c
 int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
                             const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
                             const to_tensor *context_lens, const to_tensor *block_tables, double scale);
-
-/* ---- device.cu: helpers for csrc/ops ---- */
-/* A host copy of the (small) device tensor t for validating its values: *host is t's descriptor
- * on the CPU over *buf (malloc'd, the caller frees it with free()), synchronising t's stream. */
-int to_cuda_fetch(const to_tensor *t, to_tensor *host, void **buf);
 
 #pragma GCC visibility pop
 #ifdef __cplusplus

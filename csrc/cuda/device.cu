@@ -72,6 +72,58 @@ cudaStream_t to_cuda_stream(int device_index) {
     return streams[device_index];
 }
 
+unsigned long long *to_cuda_error_word(int device_index) {
+    static unsigned long long *words[kMaxDevices];
+    if (check_device(device_index, "cuda error word") != TO_OK)
+        return nullptr;
+    std::lock_guard<std::mutex> guard(stream_lock);
+    if (!words[device_index]) {
+        void *p = nullptr;
+        if (cudaMalloc(&p, 4 * sizeof(unsigned long long)) != cudaSuccess ||
+            cudaMemset(p, 0, 4 * sizeof(unsigned long long)) != cudaSuccess) {
+            cuda_fail(cudaGetLastError(), "cuda error word");
+            return nullptr;
+        }
+        words[device_index] = static_cast<unsigned long long *>(p);
+    }
+    return words[device_index];
+}
+
+// Reads (and clears) the error word of a GPU after its stream has finished; an index error a
+// kernel recorded becomes this call's error.
+static int take_error(int device_index, cudaStream_t stream) {
+    unsigned long long *word = to_cuda_error_word(device_index), w[4];
+    if (!word)
+        return TO_ERR_CUDA;
+    cudaError_t err = cudaMemcpyAsync(w, word, sizeof w, cudaMemcpyDeviceToHost, stream);
+    if (err == cudaSuccess)
+        err = cudaStreamSynchronize(stream);
+    if (err != cudaSuccess)
+        return cuda_fail(err, "reading the GPU's error word");
+    if (w[0] == TO_GPU_ERR_NONE)
+        return TO_OK;
+    cudaMemsetAsync(word, 0, sizeof w, stream);
+    long long a = (long long)w[1], b = (long long)w[2], c = (long long)w[3];
+    const char *pre = "a GPU op found a bad index (reported at the next synchronisation)";
+    switch (w[0]) {
+    case TO_GPU_ERR_EMBEDDING_ID:
+        return to_fail(TO_ERR_BOUNDS, "%s: to_embedding: ids[%lld] = %lld is outside [0, %lld) (the "
+                       "table's rows); its row was not written", pre, a, b, c);
+    case TO_GPU_ERR_SLOT:
+        return to_fail(TO_ERR_BOUNDS, "%s: to_kv_cache_store: slot_mapping[%lld] = %lld is not below "
+                       "num_blocks * block_size = %lld; that token was not stored", pre, a, b, c);
+    case TO_GPU_ERR_BATCH: {
+        static const char *what[] = {"", "cu_seqlens_q is not non-decreasing from 0 to T there",
+                                     "context_lens is less than its queries",
+                                     "context_lens needs more blocks than block_tables has",
+                                     "block_tables holds a block outside [0, num_blocks)"};
+        return to_fail(TO_ERR_BOUNDS, "%s: to_paged_attention: sequence %lld: %s (value %lld); its "
+                       "output rows were not written", pre, a, b >= 1 && b <= 4 ? what[b] : "bad batch", c);
+    }
+    }
+    return to_fail(TO_ERR_INTERNAL, "%s: unknown GPU error code %llu", pre, w[0]);
+}
+
 int to_cuda_check_launch(const char *op) {
     cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? TO_OK : cuda_fail(err, op);
@@ -148,29 +200,12 @@ int to_cuda_free(int device_index, void *ptr) {
 int to_cuda_sync(int device_index) {
     TO_TRY(check_device(device_index, "to_cuda_synchronize"));
     cudaError_t err = cudaDeviceSynchronize();
-    return err == cudaSuccess ? TO_OK : cuda_fail(err, "to_cuda_synchronize");
+    if (err != cudaSuccess)
+        return cuda_fail(err, "to_cuda_synchronize");
+    cudaStream_t stream = to_cuda_stream(device_index);
+    return stream ? take_error(device_index, stream) : TO_ERR_CUDA;
 }
 
-int to_cuda_fetch(const to_tensor *t, to_tensor *host, void **buf) {
-    *host = *t;
-    *buf = nullptr;
-    // the bytes from data to the farthest element (t is validated: non-negative strides)
-    int64_t last = 0;
-    for (int i = 0; i < t->ndim; i++)
-        last += t->shape[i] > 0 ? (t->shape[i] - 1) * t->strides[i] : 0;
-    int64_t nbytes = to_numel(t) ? to_dtype_bytes(t->dtype, last + 1) : 0;
-    *buf = malloc(nbytes > 0 ? (size_t)nbytes : 1);
-    if (!*buf)
-        return to_fail(TO_ERR_OUT_OF_MEMORY, "cannot copy %lld bytes of a GPU tensor to the host",
-                       (long long)nbytes);
-    if (nbytes > 0)
-        TO_TRY(to_cuda_memcpy(t->device_index, *buf, t->data, nbytes, 1));
-    host->data = *buf;
-    host->nbytes = nbytes;
-    host->device = TO_CPU;
-    host->device_index = 0;
-    return TO_OK;
-}
 
 int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes, int kind) {
     TO_TRY(check_device(device_index, "to_copy"));
@@ -186,7 +221,11 @@ int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes,
     cudaError_t err = cudaMemcpyAsync(dst, src, (size_t)nbytes, kinds[kind], stream);
     if (err == cudaSuccess)
         err = cudaStreamSynchronize(stream);
-    return err == cudaSuccess ? TO_OK : cuda_fail(err, "to_copy");
+    if (err != cudaSuccess)
+        return cuda_fail(err, "to_copy");
+    // a copy to the host is where results are looked at: errors the GPU's kernels recorded
+    // since the last such point surface here
+    return kind == 1 ? take_error(device_index, stream) : TO_OK;
 }
 
 }  // extern "C"

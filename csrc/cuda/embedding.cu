@@ -20,6 +20,8 @@ struct EmbeddingArgs {
     int quantized;           // table is block-quantized: rows dequantized
     int64_t table_row_bytes; // quantized table: bytes between rows (table strides are in elements)
     int elem_size;           // same-dtype copy: bytes per element (0: converted through f32)
+    int64_t V;               // the table's rows
+    unsigned long long *err; // the GPU's error word (common.cuh)
 };
 
 // f16 bits at p (2-byte fields of the GGML blocks, read bytewise: little-endian, any alignment)
@@ -86,6 +88,11 @@ __global__ void embedding_kernel(EmbeddingArgs a) {
     const bool same = a.elem_size > 0;
     for (int64_t t = blockIdx.x; t < a.T; t += gridDim.x) {
         const int64_t id = to_load_index_dev(a.ids.data, a.ids.dtype, t * a.ids.strides[0]);
+        if (id < 0 || id >= a.V) { // skipped and reported, never read out of bounds
+            if (threadIdx.x == 0)
+                to_gpu_error(a.err, TO_GPU_ERR_EMBEDDING_ID, t, id, a.V);
+            continue;
+        }
         const int64_t oo = t * a.out.strides[0];
         if (a.quantized) {
             const uint8_t *row = (const uint8_t *)a.table.data + id * a.table_row_bytes;
@@ -125,6 +132,9 @@ extern "C" int to_cuda_embedding(const to_tensor *out, const to_tensor *table, c
     a.ids = to_view(ids);
     a.T = T;
     a.D = D;
+    a.V = table->shape[0];
+    if (!(a.err = to_cuda_error_word(out->device_index)))
+        return TO_ERR_CUDA;
     a.quantized = to_is_quantized(table->dtype);
     a.table_row_bytes = 0;
     a.elem_size = 0;

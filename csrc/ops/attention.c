@@ -117,16 +117,8 @@ int to_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const 
         TO_TRY(to_check_no_alias(k_cache, inputs[i], 0, STORE, "k_cache", names[i]));
         TO_TRY(to_check_no_alias(v_cache, inputs[i], 0, STORE, "v_cache", names[i]));
     }
-    if (k_cache->device == TO_CUDA) { /* the slots are checked on a host copy */
-        to_tensor host;
-        void *buf;
-        int status = to_cuda_fetch(slot_mapping, &host, &buf);
-        if (status == TO_OK)
-            status = check_slots(&host, k_cache->shape[0] * k_cache->shape[1]);
-        free(buf);
-        TO_TRY(status);
+    if (k_cache->device == TO_CUDA) /* the kernel checks the slots (cuda_ops.h) */
         return to_cuda_kv_cache_store(k_cache, v_cache, k, v, slot_mapping);
-    }
     TO_TRY(check_slots(slot_mapping, k_cache->shape[0] * k_cache->shape[1]));
     return to_cpu_kv_cache_store(k_cache, v_cache, k, v, slot_mapping);
 }
@@ -227,21 +219,9 @@ int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor
     const char *names[] = {"q", "k_cache", "v_cache", "cu_seqlens_q", "context_lens", "block_tables"};
     for (int i = 0; i < 6; i++)
         TO_TRY(to_check_no_alias(out, inputs[i], 0, ATTN, "out", names[i]));
-    if (out->device == TO_CUDA) { /* the batch's values are checked on host copies */
-        to_tensor h[3];
-        void *buf[3] = {NULL, NULL, NULL};
-        const to_tensor *meta[3] = {cu_seqlens_q, context_lens, block_tables};
-        int status = TO_OK;
-        for (int i = 0; i < 3 && status == TO_OK; i++)
-            status = to_cuda_fetch(meta[i], &h[i], &buf[i]);
-        if (status == TO_OK)
-            status = check_batch(&h[0], &h[1], &h[2], T, k_cache->shape[0], k_cache->shape[1]);
-        for (int i = 0; i < 3; i++)
-            free(buf[i]);
-        TO_TRY(status);
+    if (out->device == TO_CUDA) /* the kernels check the batch's values (cuda_ops.h) */
         return to_cuda_paged_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens,
                                        block_tables, scale);
-    }
     TO_TRY(check_batch(cu_seqlens_q, context_lens, block_tables, T, k_cache->shape[0],
                        k_cache->shape[1]));
     return to_cpu_paged_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,

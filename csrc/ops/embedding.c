@@ -5,8 +5,6 @@
 #include "cpu/embedding.h"
 #include "cuda/cuda_ops.h"
 
-#include <stdlib.h>
-
 #define OP "to_embedding"
 
 int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids) {
@@ -42,17 +40,10 @@ int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *
     TO_TRY(to_check_no_alias(out, table, 0, OP, "out", "table"));
     TO_TRY(to_check_no_alias(out, ids, 0, OP, "out", "ids"));
 
-    if (out->device == TO_CUDA) { /* the ids are checked on a host copy */
+    if (out->device == TO_CUDA) {
         if (to_is_x8(table->dtype))
             return to_fail(TO_ERR_UNSUPPORTED, OP ": table is %s, a CPU layout", to_dtype_name(table->dtype));
-        to_tensor host;
-        void *buf;
-        int status = to_cuda_fetch(ids, &host, &buf);
-        if (status == TO_OK)
-            status = to_cpu_check_indices(&host, table->shape[0], OP, "ids", "the table's rows");
-        free(buf);
-        TO_TRY(status);
-        return to_cuda_embedding(out, table, ids);
+        return to_cuda_embedding(out, table, ids); /* the kernel checks the ids (cuda_ops.h) */
     }
     return to_cpu_embedding(out, table, ids);
 }
