@@ -40,14 +40,15 @@ def folder(tmp_path_factory):
     return save_hf(qwen3_model(num_key_value_heads=1), tmp_path_factory.mktemp("graph"))
 
 
-def test_graph_decode_equals_eager(folder):
+def test_graph_decode_equals_eager(folder, device):
     """Sequences of different lengths finish at different steps, so the batch size (and the
-    graph replayed) changes along the way; sampling draws are seeded per request."""
+    graph replayed) changes along the way; sampling draws are seeded per request. On a GPU the
+    graph is a CUDA graph (one launch per step)."""
     prompts = [[7] * 3, [1, 2, 3, 4, 5, 6, 7, 8, 9], [4, 4], [11] * 20]
     params = [SamplingParams(max_tokens=m, temperature=t, seed=s)
               for m, t, s in ((5, 0, None), (17, 0.8, 3), (9, 1.0, 4), (12, 0, None))]
-    eager = LLM(folder, dtype="float32", enforce_eager=True).generate(prompts, params)
-    llm = LLM(folder, dtype="float32")
+    eager = LLM(folder, device=device, dtype="float32", enforce_eager=True).generate(prompts, params)
+    llm = LLM(folder, device=device, dtype="float32")
     graphed = llm.generate(prompts, params)
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
     assert llm.engine.graphs is not None and len(llm.engine.graphs._graphs) >= 2

@@ -81,3 +81,12 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
         (void)block_tables, (void)scale;
     return no_cuda("to_paged_attention");
 }
+
+int to_cuda_graph_begin(int device_index) { (void)device_index; return no_cuda("to_cuda_graph_begin"); }
+int to_cuda_graph_end(int device_index, void **graph) {
+    (void)device_index;
+    *graph = NULL;
+    return no_cuda("to_cuda_graph_end");
+}
+int to_cuda_graph_launch(void *graph) { (void)graph; return no_cuda("to_cuda_graph_launch"); }
+int to_cuda_graph_destroy(void *graph) { (void)graph; return no_cuda("to_cuda_graph_destroy"); }

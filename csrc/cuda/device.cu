@@ -23,6 +23,16 @@ constexpr int kMaxDevices = 64;
 struct DeviceCache {
     std::multimap<size_t, void *> free_blocks;    // size -> block
     std::unordered_map<void *, size_t> live_sizes; // block -> size, for blocks handed out
+    // while a graph is being recorded: the blocks freed meanwhile, which its kernels may use
+    bool recording = false;
+    std::vector<std::pair<size_t, void *>> held;
+};
+
+// A recorded graph, instantiated, with the blocks it keeps from the free lists.
+struct Graph {
+    int device_index;
+    cudaGraphExec_t exec;
+    std::vector<std::pair<size_t, void *>> held;
 };
 
 std::mutex cache_lock;
@@ -192,7 +202,10 @@ int to_cuda_free(int device_index, void *ptr) {
     if (it == cache.live_sizes.end())
         return to_fail(TO_ERR_INVALID_ARGUMENT, "to_free: %p was not allocated by to_alloc on cuda:%d",
                        ptr, device_index);
-    cache.free_blocks.emplace(it->second, ptr);
+    if (cache.recording)
+        cache.held.emplace_back(it->second, ptr);
+    else
+        cache.free_blocks.emplace(it->second, ptr);
     cache.live_sizes.erase(it);
     return TO_OK;
 }
@@ -226,6 +239,83 @@ int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes,
     // a copy to the host is where results are looked at: errors the GPU's kernels recorded
     // since the last such point surface here
     return kind == 1 ? take_error(device_index, stream) : TO_OK;
+}
+
+int to_cuda_graph_begin(int device_index) {
+    cudaStream_t stream = to_cuda_stream(device_index);
+    // made now: recording must not allocate or clear them
+    if (!stream || !to_cuda_error_word(device_index))
+        return TO_ERR_CUDA;
+    {
+        std::lock_guard<std::mutex> guard(cache_lock);
+        if (caches[device_index].recording)
+            return to_fail(TO_ERR_INVALID_ARGUMENT, "to_cuda_graph_begin: cuda:%d is already recording",
+                           device_index);
+        caches[device_index].recording = true;
+    }
+    // relaxed: the caching allocator may still cudaMalloc while the ops are recorded
+    cudaError_t err = cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed);
+    if (err != cudaSuccess) {
+        std::lock_guard<std::mutex> guard(cache_lock);
+        caches[device_index].recording = false;
+        return cuda_fail(err, "to_cuda_graph_begin");
+    }
+    return TO_OK;
+}
+
+int to_cuda_graph_end(int device_index, void **graph) {
+    *graph = nullptr;
+    cudaStream_t stream = to_cuda_stream(device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+    Graph *g = new Graph{device_index, nullptr, {}};
+    {
+        std::lock_guard<std::mutex> guard(cache_lock);
+        caches[device_index].recording = false;
+        g->held.swap(caches[device_index].held);
+    }
+    cudaGraph_t recorded = nullptr;
+    cudaError_t err = cudaStreamEndCapture(stream, &recorded);
+    if (err == cudaSuccess)
+        err = cudaGraphInstantiate(&g->exec, recorded, 0);
+    if (recorded)
+        cudaGraphDestroy(recorded);
+    if (err != cudaSuccess) {
+        to_cuda_graph_destroy(g);
+        return cuda_fail(err, "to_cuda_graph_end (an op that waits for the GPU was recorded?)");
+    }
+    *graph = g;
+    return TO_OK;
+}
+
+int to_cuda_graph_launch(void *graph) {
+    if (!graph)
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "to_cuda_graph_launch: graph is NULL");
+    Graph *g = static_cast<Graph *>(graph);
+    cudaStream_t stream = to_cuda_stream(g->device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+    cudaError_t err = cudaGraphLaunch(g->exec, stream);
+    return err == cudaSuccess ? TO_OK : cuda_fail(err, "to_cuda_graph_launch");
+}
+
+int to_cuda_graph_destroy(void *graph) {
+    if (!graph)
+        return TO_OK;
+    Graph *g = static_cast<Graph *>(graph);
+    // a launch may still be running: the held blocks go back once it is done
+    cudaStream_t stream = to_cuda_stream(g->device_index);
+    if (stream)
+        cudaStreamSynchronize(stream);
+    if (g->exec)
+        cudaGraphExecDestroy(g->exec);
+    {
+        std::lock_guard<std::mutex> guard(cache_lock);
+        for (auto &b : g->held)
+            caches[g->device_index].free_blocks.emplace(b.first, b.second);
+    }
+    delete g;
+    return TO_OK;
 }
 
 }  // extern "C"

@@ -118,6 +118,15 @@ int to_free(int device, int device_index, void *ptr);
 int to_cuda_device_count(int *out);             /* 0 when no driver/GPU or no CUDA build */
 int to_cuda_available(void);                    /* 1 if this build has CUDA code compiled in */
 int to_cuda_synchronize(int device_index);
+/* CUDA graphs of one GPU's stream: between to_cuda_graph_begin and to_cuda_graph_end the ops on
+ * that GPU are recorded, not run (so they must not wait for the GPU: no copies to or from the
+ * host in between); to_cuda_graph_launch replays them on the same buffers, to_cuda_graph_destroy
+ * frees the graph. GPU memory freed while recording stays reserved for the graph until it is
+ * destroyed (a recorded kernel may still use it). */
+int to_cuda_graph_begin(int device_index);
+int to_cuda_graph_end(int device_index, void **graph);
+int to_cuda_graph_launch(void *graph);
+int to_cuda_graph_destroy(void *graph);
 
 /* ---- copies and element-wise ops ---- */
 /* out = x converted to out's dtype; any strides; x and out may be on different devices

@@ -75,3 +75,42 @@ class OpGraph:
 
     def __len__(self):
         return len(self._calls)
+
+
+class CudaGraph:
+    """The GPU work of one forward recorded as a CUDA graph and replayed with one launch: what
+    OpGraph does for the CPU, without even the Python loop. The same contract: inputs rewritten
+    in place between replays, outputs in the same tensors, one graph per shape. Recording runs
+    no kernel, so the output holds its values only after the first replay(). Every tensor the
+    forward touches is kept alive with the graph; the forward must not copy to or from the host."""
+
+    def __init__(self, handle, tensors, output):
+        self._handle, self._tensors, self.output = handle, tensors, output
+
+    @classmethod
+    def capture(cls, fn, device_index=0):
+        if tensor._graph_tensors is not None:
+            raise RuntimeError("graph captures do not nest")
+        tensors = []
+        check(_lib.lib.to_cuda_graph_begin(device_index))
+        handle = _lib.ffi.new("void **")
+        tensor._graph_tensors = tensors
+        try:
+            output = fn()
+        except BaseException:
+            _lib.lib.to_cuda_graph_end(device_index, handle)  # ends the recording; its error is fn's
+            _lib.lib.to_cuda_graph_destroy(handle[0])
+            raise
+        finally:
+            tensor._graph_tensors = None
+        check(_lib.lib.to_cuda_graph_end(device_index, handle))
+        return cls(handle[0], tensors, output)
+
+    def replay(self):
+        check(_lib.lib.to_cuda_graph_launch(self._handle))
+        return self.output
+
+    def __del__(self):
+        if self._handle is not None:
+            _lib.lib.to_cuda_graph_destroy(self._handle)
+            self._handle = None

@@ -49,7 +49,7 @@ def test_bad_slot_is_skipped_and_reported(gen):
 @pytest.mark.parametrize("field,values,message", [
     ("block_tables", [[0, 9]], "block_tables holds a block outside"),
     ("context_lens", [2], "context_lens is less than its queries"),
-    ("context_lens", [9], "needs more blocks than block_tables has"),
+    ("context_lens", [9], "context_lens needs more blocks than block_tables has"),
     ("cu_seqlens_q", [0, 2], r"cu_seqlens_q is not non-decreasing from 0 to T"),
 ])
 def test_bad_attention_batch_is_skipped_and_reported(gen, field, values, message):

@@ -62,4 +62,7 @@ class ForwardBatch:
             t, a = getattr(self, name), arrays[name]
             if len(a) != t.numel():
                 raise ValueError(f"batch field {name} has {len(a)} entries, the graph's has {t.numel()}")
-            ffi.memmove(ffi.cast("void *", t.data_ptr()), a, len(a) * 4)
+            if t.is_cuda:
+                t.copy_(Tensor.frombuffer(a, dtypes.int32).view(t.shape))
+            else:
+                ffi.memmove(ffi.cast("void *", t.data_ptr()), a, len(a) * 4)

@@ -1,12 +1,13 @@
 """Decode steps replayed from captured graphs, one per batch size.
 
 A pure decode step (every scheduled sequence adds one token) has a shape fixed by its number
-of sequences, so its forward is captured once per size (graph.OpGraph) and replayed with the
-batch rewritten in place. Mixed or prefill steps run eagerly. The most recently used sizes
+of sequences, so its forward is captured once per size (graph.OpGraph on the CPU: the library
+calls replayed from one Python loop; graph.CudaGraph on a GPU: one CUDA graph launch) and
+replayed with the batch rewritten in place. Mixed or prefill steps run eagerly. The most recently used sizes
 are kept; each graph holds its own activations (about 2 MB per sequence for Qwen3-0.6B)."""
 from collections import OrderedDict
 
-from ..graph import OpGraph
+from ..graph import CudaGraph, OpGraph
 from .batch import ForwardBatch
 
 
@@ -28,11 +29,16 @@ class DecodeGraphs:
         if entry is None:
             batch = ForwardBatch(scheduled, self.blocks, self.kv_cache, self.model.device,
                                  block_table_width=self.width)
-            entry = OpGraph.capture(lambda: self.model(batch)), batch
+            if self.model.device == "cpu":  # recording runs the forward: its output is this step's
+                entry = OpGraph.capture(lambda: self.model(batch)), batch
+            else:  # recording runs nothing: replayed below
+                entry = CudaGraph.capture(lambda: self.model(batch), batch.token_ids.storage.device[1]), batch
             self._graphs[size] = entry
             if len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
-            return entry[0].output, batch
+            if self.model.device == "cpu":
+                return entry[0].output, batch
+            return entry[0].replay(), batch
         self._graphs.move_to_end(size)
         graph, batch = entry
         batch.update(scheduled)

@@ -27,8 +27,7 @@ class LLMEngine:
                                 kv_dtype or model.dtype, model.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        on_cpu = model.device == "cpu"
-        self.graphs = DecodeGraphs(model, self.kv_cache, self.blocks, self.max_model_len) if use_graphs and on_cpu else None
+        self.graphs = DecodeGraphs(model, self.kv_cache, self.blocks, self.max_model_len) if use_graphs else None
         self._next_id = 0
 
     def add_request(self, prompt_ids, params):
