@@ -1,8 +1,8 @@
 """GPU benchmark (the lent H200): Qwen3 shapes with random bf16 weights, ours beside transformers
 on the same GPU in the same run, each figure beside its roofline.
 
-    python benchmarks/bench_gpu.py [--models 0.6b,4b] [--new 256] [--reps 3] [--compile]
-                                   [--json out.json] [--dir /tmp/inference-pio-gpu]
+    python benchmarks/bench_gpu.py [--models 0.6b,4b] [--variants bf16,q8_0,q4_k] [--new 256]
+                                   [--reps 3] [--compile] [--json out.json] [--dir /tmp/inference-pio-gpu]
 
 What is measured and how
   * Device copy bandwidth: a 1 GiB device-to-device to_copy, timed over repeats with a device
@@ -19,7 +19,8 @@ What is measured and how
   * Quantized decode: the same checkpoint quantized on load to q8_0 and q4_k (on the CPU, then
     copied), beside each one's own roofline.
   * transformers: the same checkpoint, bf16, eager attention, generate(min_new_tokens=new) with
-    its dynamic cache; with --compile also the static cache + torch.compile (slow to compile).
+    its dynamic cache; with --compile also cache_implementation="static", with which generate
+    compiles the forward itself (slow to compile).
   * GEMM: ops.matmul at prefill shapes (M = 2048) in bf16 beside torch.matmul, TFLOP/s.
 """
 import argparse
@@ -112,9 +113,8 @@ def run_transformers(folder, new, compiled):
                                                  attn_implementation="eager").cuda().eval()
     ids = torch.tensor([prompt(PROMPT)], device="cuda")
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    if compiled:
+    if compiled:  # generate compiles the forward itself when the cache is static
         kw["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     with torch.inference_mode():
         for _ in range(2 if compiled else 1):  # warm-up (compilation)
             model.generate(ids, **dict(kw, max_new_tokens=8, min_new_tokens=8))
@@ -170,6 +170,7 @@ def main():
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--variants", default="bf16,q8_0,q4_k")
     ap.add_argument("--dir", default="/tmp/inference-pio-gpu")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -182,6 +183,8 @@ def main():
         make_checkpoint(folder, cfg)
         r = res["models"][name] = {}
         for label, q, itemsize in (("bf16", None, 2), ("q8_0", "q8_0", 34 / 32), ("q4_k", "q4_k", 144 / 256)):
+            if label not in args.variants.split(","):
+                continue
             roof = bw / weight_bytes_per_token(cfg, itemsize)
             try:
                 ours = run_ours(folder, args.new, args.reps, q)
