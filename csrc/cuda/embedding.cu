@@ -8,6 +8,7 @@
 //     never fused: __fmul_rn/__fadd_rn), so the rows are bit-identical to the CPU's.
 // Grid: blocks take output rows; the threads of a block take the row's columns.
 #include "cuda/common.cuh"
+#include "cuda/quant.cuh"
 
 namespace {
 
@@ -24,63 +25,11 @@ struct EmbeddingArgs {
     unsigned long long *err; // the GPU's error word (common.cuh)
 };
 
-// f16 bits at p (2-byte fields of the GGML blocks, read bytewise: little-endian, any alignment)
-__device__ __forceinline__ float f16_at(const uint8_t *p) {
-    return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
-}
-
-// Element e of the block-quantized row starting at `row`, as quant.c's dequant_* computes it.
-// Block layouts (csrc/cpu/quant.h): Q8_0 {d, qs[32]} 34 bytes; Q4_0 {d, qs[16]} 18 bytes;
-// Q4_1 {d, m, qs[16]} 20 bytes; Q4_K {d, dmin, scales[12], qs[128]} 144 bytes;
-// Q6_K {ql[128], qh[64], scales[16], d} 210 bytes.
-__device__ float dequant_element(int dtype, const uint8_t *row, int64_t e) {
-    switch (dtype) {
-    case TO_Q8_0: {
-        const uint8_t *b = row + (e / kQK) * 34;
-        int j = (int)(e % kQK);
-        return __fmul_rn(f16_at(b), (float)(int8_t)b[2 + j]);
-    }
-    case TO_Q4_0: {
-        const uint8_t *b = row + (e / kQK) * 18;
-        int j = (int)(e % kQK); // j < 16: low nibble of qs[j]; j >= 16: high nibble of qs[j - 16]
-        int q = j < 16 ? (b[2 + j] & 0xF) : (b[2 + j - 16] >> 4);
-        return __fmul_rn(f16_at(b), (float)(q - 8));
-    }
-    case TO_Q4_1: {
-        const uint8_t *b = row + (e / kQK) * 20;
-        int j = (int)(e % kQK);
-        int q = j < 16 ? (b[4 + j] & 0xF) : (b[4 + j - 16] >> 4);
-        return __fadd_rn(__fmul_rn(f16_at(b), (float)q), f16_at(b + 2));
-    }
-    case TO_Q4_K: {
-        const uint8_t *b = row + (e / kQKK) * 144;
-        const uint8_t *s = b + 4, *qs = b + 16;
-        int i = (int)(e % kQKK), j = i / 32, l = i % 32;
-        int sc, m; // GGML's get_scale_min_k4
-        if (j < 4) {
-            sc = s[j] & 63;
-            m = s[j + 4] & 63;
-        } else {
-            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-            m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        }
-        float d1 = __fmul_rn(f16_at(b), (float)sc), m1 = __fmul_rn(f16_at(b + 2), (float)m);
-        int q = (qs[32 * (j / 2) + l] >> (j & 1 ? 4 : 0)) & 0xF;
-        return __fsub_rn(__fmul_rn(d1, (float)q), m1);
-    }
-    case TO_Q6_K: {
-        const uint8_t *b = row + (e / kQKK) * 210;
-        const uint8_t *ql = b, *qh = b + 128;
-        const int8_t *scales = (const int8_t *)(b + 192);
-        int i = (int)(e % kQKK);
-        int h = i >> 7, k = (i >> 5) & 3, l = i & 31;
-        int lo = (ql[64 * h + 32 * (k & 1) + l] >> (k & 2 ? 4 : 0)) & 0xF;
-        int hi = (qh[32 * h + l] >> (2 * k)) & 3;
-        int q = lo | (hi << 4);
-        return __fmul_rn(__fmul_rn(f16_at(b + 208), (float)scales[i / 16]), (float)(q - 32));
-    }
-    }
-    return 0.0f;
+// Element e of the block-quantized row starting at `row` (blocks of bs elements, bb bytes).
+__device__ __forceinline__ float dequant_row_element(int dtype, const uint8_t *row, int64_t e) {
+    const int bs = dtype == TO_Q4_K || dtype == TO_Q6_K ? kQKK : kQK;
+    const int bb = dtype == TO_Q8_0 ? 34 : dtype == TO_Q4_0 ? 18 : dtype == TO_Q4_1 ? 20 : dtype == TO_Q4_K ? 144 : 210;
+    return to_dequant_element(dtype, row + (e / bs) * bb, (int)(e % bs));
 }
 
 __global__ void embedding_kernel(EmbeddingArgs a) {
@@ -97,7 +46,7 @@ __global__ void embedding_kernel(EmbeddingArgs a) {
         if (a.quantized) {
             const uint8_t *row = (const uint8_t *)a.table.data + id * a.table_row_bytes;
             for (int64_t j = threadIdx.x; j < a.D; j += blockDim.x)
-                to_store(a.out.data, a.out.dtype, oo + j * so, dequant_element(a.table.dtype, row, j));
+                to_store(a.out.data, a.out.dtype, oo + j * so, dequant_row_element(a.table.dtype, row, j));
         } else if (same) {
             const int64_t to = id * a.table.strides[0];
             for (int64_t j = threadIdx.x; j < a.D; j += blockDim.x) {
