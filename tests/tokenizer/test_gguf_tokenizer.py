@@ -227,6 +227,14 @@ SYNTHETIC = CORPUS + DIGIT_RUNS + [
     "Ġthe Ċ", "<|odd one|> tab\there"]
 
 
+# The oracle is transformers 5.23 (the test extra's); 5.17 (on the lent GPU machine) encodes an
+# empty text without the BOS its own tokenizer.json asks for, so these comparisons need >= 5.23.
+ORACLE_VERSION = pytest.mark.skipif(
+    tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 23),
+    reason=f"oracle is transformers >= 5.23, this is {transformers.__version__}")
+
+
+@ORACLE_VERSION
 @pytest.mark.parametrize("pre", ["qwen2", "gpt2", "default", "smollm", "llama-bpe"])
 def test_synthetic_vs_transformers(tmp_path, trained, pre):
     path = tmp_path / "tok.gguf"
@@ -258,6 +266,7 @@ def test_synthetic_vs_transformers(tmp_path, trained, pre):
     assert ours.encode("x")[0] == tokens.index("<|endoftext|>")  # add_bos_token
 
 
+@ORACLE_VERSION
 def test_synthetic_special_tokens_and_template(tmp_path, trained):
     path = tmp_path / "tok.gguf"
     tokens, types, merges = trained
