@@ -171,7 +171,13 @@ int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions
  * optional (NULL). */
 int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
 
-/* ---- lookups and reductions ---- */
+/* ---- lookups and reductions ----
+ * Index values on a GPU (embedding ids, to_kv_cache_store's slots, to_paged_attention's batch)
+ * are checked by the kernels that follow them, so no op waits for the GPU: a bad value is
+ * skipped (its row or token is not written; a bad attention batch writes nothing) and recorded,
+ * and the next call that waits for that GPU (a copy to the host, to_cuda_synchronize) returns
+ * TO_ERR_BOUNDS naming the op, the position and the value. Duplicate cache slots are not
+ * detected on a GPU (one of the writes wins). */
 /* out[t, :] = table[ids[t], :]; ids i32/i64 in [0, rows). A quantized table is dequantized
  * into a float out. */
 int to_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids);
