@@ -78,6 +78,17 @@ __device__ __forceinline__ int64_t to_offset(const TensorView &v, int64_t i) {
     return off;
 }
 
+// Element offset of row `row` of v: the row-major index over all dimensions but the last.
+__device__ __forceinline__ int64_t to_row_offset_dev(const TensorView &v, int64_t row) {
+    int64_t off = 0;
+    for (int d = v.ndim - 2; d >= 0; d--) {
+        int64_t n = v.shape[d];
+        off += (row % n) * v.strides[d];
+        row /= n;
+    }
+    return off;
+}
+
 // ---- element access of the plain dtypes as f32 (rounding to nearest even on stores) ----
 
 __device__ __forceinline__ float to_load(const char *base, int dtype, int64_t i) {
@@ -131,6 +142,24 @@ __device__ __forceinline__ float to_block_sum(float v, float *scratch) {
     __syncthreads();
     v = lane < nwarps ? scratch[lane] : 0.0f;
     return to_warp_sum(v);
+}
+
+// In double, where the CPU sums in double too (softmax's exponentials, rms_norm's squares).
+__device__ __forceinline__ double to_warp_sum_double(double v) {
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double to_block_sum_double(double v, double *scratch) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    v = to_warp_sum_double(v);
+    __syncthreads(); // scratch may still be read from a previous call
+    if (lane == 0)
+        scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0;
+    return to_warp_sum_double(v);
 }
 
 __device__ __forceinline__ float to_block_max(float v, float *scratch) {

@@ -49,25 +49,6 @@ __global__ void elementwise_kernel(TensorView out, TensorView a, TensorView b, i
 
 // ---- softmax ----
 
-__device__ __forceinline__ double warp_sum_double(double v) {
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// as to_block_sum, in double: the sum of a long row's exponentials keeps ~1e-16 relative error
-// where f32 partial sums would lose ~1e-6 (the CPU sums in double too)
-__device__ __forceinline__ double block_sum_double(double v, double *scratch) {
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    v = warp_sum_double(v);
-    __syncthreads();
-    if (lane == 0)
-        scratch[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? scratch[lane] : 0.0;
-    return warp_sum_double(v);
-}
-
 // Softmax of rows of length n: a warp per row (kWarp, short rows, several rows per block) or a
 // block per row. Three passes over the row, as the CPU does: the maximum m (NaN never compares
 // greater, so it is skipped here and poisons the sum instead), the sum of e^(x - m) in double,
@@ -102,7 +83,7 @@ __global__ void softmax_kernel(TensorView out, TensorView x, int64_t rows, int64
         double s = 0.0;
         for (int64_t k = tid; k < n; k += nthreads)
             s += (double)expf(__fsub_rn(to_load(x.data, x.dtype, xr + k * sx), m));
-        s = kWarp ? warp_sum_double(s) : block_sum_double(s, dscratch);
+        s = kWarp ? to_warp_sum_double(s) : to_block_sum_double(s, dscratch);
 
         // sum >= 1 (the maximum contributes e^0) unless NaN/inf crept in, which then spreads
         float inv = (float)(1.0 / s);

@@ -28,6 +28,7 @@
 // per lane; up to ~8 rows it stays bound by the weight stream (the CPU path uses the same split).
 // Beyond that the tiled kernels, which reuse each loaded weight for 64 rows, win.
 #include "cuda/common.cuh"
+#include "cuda/quant.cuh"
 
 #include <mma.h>
 
@@ -95,13 +96,7 @@ struct Q4_K {
         int j = (int)(k % BS), sb = j / 32, l = j % 32;
         const uint8_t *s = (const uint8_t *)b + 4; // 12 bytes of 6-bit scales and mins
         int sc, m;
-        if (sb < 4) {
-            sc = s[sb] & 63;
-            m = s[sb + 4] & 63;
-        } else {
-            sc = (s[sb + 4] & 0xF) | ((s[sb - 4] >> 6) << 4);
-            m = (s[sb + 4] >> 4) | ((s[sb] >> 6) << 4);
-        }
+        to_q4k_scale_min(s, sb, &sc, &m);
         float d1 = __fmul_rn(f16_at(b), (float)sc), m1 = __fmul_rn(f16_at(b + 2), (float)m);
         // sub-blocks 2i and 2i+1 share 32 bytes of qs: low nibbles for 2i, high for 2i+1
         uint32_t q = u32_at(b + 16 + 32 * (sb / 2) + l) >> (sb & 1 ? 4 : 0);

@@ -17,31 +17,6 @@
 
 namespace {
 
-// Element offset of row `row` of v: the row-major index over all dimensions but the last.
-__device__ __forceinline__ int64_t row_offset(const TensorView &v, int64_t row) {
-    int64_t off = 0;
-    for (int d = v.ndim - 2; d >= 0; d--) {
-        int64_t n = v.shape[d];
-        off += (row % n) * v.strides[d];
-        row /= n;
-    }
-    return off;
-}
-
-// Sum of a double over the block (blockDim.x a multiple of 32); every thread gets the result.
-__device__ double block_sum_double(double v, double *scratch) {
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0)
-        scratch[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? scratch[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // The value element i of the row rounds to when stored in `dtype` (what the CPU reads back).
 __device__ __forceinline__ float round_to(int dtype, float v) {
     if (dtype == TO_F16)
@@ -66,8 +41,8 @@ __global__ void rms_norm_kernel(NormArgs a) {
     const int64_t sr = a.has_residual ? a.residual.strides[a.residual.ndim - 1] : 0;
 
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-        const int64_t xo = row_offset(a.x, row), oo = row_offset(a.out, row);
-        const int64_t ro = a.has_residual ? row_offset(a.residual, row) : 0;
+        const int64_t xo = to_row_offset_dev(a.x, row), oo = to_row_offset_dev(a.out, row);
+        const int64_t ro = a.has_residual ? to_row_offset_dev(a.residual, row) : 0;
 
         // pass 1: (residual update and) sum of squares
         double ss = 0.0;
@@ -81,7 +56,7 @@ __global__ void rms_norm_kernel(NormArgs a) {
             }
             ss += (double)v * (double)v;
         }
-        ss = block_sum_double(ss, scratch);
+        ss = to_block_sum_double(ss, scratch);
         const float rinv = (float)(1.0 / sqrt(ss / (double)d + a.eps));
 
         // pass 2: out = (v * rinv) * w, reading the row again (the updated residual, or x)

@@ -20,6 +20,18 @@ __device__ __forceinline__ float to_f16_at(const uint8_t *p) {
     return f16_bits_to_f32((uint16_t)(p[0] | (p[1] << 8)));
 }
 
+// The 6-bit scale and min of sub-block sb of a Q4_K block from its 12 packed bytes s (GGML's
+// get_scale_min_k4).
+__device__ __forceinline__ void to_q4k_scale_min(const uint8_t *s, int sb, int *sc, int *m) {
+    if (sb < 4) {
+        *sc = s[sb] & 63;
+        *m = s[sb + 4] & 63;
+    } else {
+        *sc = (s[sb + 4] & 0xF) | ((s[sb - 4] >> 6) << 4);
+        *m = (s[sb + 4] >> 4) | ((s[sb] >> 6) << 4);
+    }
+}
+
 // Element j of the block at blk, as csrc/cpu/quant.c computes it (layouts in cpu/quant.h).
 __device__ inline float to_dequant_element(int dtype, const uint8_t *blk, int j) {
     switch (dtype) {
@@ -37,13 +49,7 @@ __device__ inline float to_dequant_element(int dtype, const uint8_t *blk, int j)
     case TO_Q4_K: { // d, dmin, scales[12], qs[128]: (d * sc) * q - (dmin * m) per sub-block of 32
         const uint8_t *s = blk + 4, *qs = blk + 16;
         int sb = j / 32, l = j % 32, sc, m;
-        if (sb < 4) {
-            sc = s[sb] & 63;
-            m = s[sb + 4] & 63;
-        } else {
-            sc = (s[sb + 4] & 0xF) | ((s[sb - 4] >> 6) << 4);
-            m = (s[sb + 4] >> 4) | ((s[sb] >> 6) << 4);
-        }
+        to_q4k_scale_min(s, sb, &sc, &m);
         float d1 = __fmul_rn(to_f16_at(blk), (float)sc), m1 = __fmul_rn(to_f16_at(blk + 2), (float)m);
         int q = (qs[32 * (sb / 2) + l] >> (sb & 1 ? 4 : 0)) & 0xF;
         return __fsub_rn(__fmul_rn(d1, (float)q), m1);

@@ -35,17 +35,6 @@ struct RowArgs {
     int k;
 };
 
-// Element offset of row `row` of v: the row-major index over all dimensions but the last.
-__device__ __forceinline__ int64_t row_offset(const TensorView &v, int64_t row) {
-    int64_t off = 0;
-    for (int d = v.ndim - 2; d >= 0; d--) {
-        int64_t n = v.shape[d];
-        off += (row % n) * v.strides[d];
-        row /= n;
-    }
-    return off;
-}
-
 // The value's rank as an unsigned integer (same as order_key in csrc/cpu/reduce.c).
 __device__ __forceinline__ uint32_t order_key(float v) {
     if (v != v)
@@ -78,7 +67,7 @@ __global__ void argmax_kernel(RowArgs a) {
     __shared__ int64_t sidx[32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-        const int64_t xo = row_offset(a.x, row);
+        const int64_t xo = to_row_offset_dev(a.x, row);
         // key 0 is below every real key, so the first element always replaces it
         uint32_t key = 0;
         int64_t idx = INT64_MAX;
@@ -212,8 +201,8 @@ __global__ void topk_kernel(RowArgs a) {
     const int xsize = a.x.dtype == TO_F32 ? 4 : 2;
 
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-        const int64_t xo = row_offset(a.x, row);
-        const int64_t vo = row_offset(a.values, row), io = row_offset(a.indices, row);
+        const int64_t xo = to_row_offset_dev(a.x, row);
+        const int64_t vo = to_row_offset_dev(a.values, row), io = to_row_offset_dev(a.indices, row);
         uint64_t upper = 0; // the previous chunk's lowest key (unused for the first chunk)
         for (int64_t s = 0; s < a.k; s += kChunk) {
             const int m = (int)(a.k - s < kChunk ? a.k - s : kChunk);
