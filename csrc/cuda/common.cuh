@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <utility>
 
 // The stream every op of GPU `device_index` runs on (created on first use, non-blocking, so
 // work on it is ordered only by itself; copies to and from the host use it too). Also makes
@@ -174,3 +175,43 @@ __device__ __forceinline__ float to_block_max(float v, float *scratch) {
 }
 
 inline int64_t to_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- programmatic dependent launch (Hopper) ----
+// Every kernel is launched with to_launch, which lets it start while the kernel before it on the
+// stream is still finishing (its blocks can be scheduled, and read what does not depend on that
+// kernel: weights). Each kernel therefore calls to_pdl_wait() in every thread before its first
+// access to memory an earlier kernel writes or reads, and before it writes anything; the wait
+// returns once the previous kernel has completed and its writes are visible. Because every
+// kernel waits, completion is transitive: when a kernel finishes, all before it have too.
+// to_pdl_trigger() lets the next kernel launch once every block of this one has called it (or
+// exited); kernels call it early, so the next one's blocks fill the SMs as this one's last wave
+// drains. On GPUs before sm_90 both are no-ops and launches are ordinary stream order.
+__device__ __forceinline__ void to_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void to_pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch. Returns the
+// launch's error (callers go on to to_cuda_check_launch as after <<<>>>).
+template <typename... Params, typename... Args>
+inline cudaError_t to_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, Args &&...args) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}

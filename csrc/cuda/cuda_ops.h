@@ -63,6 +63,13 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
                             const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
                             const to_tensor *context_lens, const to_tensor *block_tables, double scale);
 
+/* ---- sample.cu ---- */
+/* as to_cpu_sample (csrc/cpu/sample.h): the same token for the same inputs; every parameter value
+ * was checked on the host by csrc/ops/sample.c (parameter tensors are then on the GPU too) */
+int to_cuda_sample(const to_tensor *out, const to_tensor *logits, const to_tensor *temperature,
+                   const to_tensor *top_k, const to_tensor *top_p, const to_tensor *min_p,
+                   const to_tensor *uniform);
+
 #pragma GCC visibility pop
 #ifdef __cplusplus
 }

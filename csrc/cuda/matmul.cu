@@ -28,6 +28,7 @@
 // per lane; up to ~8 rows it stays bound by the weight stream (the CPU path uses the same split).
 // Beyond that the tiled kernels, which reuse each loaded weight for 64 rows, win.
 #include "cuda/common.cuh"
+#include "cuda/matmul.cuh"
 #include "cuda/quant.cuh"
 
 #include <mma.h>
@@ -171,33 +172,6 @@ template <class Q> struct Quant {
     __device__ static void load(const char *row, int64_t k, float v[4]) { Q::load4(row, k, v); }
     __device__ static float load1(const char *, int64_t) { return 0.0f; } // never called: K is whole blocks
 };
-
-// ---------------------------------------------------------------------------------------------
-// Shared argument block
-// ---------------------------------------------------------------------------------------------
-
-struct MatmulArgs {
-    int64_t M, N, K;
-    const char *x;      // x[m, k] at element m * xs0 + k * xs1
-    int64_t xs0, xs1;
-    int x_dt;
-    const char *w;      // row n starts at byte n * w_row_bytes
-    int64_t w_row_bytes;
-    int w_dt;
-    bool w_quant;       // block-quantized w
-    char *out;          // out[m, n] at element m * os0 + n
-    int64_t os0;
-    int out_dt;
-    const char *bias;   // bias[n] at element n * bs0, or NULL
-    int64_t bs0;
-    int bias_dt;
-};
-
-__device__ __forceinline__ void store_out(const MatmulArgs &a, int64_t m, int64_t n, float acc) {
-    if (a.bias)
-        acc += to_load(a.bias, a.bias_dt, n * a.bs0);
-    to_store(a.out, a.out_dt, m * a.os0 + n, acc);
-}
 
 // ---------------------------------------------------------------------------------------------
 // GEMV: MR >= M rows of x, one warp per weight row, GEMV_WARPS rows per block.

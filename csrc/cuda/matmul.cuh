@@ -1,0 +1,33 @@
+// matmul.cuh - what matmul.cu (GEMV, small GEMMs) and gemm_sm90.cu (the Hopper tensor-core GEMM
+// for prefill) share: the argument block of one product and the output store.
+#pragma once
+
+#include "cuda/common.cuh"
+
+struct MatmulArgs {
+    int64_t M, N, K;
+    const char *x;      // x[m, k] at element m * xs0 + k * xs1
+    int64_t xs0, xs1;
+    int x_dt;
+    const char *w;      // row n starts at byte n * w_row_bytes
+    int64_t w_row_bytes;
+    int w_dt;
+    bool w_quant;       // block-quantized w
+    char *out;          // out[m, n] at element m * os0 + n
+    int64_t os0;
+    int out_dt;
+    const char *bias;   // bias[n] at element n * bs0, or NULL
+    int64_t bs0;
+    int bias_dt;
+};
+
+__device__ __forceinline__ void store_out(const MatmulArgs &a, int64_t m, int64_t n, float acc) {
+    if (a.bias)
+        acc += to_load(a.bias, a.bias_dt, n * a.bs0);
+    to_store(a.out, a.out_dt, m * a.os0 + n, acc);
+}
+
+// The Hopper GEMM (gemm_sm90.cu): x and w both bf16 or both f16. Returns 1 when it launched the
+// product on `stream`, 0 when this GPU, build or shape is not one it handles (the caller then
+// uses its own kernels); launch errors are left for to_cuda_check_launch.
+int to_cuda_gemm_sm90(const MatmulArgs &a, int device_index, cudaStream_t stream);
