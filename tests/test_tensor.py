@@ -233,6 +233,18 @@ def test_slicing_shares_memory():
         t[::-1]
 
 
+def test_unflatten_of_a_column_slice_is_a_view():
+    t = base_3x4()
+    u = t.narrow(1, 0, 4).unflatten(1, (2, 2))
+    assert u.shape == (3, 2, 2) and u.strides == (4, 2, 1) and addr(u) == addr(t)
+    v = t.narrow(1, 2, 2).unflatten(1, (1, 2))  # a strided view, as q/k/v of a fused product
+    assert v.shape == (3, 1, 2) and v.strides == (4, 2, 1) and addr(v) == addr(t) + 8
+    assert v.tolist() == [[[2, 3]], [[6, 7]], [[10, 11]]]
+    assert t.unflatten(-1, (4,)).shape == (3, 4)
+    with pytest.raises(ValueError, match="unflatten"):
+        t.unflatten(1, (3, 2))
+
+
 def test_narrow_unsqueeze_squeeze_share_memory():
     t = base_3x4()
     n = t.narrow(1, 1, 2)

@@ -131,6 +131,8 @@ __device__ __forceinline__ void copy_element(const TensorView &out, int64_t oo, 
 // branch; kContiguous drops the offset arithmetic when both tensors are dense.
 template <bool kContiguous>
 __global__ void copy_plain_kernel(TensorView out, TensorView x, int64_t n) {
+    to_pdl_wait();
+    to_pdl_trigger();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         int64_t oo = kContiguous ? i : to_offset(out, i);
         int64_t xo = kContiguous ? i : to_offset(x, i);
@@ -145,6 +147,8 @@ __global__ void copy_plain_kernel(TensorView out, TensorView x, int64_t n) {
 // offset % bs the element in it. Neighbouring threads read neighbouring bytes of one block.
 template <bool kContiguous>
 __global__ void dequant_kernel(TensorView out, TensorView x, int block_size, int block_bytes, int64_t n) {
+    to_pdl_wait();
+    to_pdl_trigger();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         int64_t xo = kContiguous ? i : to_offset(x, i);
         int64_t oo = kContiguous ? i : to_offset(out, i);
@@ -157,6 +161,8 @@ __global__ void dequant_kernel(TensorView out, TensorView x, int block_size, int
 // flattened blocks is byte i % block_bytes of block i / block_bytes, whose first element is
 // element (i / block_bytes) * block_size in logical order.
 __global__ void copy_blocks_kernel(TensorView out, TensorView x, int block_size, int block_bytes, int64_t nbytes) {
+    to_pdl_wait();
+    to_pdl_trigger();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < nbytes; i += (int64_t)gridDim.x * blockDim.x) {
         int64_t b = i / block_bytes, first = b * block_size;
         int64_t xb = to_offset(x, first) / block_size, ob = to_offset(out, first) / block_size;
@@ -170,6 +176,8 @@ __global__ void copy_blocks_kernel(TensorView out, TensorView x, int block_size,
 // Every element of out = the bits `pattern` (an element of out's dtype, prepared on the host).
 template <typename T>
 __global__ void fill_kernel(TensorView out, T pattern, int64_t n, bool contiguous) {
+    to_pdl_wait();
+    to_pdl_trigger();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         ((T *)out.data)[contiguous ? i : to_offset(out, i)] = pattern;
 }
@@ -178,7 +186,7 @@ template <typename T>
 void launch_fill(const to_tensor *out, const unsigned char *pattern, int64_t n, cudaStream_t stream) {
     T value;
     memcpy(&value, pattern, sizeof(T));
-    fill_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(to_view(out), value, n, to_is_contiguous(out) != 0);
+    to_launch(fill_kernel<T>, blocks_for(n), kThreads, 0, stream, to_view(out), value, n, to_is_contiguous(out) != 0);
 }
 
 bool host_is_int(int dtype) { return dtype == TO_I8 || dtype == TO_I32 || dtype == TO_I64 || dtype == TO_U8; }
@@ -201,21 +209,21 @@ int to_cuda_copy(const to_tensor *out, const to_tensor *x) {
         if (contiguous) // whole blocks, one run of bytes
             cudaMemcpyAsync(out->data, x->data, (size_t)to_dtype_bytes(x->dtype, n), cudaMemcpyDeviceToDevice, stream);
         else
-            copy_blocks_kernel<<<blocks_for(n / bs * bb), kThreads, 0, stream>>>(ov, xv, bs, bb, n / bs * bb);
+            to_launch(copy_blocks_kernel, blocks_for(n / bs * bb), kThreads, 0, stream, ov, xv, bs, bb, n / bs * bb);
     } else if (bs > 1) {
         if (to_is_quantized(out->dtype) || !(TO_FLOAT_DTYPES & TO_MASK(out->dtype)))
             return to_fail(TO_ERR_UNSUPPORTED, "to_copy: on a GPU, %s dequantizes only into float32, "
                            "float16 or bfloat16", to_dtype_name(x->dtype));
         if (contiguous)
-            dequant_kernel<true><<<blocks_for(n), kThreads, 0, stream>>>(ov, xv, bs, bb, n);
+            to_launch(dequant_kernel<true>, blocks_for(n), kThreads, 0, stream, ov, xv, bs, bb, n);
         else
-            dequant_kernel<false><<<blocks_for(n), kThreads, 0, stream>>>(ov, xv, bs, bb, n);
+            to_launch(dequant_kernel<false>, blocks_for(n), kThreads, 0, stream, ov, xv, bs, bb, n);
     } else if (to_is_quantized(out->dtype)) {
         return to_fail(TO_ERR_UNSUPPORTED, "to_copy: on a GPU, tensors are not quantized (do that on the CPU)");
     } else if (contiguous) {
-        copy_plain_kernel<true><<<blocks_for(n), kThreads, 0, stream>>>(ov, xv, n);
+        to_launch(copy_plain_kernel<true>, blocks_for(n), kThreads, 0, stream, ov, xv, n);
     } else {
-        copy_plain_kernel<false><<<blocks_for(n), kThreads, 0, stream>>>(ov, xv, n);
+        to_launch(copy_plain_kernel<false>, blocks_for(n), kThreads, 0, stream, ov, xv, n);
     }
     return to_cuda_check_launch("to_copy");
 }

@@ -34,6 +34,8 @@ __device__ __forceinline__ float silu(float z) {
 // branch. kContiguous: every operand dense, so the logical index is the memory index.
 template <bool kContiguous>
 __global__ void elementwise_kernel(TensorView out, TensorView a, TensorView b, int op, float scale, int64_t n) {
+    to_pdl_wait();
+    to_pdl_trigger();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float x = to_load(a.data, a.dtype, kContiguous ? i : to_offset(a, i));
         float y = op == TO_EW_SCALE ? scale : to_load(b.data, b.dtype, kContiguous ? i : to_offset(b, i));
@@ -56,6 +58,8 @@ __global__ void elementwise_kernel(TensorView out, TensorView a, TensorView b, i
 // NaN; a +inf gives inf - inf = NaN in the sum, so its row is all NaN too.
 template <bool kWarp>
 __global__ void softmax_kernel(TensorView out, TensorView x, int64_t rows, int64_t n) {
+    to_pdl_wait();
+    to_pdl_trigger();
     __shared__ float fscratch[32];
     __shared__ double dscratch[32];
     const int tid = kWarp ? threadIdx.x % 32 : threadIdx.x;
@@ -111,9 +115,9 @@ int to_cuda_elementwise(const to_tensor *out, const to_tensor *a, const to_tenso
         bv = to_view(b);
     bool contiguous = to_is_contiguous(out) && to_is_contiguous(a) && (op == TO_EW_SCALE || to_is_contiguous(b));
     if (contiguous)
-        elementwise_kernel<true><<<blocks_for(n), kThreads, 0, stream>>>(to_view(out), to_view(a), bv, op, scale, n);
+        to_launch(elementwise_kernel<true>, blocks_for(n), kThreads, 0, stream, to_view(out), to_view(a), bv, op, scale, n);
     else
-        elementwise_kernel<false><<<blocks_for(n), kThreads, 0, stream>>>(to_view(out), to_view(a), bv, op, scale, n);
+        to_launch(elementwise_kernel<false>, blocks_for(n), kThreads, 0, stream, to_view(out), to_view(a), bv, op, scale, n);
     static const char *const names[] = {"to_add", "to_mul", "to_scale", "to_silu_mul"};
     return to_cuda_check_launch(op >= 0 && op < 4 ? names[op] : "to_elementwise");
 }
@@ -128,13 +132,11 @@ int to_cuda_softmax(const to_tensor *out, const to_tensor *x) {
     if (n <= 512) {
         // a warp per row (each lane at most 16 elements), 8 rows per block
         int64_t blocks = to_ceil_div(rows, kThreads / 32);
-        softmax_kernel<true><<<(int)(blocks < kMaxBlocks ? blocks : kMaxBlocks), kThreads, 0, stream>>>(
-            to_view(out), to_view(x), rows, n);
+        to_launch(softmax_kernel<true>, (int)(blocks < kMaxBlocks ? blocks : kMaxBlocks), kThreads, 0, stream, to_view(out), to_view(x), rows, n);
     } else {
         // a block per row: 1024 threads for long rows (a vocabulary), fewer for shorter ones
         int threads = n >= 8192 ? 1024 : n >= 2048 ? 512 : 256;
-        softmax_kernel<false><<<(int)(rows < kMaxBlocks ? rows : kMaxBlocks), threads, 0, stream>>>(
-            to_view(out), to_view(x), rows, n);
+        to_launch(softmax_kernel<false>, (int)(rows < kMaxBlocks ? rows : kMaxBlocks), threads, 0, stream, to_view(out), to_view(x), rows, n);
     }
     return to_cuda_check_launch("to_softmax");
 }

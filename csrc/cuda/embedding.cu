@@ -33,6 +33,8 @@ __device__ __forceinline__ float dequant_row_element(int dtype, const uint8_t *r
 }
 
 __global__ void embedding_kernel(EmbeddingArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
     const int64_t so = a.out.strides[1], st = a.table.strides[1];
     const bool same = a.elem_size > 0;
     for (int64_t t = blockIdx.x; t < a.T; t += gridDim.x) {
@@ -96,6 +98,6 @@ extern "C" int to_cuda_embedding(const to_tensor *out, const to_tensor *table, c
     }
     int threads = D >= 512 ? 256 : D >= 128 ? 128 : 64;
     int64_t blocks = T < (1 << 30) ? T : (1 << 30);
-    embedding_kernel<<<(unsigned)blocks, threads, 0, stream>>>(a);
+    to_launch(embedding_kernel, (unsigned)blocks, threads, 0, stream, a);
     return to_cuda_check_launch("to_embedding");
 }

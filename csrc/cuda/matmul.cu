@@ -181,6 +181,8 @@ template <class Q> struct Quant {
 // ~40 and spilled a few bytes in the Q4_K / Q4_0 kernels. 4 blocks of 32 KB still fit an SM.)
 template <int MR, class W>
 __global__ void __launch_bounds__(32 * GEMV_WARPS, 4) gemv_kernel(MatmulArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
     constexpr int KC = GEMV_SMEM_FLOATS / MR; // k per staged chunk of x (a multiple of 256)
     constexpr int VEC = W::VEC;
     __shared__ __align__(16) float xs[MR * KC]; // x[m, k0 + kk] at xs[m * KC + kk], as f32
@@ -251,13 +253,13 @@ template <class W>
 static void launch_gemv(const MatmulArgs &a, cudaStream_t stream) {
     dim3 grid((unsigned)to_ceil_div(a.N, GEMV_WARPS)), block(32 * GEMV_WARPS);
     if (a.M <= 1)
-        gemv_kernel<1, W><<<grid, block, 0, stream>>>(a);
+        to_launch(gemv_kernel<1, W>, grid, block, 0, stream, a);
     else if (a.M <= 2)
-        gemv_kernel<2, W><<<grid, block, 0, stream>>>(a);
+        to_launch(gemv_kernel<2, W>, grid, block, 0, stream, a);
     else if (a.M <= 4)
-        gemv_kernel<4, W><<<grid, block, 0, stream>>>(a);
+        to_launch(gemv_kernel<4, W>, grid, block, 0, stream, a);
     else
-        gemv_kernel<8, W><<<grid, block, 0, stream>>>(a);
+        to_launch(gemv_kernel<8, W>, grid, block, 0, stream, a);
 }
 
 template <typename T>
@@ -266,6 +268,162 @@ static void launch_gemv_float(const MatmulArgs &a, bool aligned16, cudaStream_t 
         launch_gemv<FloatVec<T>>(a, stream);
     else
         launch_gemv<FloatScalar<T>>(a, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming GEMV (decode's hot path): float w (f32/f16/bf16) with 16-byte aligned rows and K a
+// multiple of the 16-byte vector, x f32 with unit stride and 16-byte aligned rows (the model's
+// activations). Differences from gemv_kernel above, all aimed at having as many weight bytes in
+// flight as early as possible, which is what a small GEMV's time is made of:
+//  - before waiting for the previous kernel, each warp asks the L2 to prefetch its row range
+//    (safe whatever that kernel writes: the L2 is coherent), so the DRAM latency overlaps the
+//    previous kernel's tail;
+//  - each lane keeps 2 x GV_GROUP 16-byte weight loads in flight (double-buffered groups);
+//  - x is read straight from global memory (L1/L2 hits after the first warp), so there is no
+//    staging pass and no barrier;
+//  - KSPLIT warps share one row (interleaved 16-byte columns) when N alone gives too few blocks
+//    to cover the GPU, their partial sums meeting in shared memory.
+// ---------------------------------------------------------------------------------------------
+
+#define GV_GROUP 4 // 16-byte loads per lane per group
+
+__device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+template <typename T> __device__ __forceinline__ void unpack16(uint4 raw, float v[16 / sizeof(T)]) {
+    const T *t = (const T *)&raw;
+#pragma unroll
+    for (int i = 0; i < (int)(16 / sizeof(T)); i++)
+        v[i] = to_f32(t[i]);
+}
+
+template <int MR, typename T, int KSPLIT>
+__global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs a) {
+    constexpr int VEC = 16 / sizeof(T);          // weights per 16-byte load
+    constexpr int ROWS = GEMV_WARPS / KSPLIT;    // weight rows per block
+    __shared__ float partial[GEMV_WARPS][MR];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int part = warp % KSPLIT;
+    int64_t n = (int64_t)blockIdx.x * ROWS + warp / KSPLIT;
+    bool active = n < a.N;
+    const uint4 *wrow = (const uint4 *)(a.w + (active ? n : 0) * a.w_row_bytes);
+    int64_t nvec = a.K / VEC;                    // 16-byte vectors per row
+    if (active && lane == 0 && part == 0)
+        prefetch_l2(wrow, (uint32_t)(nvec * 16));
+
+    to_pdl_wait();
+    to_pdl_trigger();
+
+    // This lane's vectors: j = j0, j0 + stride, ...; the warps of a row interleave by 32 vectors.
+    const int64_t stride = 32 * KSPLIT, j0 = part * 32 + lane;
+    auto load_group = [&](uint4 g[GV_GROUP], int64_t j) {
+#pragma unroll
+        for (int i = 0; i < GV_GROUP; i++)
+            g[i] = active && j + i * stride < nvec ? __ldg(wrow + j + i * stride) : make_uint4(0, 0, 0, 0);
+    };
+    float acc[MR];
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+        acc[m] = 0.0f;
+
+    uint4 cur[GV_GROUP], nxt[GV_GROUP];
+    load_group(cur, j0);
+    for (int64_t j = j0; j < nvec; j += GV_GROUP * stride) {
+        load_group(nxt, j + GV_GROUP * stride);
+#pragma unroll
+        for (int i = 0; i < GV_GROUP; i++) {
+            int64_t k = (j + i * stride) * VEC;
+            if (k >= a.K)
+                break;
+            float wv[VEC];
+            unpack16<T>(cur[i], wv);
+#pragma unroll
+            for (int m = 0; m < MR; m++) {
+                if (m >= a.M)
+                    break;
+                const float4 *xr = (const float4 *)((const float *)a.x + m * a.xs0 + k);
+#pragma unroll
+                for (int q = 0; q < VEC / 4; q++) {
+                    float4 xv = __ldg(xr + q);
+                    acc[m] += wv[4 * q] * xv.x + wv[4 * q + 1] * xv.y + wv[4 * q + 2] * xv.z + wv[4 * q + 3] * xv.w;
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < GV_GROUP; i++)
+            cur[i] = nxt[i];
+    }
+
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+        acc[m] = to_warp_sum(acc[m]);
+    if constexpr (KSPLIT == 1) {
+        if (active && lane == 0)
+#pragma unroll
+            for (int m = 0; m < MR; m++)
+                if (m < a.M)
+                    store_out(a, m, n, acc[m]);
+    } else {
+        if (lane == 0)
+#pragma unroll
+            for (int m = 0; m < MR; m++)
+                partial[warp][m] = acc[m];
+        __syncthreads();
+        if (active && part == 0 && lane < a.M) {
+            float s = 0.0f;
+#pragma unroll
+            for (int p = 0; p < KSPLIT; p++)
+                s += partial[warp + p][lane];
+            store_out(a, lane, n, s);
+        }
+    }
+}
+
+static int sm_count(int device_index) {
+    static int cached[64];
+    if (device_index < 0 || device_index >= 64)
+        return 132;
+    if (!cached[device_index]) {
+        int v = 0;
+        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess || v <= 0)
+            v = 132;
+        cached[device_index] = v;
+    }
+    return cached[device_index];
+}
+
+template <int MR, typename T>
+static void launch_gemv_stream_rows(const MatmulArgs &a, int device_index, cudaStream_t stream) {
+    // Split rows over more warps while N alone gives fewer than ~4 blocks per SM (all of them are
+    // then resident at once, so every weight byte is requested at once) and each lane keeps at
+    // least one 16-byte vector.
+    constexpr int VEC = 16 / sizeof(T);
+    int64_t want = 4 * (int64_t)sm_count(device_index);
+    int ksplit = 1;
+    while (ksplit < GEMV_WARPS && to_ceil_div(a.N * ksplit, GEMV_WARPS) < want && a.K / VEC >= 32 * 2 * ksplit)
+        ksplit *= 2;
+    dim3 block(32 * GEMV_WARPS);
+    switch (ksplit) {
+    case 1: to_launch(gemv_stream_kernel<MR, T, 1>, dim3((unsigned)to_ceil_div(a.N, GEMV_WARPS)), block, 0, stream, a); break;
+    case 2: to_launch(gemv_stream_kernel<MR, T, 2>, dim3((unsigned)to_ceil_div(a.N, GEMV_WARPS / 2)), block, 0, stream, a); break;
+    case 4: to_launch(gemv_stream_kernel<MR, T, 4>, dim3((unsigned)to_ceil_div(a.N, GEMV_WARPS / 4)), block, 0, stream, a); break;
+    default: to_launch(gemv_stream_kernel<MR, T, 8>, dim3((unsigned)a.N), block, 0, stream, a); break;
+    }
+}
+
+template <typename T>
+static void launch_gemv_stream(const MatmulArgs &a, int device_index, cudaStream_t stream) {
+    if (a.M <= 1)
+        launch_gemv_stream_rows<1, T>(a, device_index, stream);
+    else if (a.M <= 2)
+        launch_gemv_stream_rows<2, T>(a, device_index, stream);
+    else if (a.M <= 4)
+        launch_gemv_stream_rows<4, T>(a, device_index, stream);
+    else
+        launch_gemv_stream_rows<8, T>(a, device_index, stream);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -279,6 +437,8 @@ static void launch_gemv_float(const MatmulArgs &a, bool aligned16, cudaStream_t 
 #define FG_BK 16
 
 __global__ void __launch_bounds__(256) gemm_fma_kernel(MatmulArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
     // k-major tiles so that a thread's 4 rows (or columns) are one float4; +4 pads the stores
     __shared__ __align__(16) float xt[FG_BK][FG_BM + 4];
     __shared__ __align__(16) float wt[FG_BK][FG_BN + 4];
@@ -357,6 +517,8 @@ __global__ void __launch_bounds__(256) gemm_fma_kernel(MatmulArgs a) {
 
 template <typename T>
 __global__ void __launch_bounds__(128) gemm_tc_kernel(MatmulArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
     using namespace nvcuda;
     __shared__ __align__(32) uint16_t xt[TC_BM * TC_LD]; // x[m0 + r, k0 + c] at r * TC_LD + c
     __shared__ __align__(32) uint16_t wt[TC_BN * TC_LD]; // w[n0 + r, k0 + c] at r * TC_LD + c
@@ -455,6 +617,15 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
         // 16-byte loads need every row start 16-byte aligned (K itself may be anything: the
         // kernel finishes each chunk with scalar loads)
         bool aligned16 = (uintptr_t)a.w % 16 == 0 && (a.N == 1 || a.w_row_bytes % 16 == 0);
+        bool x_streams = a.x_dt == TO_F32 && a.xs1 == 1 && (uintptr_t)a.x % 16 == 0 && (a.M == 1 || a.xs0 % 4 == 0);
+        int vec = w->dtype == TO_F32 ? 4 : 8;
+        if (aligned16 && x_streams && a.K % vec == 0 && a.K / vec <= UINT32_MAX / 16) {
+            switch (w->dtype) {
+            case TO_F32: launch_gemv_stream<float>(a, out->device_index, stream); return to_cuda_check_launch("to_matmul");
+            case TO_F16: launch_gemv_stream<__half>(a, out->device_index, stream); return to_cuda_check_launch("to_matmul");
+            case TO_BF16: launch_gemv_stream<__nv_bfloat16>(a, out->device_index, stream); return to_cuda_check_launch("to_matmul");
+            }
+        }
         switch (w->dtype) {
         case TO_F32: launch_gemv_float<float>(a, aligned16, stream); break;
         case TO_F16: launch_gemv_float<__half>(a, aligned16, stream); break;
@@ -472,12 +643,12 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
     // N along grid x (up to 2^31 - 1 tiles), M along grid y (65535 tiles of 64: M < 4.19M rows)
     dim3 grid_tc((unsigned)to_ceil_div(a.N, TC_BN), (unsigned)to_ceil_div(a.M, TC_BM));
     if (x->dtype == TO_BF16 && w->dtype == TO_BF16)
-        gemm_tc_kernel<__nv_bfloat16><<<grid_tc, 128, 0, stream>>>(a);
+        to_launch(gemm_tc_kernel<__nv_bfloat16>, grid_tc, 128, 0, stream, a);
     else if (x->dtype == TO_F16 && w->dtype == TO_F16)
-        gemm_tc_kernel<__half><<<grid_tc, 128, 0, stream>>>(a);
+        to_launch(gemm_tc_kernel<__half>, grid_tc, 128, 0, stream, a);
     else {
         dim3 grid((unsigned)to_ceil_div(a.N, FG_BN), (unsigned)to_ceil_div(a.M, FG_BM));
-        gemm_fma_kernel<<<grid, 256, 0, stream>>>(a);
+        to_launch(gemm_fma_kernel, grid, 256, 0, stream, a);
     }
     return to_cuda_check_launch("to_matmul");
 }

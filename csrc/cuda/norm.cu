@@ -34,6 +34,8 @@ struct NormArgs {
 };
 
 __global__ void rms_norm_kernel(NormArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
     __shared__ double scratch[32];
     const int64_t d = a.d;
     const int64_t sx = a.x.strides[a.x.ndim - 1], so = a.out.strides[a.out.ndim - 1];
@@ -91,6 +93,6 @@ extern "C" int to_cuda_rms_norm(const to_tensor *out, const to_tensor *residual,
     // enough threads that a long row is a few loads per thread; short rows waste little
     int threads = a.d >= 4096 ? 512 : a.d >= 1024 ? 256 : 128;
     int64_t blocks = a.rows < (1 << 30) ? a.rows : (1 << 30);
-    rms_norm_kernel<<<(unsigned)blocks, threads, 0, stream>>>(a);
+    to_launch(rms_norm_kernel, (unsigned)blocks, threads, 0, stream, a);
     return to_cuda_check_launch("to_rms_norm");
 }

@@ -63,6 +63,8 @@ __device__ __forceinline__ void keep_better(uint32_t &key, int64_t &idx, uint32_
 }
 
 __global__ void argmax_kernel(RowArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
     __shared__ uint32_t skey[32];
     __shared__ int64_t sidx[32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
@@ -194,6 +196,8 @@ __device__ void bitonic_sort_desc(uint64_t *buf, int p) {
 }
 
 __global__ void topk_kernel(RowArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
     __shared__ uint64_t buf[kChunk];
     __shared__ SelectShared sh;
     const int64_t svals = a.values.strides[a.values.ndim - 1], sidx = a.indices.strides[a.indices.ndim - 1];
@@ -263,7 +267,7 @@ extern "C" int to_cuda_argmax(const to_tensor *out, const to_tensor *x) {
     a.k = 1;
     int threads = n >= 8192 ? 1024 : n >= 1024 ? 256 : 64;
     int64_t blocks = rows < (1 << 30) ? rows : (1 << 30);
-    argmax_kernel<<<(unsigned)blocks, threads, 0, stream>>>(a);
+    to_launch(argmax_kernel, (unsigned)blocks, threads, 0, stream, a);
     return to_cuda_check_launch("to_argmax");
 }
 
@@ -285,6 +289,6 @@ extern "C" int to_cuda_topk(const to_tensor *values, const to_tensor *indices, c
     // a long row is several passes of one block: use many threads for it
     int threads = n >= 16384 ? 1024 : n >= 2048 ? 512 : 128;
     int64_t blocks = rows < (1 << 30) ? rows : (1 << 30);
-    topk_kernel<<<(unsigned)blocks, threads, 0, stream>>>(a);
+    to_launch(topk_kernel, (unsigned)blocks, threads, 0, stream, a);
     return to_cuda_check_launch("to_topk");
 }

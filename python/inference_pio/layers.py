@@ -58,11 +58,29 @@ class Attention(Module):
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, device=device)
         self.register_buffer("inv_freq", inv_freq)
 
+    def fuse_projections(self):
+        """Replaces q_proj, k_proj and v_proj by one qkv_proj (their weights stacked), so the
+        three products are one kernel (done on GPUs, where launches are what a decode step costs)."""
+        fused = Linear.concat([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            del self.q_proj, self.k_proj, self.v_proj
+            self.qkv_proj = fused
+
+    def project_qkv(self, x):
+        """q [T, Hq, D], k and v [T, Hkv, D] of the input rows (views of one product when fused)."""
+        if "qkv_proj" not in self._modules:
+            return tuple(p(x).unflatten(1, (h, self.head_dim)) for p, h in
+                         ((self.q_proj, self.num_heads), (self.k_proj, self.num_kv_heads),
+                          (self.v_proj, self.num_kv_heads)))
+        qkv = self.qkv_proj(x)
+        q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return (qkv.narrow(1, 0, q_cols).unflatten(1, (self.num_heads, self.head_dim)),
+                qkv.narrow(1, q_cols, kv_cols).unflatten(1, (self.num_kv_heads, self.head_dim)),
+                qkv.narrow(1, q_cols + kv_cols, kv_cols).unflatten(1, (self.num_kv_heads, self.head_dim)))
+
     def forward(self, x, batch):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
         if "q_norm" in self._modules:
             q = self.q_norm(q, out=q)
             k = self.k_norm(k, out=k)
@@ -84,7 +102,20 @@ class GatedMLP(Module):
         self.up_proj = Linear(hidden_size, intermediate_size, dtype=dtype, device=device)
         self.down_proj = Linear(intermediate_size, hidden_size, dtype=dtype, device=device)
 
+    def fuse_projections(self):
+        """Replaces gate_proj and up_proj by one gate_up_proj (as Attention.fuse_projections)."""
+        fused = Linear.concat([self.gate_proj, self.up_proj])
+        if fused is not None:
+            del self.gate_proj, self.up_proj
+            self.gate_up_proj = fused
+
     def forward(self, x):
+        if "gate_up_proj" in self._modules:
+            gate_up = self.gate_up_proj(x)
+            n = gate_up.shape[1] // 2
+            # (a fresh output: gate's columns interleave with up's rows in memory, which the
+            # overlap check of an in-place op refuses)
+            return self.down_proj(ops.silu_mul(gate_up.narrow(1, 0, n), gate_up.narrow(1, n, n)))
         gate = self.gate_proj(x)
         return self.down_proj(ops.silu_mul(gate, self.up_proj(x), out=gate))
 

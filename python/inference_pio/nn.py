@@ -39,6 +39,13 @@ class Module:
                 return d[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    def __delattr__(self, name):
+        for table in (self._parameters, self._buffers, self._modules):
+            if name in table:
+                del table[name]
+                return
+        super().__delattr__(name)
+
     def register_buffer(self, name, tensor):
         """A tensor the module keeps (rotary tables, caches) that is not a checkpoint weight."""
         self._parameters.pop(name, None)
@@ -158,6 +165,26 @@ class Linear(Module):
 
     def forward(self, x, out=None):
         return ops.matmul(x, self.weight, self.bias, out=out)
+
+    @classmethod
+    def concat(cls, parts):
+        """One Linear whose output is the outputs of `parts` side by side (their weights stacked
+        by rows): one product instead of several over the same input. None when the parts
+        differ in input size, dtype, device or having a bias."""
+        first = parts[0]
+        w = first.weight
+        if any(p.in_features != first.in_features or p.weight.dtype != w.dtype or p.weight.device != w.device
+               or (p.bias is None) != (first.bias is None) for p in parts):
+            return None
+        fused = cls(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                    dtype=w.dtype, device=w.device)
+        row = 0
+        for p in parts:
+            ops.copy(fused.weight.narrow(0, row, p.out_features), p.weight)
+            if p.bias is not None:
+                ops.copy(fused.bias.narrow(0, row, p.out_features), p.bias)
+            row += p.out_features
+        return fused
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, dtype={self.weight.dtype}"

@@ -302,6 +302,20 @@ class Tensor(BufferBase):
                 raise ValueError(f"cannot expand {list(self.shape)} to {list(shape)}")
         return self._view(tuple(new_shape), tuple(new_strides))
 
+    def unflatten(self, dim, sizes):
+        """Dimension `dim` split into `sizes` (whose product is its size): a view whatever the
+        strides (a column slice of a fused projection's output becomes [T, heads, head_dim])."""
+        dim = _norm_dim(dim, self.ndim)
+        sizes = tuple(int(n) for n in sizes)
+        if _numel(sizes) != self.shape[dim]:
+            raise ValueError(f"unflatten: sizes {list(sizes)} do not multiply to {self.shape[dim]}")
+        strides, step = [], self.strides[dim]
+        for n in reversed(sizes):
+            strides.insert(0, step)
+            step *= n
+        return self._view(self.shape[:dim] + sizes + self.shape[dim + 1:],
+                          self.strides[:dim] + tuple(strides) + self.strides[dim + 1:])
+
     def narrow(self, dim, start, length):
         dim = _norm_dim(dim, self.ndim)
         if not (0 <= start and length >= 0 and start + length <= self.shape[dim]):

@@ -272,3 +272,18 @@ def test_prompt_errors(ckpt):
     out = llm.generate(list(range(10)), SamplingParams(max_tokens=100, temperature=0))[0]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
     assert llm.generate([1], SamplingParams(max_tokens=0))[0].token_ids == []
+
+
+def test_fused_projections_same_logits(ckpt):
+    """The q/k/v and gate/up stacking the loader does on GPUs (loader.fuse_projections) gives
+    the same logits: applied here on the CPU, against the checkpoint's separate projections."""
+    from inference_pio.engine.loader import fuse_projections
+    model, folder = ckpt
+    llm = LLM(folder, dtype="float32")
+    ids = random_ids(19, model.config.vocab_size, 7)
+    before = to_torch(llm.logits(ids))
+    fuse_projections(llm.model)
+    layer = llm.model.model.layers[0]
+    assert "qkv_proj" in layer.self_attn._modules and "gate_up_proj" in layer.mlp._modules
+    assert "q_proj" not in layer.self_attn._modules
+    assert max(rel_errors(to_torch(llm.logits(ids)), before)) <= 1e-6

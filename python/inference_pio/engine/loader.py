@@ -12,6 +12,7 @@ from ..io.gguf import GGUFFile
 from ..io.gguf_arch import hf_config, hf_name
 from ..nn import Linear
 from ..progress import ProgressBar
+from ..tensor import parse_device
 from ..quantize import QuantizedWeights
 from inference_pio.models import model_class
 
@@ -91,8 +92,21 @@ def load_model(path, dtype="auto", device="cpu", progress=None, quantization=Non
     if quantization is not None:
         weights = QuantizedWeights(weights, quantization)
     load_weights(model, weights, progress)
+    if parse_device(device)[0] != parse_device("cpu")[0]:
+        fuse_projections(model)
     interleave_rows(model, getattr(weights, "file", None))
     return model, config
+
+
+def fuse_projections(model):
+    """Stacks the weights of projections that read the same input (q/k/v, gate/up) into one
+    product each. On a GPU, where a decode step's time goes to kernel launches, that is three
+    fewer launches per layer. The CPU keeps the checkpoint's tensors: there a product costs one
+    thread-pool dispatch, and the stacked copy would sit in memory beside the mapped file."""
+    for _, m in list(model.named_modules()):
+        fuse = getattr(type(m), "fuse_projections", None)
+        if fuse is not None:
+            fuse(m)
 
 
 def load_weights(model, weights, progress=None):
