@@ -2,7 +2,7 @@
 on the same GPU in the same run, each figure beside its roofline.
 
     python benchmarks/bench_gpu.py [--models 0.6b,4b] [--variants bf16,q8_0,q4_k] [--new 256]
-                                   [--reps 3] [--compile] [--json out.json] [--dir /tmp/inference-pio-gpu]
+                                   [--reps 3] [--compile] [--no-peers] [--no-gemm] [--json out.json] [--dir /tmp/inference-pio-gpu]
 
 What is measured and how
   * Device copy bandwidth: a 1 GiB device-to-device to_copy, timed over repeats with a device
@@ -181,6 +181,8 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--variants", default="bf16,q8_0,q4_k")
     ap.add_argument("--dir", default="/tmp/inference-pio-gpu")
+    ap.add_argument("--no-peers", action="store_true", help="skip transformers (quick iterations)")
+    ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM table")
     ap.add_argument("--json")
     args = ap.parse_args()
     bw = copy_bandwidth()
@@ -206,14 +208,15 @@ def main():
             print(f"Qwen3-{name} {label}: decode {ours['decode_tok_s']:.0f} tok/s "
                   f"({100 * ours['decode_tok_s'] / roof:.0f} % of roofline {roof:.0f}), prefill "
                   f"{ours['prefill_tok_s']:.0f} tok/s{extra}", flush=True)
-        for compiled in ((False, True) if args.compile else (False,)):
+        for compiled in () if args.no_peers else (False, True) if args.compile else (False,):
             key = "transformers_compiled" if compiled else "transformers_eager"
             try:
                 r[key] = run_transformers(folder, args.new, compiled)
                 print(f"Qwen3-{name} {key}: decode {r[key]['decode_tok_s']:.0f} tok/s", flush=True)
             except Exception as e:
                 print(f"{name} {key} failed: {e}", flush=True)
-    res["gemm"] = bench_gemm([(2048, 3072, 1024), (2048, 1024, 3072), (2048, 9728, 2560), (2048, 2560, 9728)])
+    if not args.no_gemm:
+        res["gemm"] = bench_gemm([(2048, 3072, 1024), (2048, 1024, 3072), (2048, 9728, 2560), (2048, 2560, 9728)])
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 
