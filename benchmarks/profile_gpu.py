@@ -37,6 +37,19 @@ def main():
     wall = time.perf_counter() - t0
     print(f"{args.steps + 1} steps (a prefill and {args.steps} decode steps) in {wall * 1e3:.1f} ms wall")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    if not args.eager:  # the GPU's own time per decode step: the batch-1 graph replayed back to back
+        import inference_pio as ip
+        graph, _ = llm.engine.graphs._graphs[1]
+        for _ in range(5):
+            graph.replay()
+        ip.lib.to_cuda_synchronize(0)
+        t0 = time.perf_counter()
+        for _ in range(100):
+            graph.replay()
+        ip.lib.to_cuda_synchronize(0)
+        step = (time.perf_counter() - t0) / 100
+        print(f"decode step graph replay: {step * 1e6:.0f} us ({1 / step:.0f} steps/s); "
+              f"whole steps above: {wall / (args.steps + 1) * 1e6:.0f} us each")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <utility>
 
 // The stream every op of GPU `device_index` runs on (created on first use, non-blocking, so
@@ -31,6 +32,7 @@ enum {
     TO_GPU_ERR_EMBEDDING_ID = 1, // a = position in ids, b = the id, c = the table's rows
     TO_GPU_ERR_SLOT = 2,         // a = position in slot_mapping, b = the slot, c = slots in the caches
     TO_GPU_ERR_BATCH = 3,        // a = the sequence, b = what is wrong (TO_GPU_BATCH_*), c = a value
+    TO_GPU_ERR_LOGITS = 4,       // to_sample: a = the row, b = 1 NaN, 2 +inf, 3 all -inf
 };
 enum { TO_GPU_BATCH_CU = 1, TO_GPU_BATCH_CONTEXT = 2, TO_GPU_BATCH_TABLE = 3, TO_GPU_BATCH_BLOCK = 4 };
 
@@ -198,6 +200,16 @@ __device__ __forceinline__ void to_pdl_trigger() {
 #endif
 }
 
+// Whether launches are programmatic (INFERENCE_PIO_PDL=0 turns it off, to measure its effect or
+// to see each kernel's own time in a profiler: with it, a kernel's span includes its wait).
+inline bool to_pdl_enabled() {
+    static const bool enabled = [] {
+        const char *v = getenv("INFERENCE_PIO_PDL");
+        return !(v && v[0] == '0');
+    }();
+    return enabled;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch. Returns the
 // launch's error (callers go on to to_cuda_check_launch as after <<<>>>).
 template <typename... Params, typename... Args>
@@ -212,6 +224,6 @@ inline cudaError_t to_launch(void (*kernel)(Params...), dim3 grid, dim3 block, s
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cfg.numAttrs = to_pdl_enabled() ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
