@@ -70,16 +70,10 @@ class DecoderLayer(Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, residual, delta, batch):
-        """residual += delta (the previous layer's MLP output; None for the first layer), then
-        this layer's attention is added in; returns this layer's MLP output, not yet added."""
-        if delta is None:
-            x = self.input_layernorm(residual)
-        else:
-            x = self.input_layernorm(delta, residual=residual, out=delta)
-        attn = self.self_attn(x, batch)
-        x = self.post_attention_layernorm(attn, residual=residual, out=attn)
-        return self.mlp(x)
+    def forward(self, residual, batch):
+        """Adds this layer's attention, then its MLP, into the residual stream [T, hidden]."""
+        self.self_attn(residual, self.input_layernorm, batch)
+        self.mlp(residual, self.post_attention_layernorm)
 
 
 class Model(Module):
@@ -128,8 +122,7 @@ class LlamaForCausalLM(Module):
         # weights dominate memory traffic, and f32 activations keep bf16 models accurate.
         residual = Tensor.empty((batch.num_tokens, self.config.hidden_size), device=self.device)
         self.model.embed_tokens(batch.token_ids, out=residual)
-        delta = None
         for layer in self.model.layers:
-            delta = layer(residual, delta, batch)
-        h = final_hidden(residual, delta, self.model.norm, batch.logits_indices)
+            layer(residual, batch)
+        h = final_hidden(residual, self.model.norm, batch.logits_indices)
         return ops.matmul(h, self.head.weight, out_dtype=dtypes.float32)

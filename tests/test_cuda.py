@@ -38,11 +38,11 @@ def test_caching_allocator_reuses_freed_blocks():
     assert b.data_ptr() == ptr
 
 
-def test_bad_device_index_and_missing_kernels_are_clear_errors():
+def test_bad_device_index_and_misplaced_sampling_parameters_are_clear_errors():
     with pytest.raises(ip.DeviceError, match="no GPU with index 99"):
         ip.Tensor.empty(4, device="cuda:99")
-    # sampling has no GPU kernel yet (the engine samples GPU logits on the host)
+    # sampling on a GPU takes its parameters as CPU tensors (they travel in the launch)
     logits = ip.Tensor.zeros(2, 8, device="cuda")
     f = ip.Tensor.full((2,), 0.5, device="cuda")
-    with pytest.raises(ip.UnsupportedError, match="no CUDA kernel"):
+    with pytest.raises(ip.DeviceError, match="temperature is on cuda:0 but the parameters must be CPU tensors"):
         ip.ops.sample(logits, f, ip.Tensor.zeros(2, dtype=ip.int32, device="cuda"), f, f, f)

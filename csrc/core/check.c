@@ -1,6 +1,7 @@
 /* check.c - validation of tensor descriptors, shared by every op. */
 #include "internal.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -253,4 +254,16 @@ int to_check_no_alias(const to_tensor *w, const to_tensor *r, int allow_same_vie
                        "and strides)", op, wname, rname);
     return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: %s overlaps %s in memory, which this op does not "
                    "allow", op, wname, rname);
+}
+
+int to_check_norm_weight(const char *op, const to_tensor *weight, int64_t d, double eps) {
+    TO_TRY(to_check_tensor(weight, op, "weight"));
+    TO_TRY(to_check_dtype(weight, TO_FLOAT_DTYPES, op, "weight"));
+    TO_TRY(to_check_ndim(weight, 1, op, "weight [d]"));
+    if (weight->shape[0] != d)
+        return to_fail(TO_ERR_SHAPE, "%s: weight has shape [%lld] but the last dimension of x is %lld",
+                       op, (long long)weight->shape[0], (long long)d);
+    if (!(eps >= 0.0) || isinf(eps)) /* !(>=) also catches NaN */
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: eps must be finite and >= 0, got %g", op, eps);
+    return TO_OK;
 }

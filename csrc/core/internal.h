@@ -79,6 +79,8 @@ int to_check_no_alias(const to_tensor *w, const to_tensor *r, int allow_same_vie
                       const char *wname, const char *rname);
 /* Error unless the tensor is on the CPU; used by ops with no CUDA kernel yet. */
 int to_require_cpu(const to_tensor *t, const char *op);
+/* An RMSNorm's weight [d] (float dtype, on x's device) for rows of length d, and eps finite >= 0. */
+int to_check_norm_weight(const char *op, const to_tensor *weight, int64_t d, double eps);
 
 /* ---- dtypes (core/dtype.c) ---- */
 static inline float to_bf16_to_f32(uint16_t h) {

@@ -56,6 +56,13 @@ int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_tensor *posi
         (void)attention_scaling;
     return no_cuda("to_rope");
 }
+int to_cuda_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps,
+                          const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                          int interleaved, double attention_scaling) {
+    (void)out, (void)x, (void)weight, (void)eps, (void)positions, (void)inv_freq, (void)rotary_dim,
+        (void)interleaved, (void)attention_scaling;
+    return no_cuda("to_rms_norm_rope");
+}
 int to_cuda_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids) {
     (void)out, (void)table, (void)ids;
     return no_cuda("to_embedding");
@@ -65,8 +72,9 @@ int to_cuda_topk(const to_tensor *values, const to_tensor *indices, const to_ten
     (void)values, (void)indices, (void)x, (void)k;
     return no_cuda("to_topk");
 }
-int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias) {
-    (void)out, (void)x, (void)w, (void)bias;
+int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias,
+                   const to_tensor *norm_weight, double eps, int accumulate) {
+    (void)out, (void)x, (void)w, (void)bias, (void)norm_weight, (void)eps, (void)accumulate;
     return no_cuda("to_matmul");
 }
 int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,

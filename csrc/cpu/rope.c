@@ -1,5 +1,6 @@
 /* rope.c - rotary position embedding of x [T, H, D], in the rotate-half (NeoX) and the
- * interleaved (GLM) forms; see the models reference section 1.4.
+ * interleaved (GLM) forms, optionally after a per-head RMSNorm (to_rms_norm_rope); see the
+ * models reference section 1.4.
  *
  * Work is split by tokens: a token's cos/sin (R/2 pairs of them) are computed once and used for
  * all its H heads. Per the HF formula:
@@ -15,6 +16,12 @@
  * Each head's rotated slice is loaded whole into an f32 buffer before anything is written,
  * which out == x (in place) needs in the interleaved form (out[i + R/2] is input of pair
  * (i + R/2) / 2). Dims >= R are converted from x to out's dtype unless out is x itself.
+ *
+ * The fused norm loads the whole head into that buffer and normalises it there with
+ * to_rms_norm's arithmetic (csrc/cpu/norm.c): the sum of squares in double, in the same order
+ * (per CHUNK, the same SIMD lanes), rinv = float(1 / sqrt(ss / D + eps)), y = (v * rinv) * w.
+ * The rotation then reads y, and dims >= R are y's, so the result is rms_norm into f32 then rope
+ * bit for bit, on either SIMD path.
  */
 #include "cpu/rope.h"
 
@@ -22,11 +29,13 @@
 #include <math.h>
 #include <stdatomic.h>
 
-#define CHUNK 512
+#define CHUNK 512 /* also the norm's summation chunk: must equal csrc/cpu/norm.c's CHUNK */
 #define MIN_WORK_PER_THREAD 16384 /* elements per thread */
 
 typedef struct {
     const to_tensor *out, *x, *positions, *inv_freq;
+    const to_tensor *weight; /* NULL: rope only; else each head is RMS-normalised first */
+    double eps;
     int64_t R;
     int interleaved, in_place, avx2;
     float scaling;
@@ -65,6 +74,57 @@ TO_TARGET_AVX2 static void rotate_avx2(float *o, const float *v, const float *c,
     rotate_scalar(o, v, c, s, half, interleaved, i);
 }
 
+/* The sum of squares exactly as csrc/cpu/norm.c's sumsq_scalar / sumsq_avx2 (copies: the fused
+ * op must add in the same order to give to_rms_norm's bits). */
+static double sumsq_scalar(const float *v, int64_t n) {
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++)
+        s += (double)v[i] * v[i];
+    return s;
+}
+
+TO_TARGET_AVX2 static double sumsq_avx2(const float *v, int64_t n) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(v + i);
+        __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+        s0 = _mm256_fmadd_pd(lo, lo, s0); /* the square is exact in double, so FMA changes nothing */
+        s1 = _mm256_fmadd_pd(hi, hi, s1);
+    }
+    double lanes[4];
+    _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + sumsq_scalar(v + i, n - i);
+}
+
+/* v = (v * rinv) * w: two f32 roundings per element, the same bits on both paths */
+static void scale_scalar(float *v, const float *w, float rinv, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        v[i] = (v[i] * rinv) * w[i];
+}
+
+TO_TARGET_AVX2 static void scale_avx2(float *v, const float *w, float rinv, int64_t n) {
+    __m256 r = _mm256_set1_ps(rinv);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(v + i), r), _mm256_loadu_ps(w + i)));
+    scale_scalar(v + i, w + i, rinv, n - i);
+}
+
+/* v[0 .. d) RMS-normalised in place by w [d], as to_rms_norm computes a row */
+static void rms_normalize(float *v, const float *w, int64_t d, double eps, int avx2) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < d; i += CHUNK) {
+        int64_t c = d - i < CHUNK ? d - i : CHUNK;
+        ss += avx2 ? sumsq_avx2(v + i, c) : sumsq_scalar(v + i, c);
+    }
+    float rinv = (float)(1.0 / sqrt(ss / (double)d + eps));
+    if (avx2)
+        scale_avx2(v, w, rinv, d);
+    else
+        scale_scalar(v, w, rinv, d);
+}
+
 static int64_t position_at(const to_tensor *p, int64_t t) {
     int64_t off = t * p->strides[0];
     return p->dtype == TO_I32 ? ((const int32_t *)p->data)[off] : ((const int64_t *)p->data)[off];
@@ -72,18 +132,23 @@ static int64_t position_at(const to_tensor *p, int64_t t) {
 
 static void rope_tokens(void *arg, int64_t begin, int64_t end) {
     rope_job *job = arg;
-    const to_tensor *out = job->out, *x = job->x;
+    const to_tensor *out = job->out, *x = job->x, *w = job->weight;
     const int64_t H = x->shape[1], D = x->shape[2], R = job->R, half = R / 2;
     const int xsz = to_dtype_size(x->dtype), osz = to_dtype_size(out->dtype);
     const int64_t sx = x->strides[2], so = out->strides[2];
-    /* scratch: inv_freq, cos, sin [half each], the head's rotary slice in and out [R each] */
-    float *inv = to_scratch(0, (size_t)(3 * half + 2 * R) * sizeof(float));
+    /* what a head reads: its rotary slice, or (norm) the whole head, normalised in place */
+    const int64_t vlen = w ? D : R;
+    /* scratch: inv_freq, cos, sin [half each], the rotated slice [R], the head [vlen] and
+     * (norm) the weight [D] */
+    float *inv = to_scratch(0, (size_t)(3 * half + R + vlen + (w ? D : 0)) * sizeof(float));
     if (!inv) {
         atomic_store(&job->failed, 1);
         return;
     }
-    float *cs = inv + half, *sn = cs + half, *vin = sn + half, *vout = vin + R;
+    float *cs = inv + half, *sn = cs + half, *vout = sn + half, *v = vout + R, *wf = v + vlen;
     to_load_f32(inv, job->inv_freq->data, TO_F32, half, job->inv_freq->strides[0]);
+    if (w)
+        to_load_f32(wf, w->data, w->dtype, D, w->strides[0]);
 
     for (int64_t t = begin; t < end; t++) {
         float pos = (float)position_at(job->positions, t);
@@ -95,12 +160,18 @@ static void rope_tokens(void *arg, int64_t begin, int64_t end) {
         for (int64_t h = 0; h < H; h++) {
             const char *xr = to_elem_ptr(x->data, x->dtype, t * x->strides[0] + h * x->strides[1]);
             char *orow = to_elem_ptr(out->data, out->dtype, t * out->strides[0] + h * out->strides[1]);
-            to_load_f32(vin, xr, x->dtype, R, sx);
+            to_load_f32(v, xr, x->dtype, vlen, sx);
+            if (w)
+                rms_normalize(v, wf, D, job->eps, job->avx2);
             if (job->avx2)
-                rotate_avx2(vout, vin, cs, sn, half, job->interleaved);
+                rotate_avx2(vout, v, cs, sn, half, job->interleaved);
             else
-                rotate_scalar(vout, vin, cs, sn, half, job->interleaved, 0);
+                rotate_scalar(vout, v, cs, sn, half, job->interleaved, 0);
             to_store_f32(orow, out->dtype, vout, R, so);
+            if (w) { /* dims >= R: the normalised values */
+                to_store_f32(orow + R * so * osz, out->dtype, v + R, D - R, so);
+                continue;
+            }
             if (job->in_place)
                 continue; /* dims >= R are already there */
             float buf[CHUNK];
@@ -113,12 +184,14 @@ static void rope_tokens(void *arg, int64_t begin, int64_t end) {
     }
 }
 
-int to_cpu_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
-                const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling) {
+/* both ops: weight NULL for the rope alone */
+static int run_rope(const char *op, const to_tensor *out, const to_tensor *x, const to_tensor *weight,
+                    double eps, const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                    int interleaved, double attention_scaling) {
     if (to_numel(x) == 0)
         return TO_OK;
-    rope_job job = {.out = out, .x = x, .positions = positions, .inv_freq = inv_freq, .R = rotary_dim,
-                    .interleaved = interleaved != 0,
+    rope_job job = {.out = out, .x = x, .positions = positions, .inv_freq = inv_freq, .weight = weight,
+                    .eps = eps, .R = rotary_dim, .interleaved = interleaved != 0,
                     /* out is x: the data of dims >= R is already in place */
                     .in_place = to_same_view(out, x),
                     .avx2 = to_simd() >= TO_SIMD_AVX2, .scaling = (float)attention_scaling};
@@ -126,7 +199,20 @@ int to_cpu_rope(const to_tensor *out, const to_tensor *x, const to_tensor *posit
     int64_t per_token = x->shape[1] * x->shape[2];
     to_parallel_for(x->shape[0], MIN_WORK_PER_THREAD / per_token + 1, rope_tokens, &job);
     if (atomic_load(&job.failed))
-        return to_fail(TO_ERR_OUT_OF_MEMORY, "to_rope: out of memory for the per-thread buffers "
-                       "(rotary_dim %d)", rotary_dim);
+        return to_fail(TO_ERR_OUT_OF_MEMORY, "%s: out of memory for the per-thread buffers "
+                       "(head dim %lld)", op, (long long)x->shape[2]);
     return TO_OK;
+}
+
+int to_cpu_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
+                const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling) {
+    return run_rope("to_rope", out, x, NULL, 0.0, positions, inv_freq, rotary_dim, interleaved,
+                    attention_scaling);
+}
+
+int to_cpu_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps,
+                         const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                         int interleaved, double attention_scaling) {
+    return run_rope("to_rms_norm_rope", out, x, weight, eps, positions, inv_freq, rotary_dim,
+                    interleaved, attention_scaling);
 }

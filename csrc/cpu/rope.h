@@ -1,4 +1,4 @@
-/* rope.h - the CPU kernel behind to_rope. */
+/* rope.h - the CPU kernels behind to_rope and to_rms_norm_rope. */
 #ifndef TO_CPU_ROPE_H
 #define TO_CPU_ROPE_H
 
@@ -13,6 +13,14 @@
  * attention_scaling finite. Fails only when scratch memory cannot be had. */
 int to_cpu_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
                 const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling);
+
+/* Per-head RMSNorm of x [T, H, D] by weight [D] (any float dtype), then the rotation above, the
+ * normalised head held in f32 in between (see to_rms_norm_rope in tensor_ops.h). Arguments as
+ * for to_cpu_rope, validated by csrc/ops/rope.c, plus weight [D] disjoint from out and eps >= 0,
+ * finite. Fails only when scratch memory cannot be had. */
+int to_cpu_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps,
+                         const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                         int interleaved, double attention_scaling);
 
 #pragma GCC visibility pop
 

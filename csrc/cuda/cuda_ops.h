@@ -43,6 +43,11 @@ int to_cuda_rms_norm(const to_tensor *out, const to_tensor *residual, const to_t
 /* ---- rope.cu ---- */
 int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
                  const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling);
+/* as to_cpu_rms_norm_rope; TO_ERR_UNSUPPORTED when rotary_dim / 2 or D - rotary_dim is over 512
+ * (one warp holds the head in registers) */
+int to_cuda_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps,
+                          const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                          int interleaved, double attention_scaling);
 
 /* ---- embedding.cu ---- */
 int to_cuda_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids);
@@ -54,7 +59,10 @@ int to_cuda_topk(const to_tensor *values, const to_tensor *indices, const to_ten
 /* ---- matmul.cu ---- */
 /* out[M, N] = x[M, K] . w[N, K]^T (+ bias), w float (f32/f16/bf16) or block-quantized (Q8_0,
  * Q4_0, Q4_1, Q4_K, Q6_K; the X8 layouts are CPU-only and never reach here), f32 accumulation. */
-int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
+int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias,
+                   const to_tensor *norm_weight, double eps, int accumulate);
+/* With norm_weight (not NULL): x's rows are first normalised as to_rms_norm does (to_rms_norm_matmul).
+ * accumulate: out += the product instead of out = (to_matmul_add). */
 
 /* ---- attention.cu ---- */
 int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,
@@ -64,8 +72,9 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
                             const to_tensor *context_lens, const to_tensor *block_tables, double scale);
 
 /* ---- sample.cu ---- */
-/* as to_cpu_sample (csrc/cpu/sample.h): the same token for the same inputs; every parameter value
- * was checked on the host by csrc/ops/sample.c (parameter tensors are then on the GPU too) */
+/* as to_cpu_sample (csrc/cpu/sample.h): the same token for the same inputs; the parameters are
+ * CPU tensors, checked on the host by csrc/ops/sample.c, whose values travel in the kernel's
+ * arguments */
 int to_cuda_sample(const to_tensor *out, const to_tensor *logits, const to_tensor *temperature,
                    const to_tensor *top_k, const to_tensor *top_p, const to_tensor *min_p,
                    const to_tensor *uniform);

@@ -163,6 +163,12 @@ static int take_error(int device_index, cudaStream_t stream) {
         return to_fail(TO_ERR_BOUNDS, "%s: to_paged_attention: sequence %lld: %s (value %lld); its "
                        "output rows were not written", pre, a, b >= 1 && b <= 4 ? what[b] : "bad batch", c);
     }
+    case TO_GPU_ERR_LOGITS: { // the CPU's words for the same rows
+        static const char *what[] = {"is bad", "holds NaN", "holds +inf (logits must be finite or -inf)",
+                                     "is all -inf (no token has a probability)"};
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "to_sample: logits row %lld %s (found on the GPU, reported "
+                       "at the next synchronisation; out[%lld] was set to -1)", a, b >= 1 && b <= 3 ? what[b] : what[0], a);
+    }
     }
     return to_fail(TO_ERR_INTERNAL, "%s: unknown GPU error code %llu", pre, w[0]);
 }

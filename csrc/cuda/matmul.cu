@@ -300,11 +300,51 @@ template <typename T> __device__ __forceinline__ void unpack16(uint4 raw, float 
         v[i] = to_f32(t[i]);
 }
 
+// RMS normalisation of x's rows as to_rms_norm computes it (csrc/cuda/norm.cu: squares summed in
+// double, rinv rounded to f32 once, then (v * rinv) * w), written as f32 into xn [MR][K]. Done by
+// the whole block while its first weight loads are in flight; every block normalises the same
+// few rows (L2 hits), which costs far less than a kernel of its own in a decode step.
+template <int MR>
+__device__ void normalise_rows(const MatmulArgs &a, float *xn) {
+    __shared__ double partial[GEMV_WARPS][MR];
+    __shared__ float rinv[MR];
+    const float *x = (const float *)a.x;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+        double ss = 0.0;
+        if (m < a.M)
+            for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
+                float v = x[m * a.xs0 + k];
+                ss += (double)v * (double)v;
+            }
+        ss = to_warp_sum_double(ss);
+        if (lane == 0)
+            partial[warp][m] = ss;
+    }
+    __syncthreads();
+    if (threadIdx.x < MR) {
+        double ss = 0.0;
+        for (int w = 0; w < GEMV_WARPS; w++)
+            ss += partial[w][threadIdx.x];
+        rinv[threadIdx.x] = (float)(1.0 / sqrt(ss / (double)a.K + a.norm_eps));
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+        for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
+            float v = m < a.M ? x[m * a.xs0 + k] : 0.0f;
+            xn[m * a.K + k] = __fmul_rn(__fmul_rn(v, rinv[m]), to_load(a.norm_w, a.norm_dt, k * a.norm_ws0));
+        }
+    __syncthreads();
+}
+
 template <int MR, typename T, int KSPLIT>
 __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs a) {
     constexpr int VEC = 16 / sizeof(T);          // weights per 16-byte load
     constexpr int ROWS = GEMV_WARPS / KSPLIT;    // weight rows per block
     __shared__ float partial[GEMV_WARPS][MR];
+    extern __shared__ __align__(16) float xn[];  // the normalised rows [MR][K] (norm_w only)
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int part = warp % KSPLIT;
     int64_t n = (int64_t)blockIdx.x * ROWS + warp / KSPLIT;
@@ -331,6 +371,14 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
 
     uint4 cur[GV_GROUP], nxt[GV_GROUP];
     load_group(cur, j0);
+    // x rows as the dot products read them: straight from global memory, or normalised in smem
+    const float *xrows = (const float *)a.x;
+    int64_t xrow_stride = a.xs0;
+    if (a.norm_w) {
+        normalise_rows<MR>(a, xn);
+        xrows = xn;
+        xrow_stride = a.K;
+    }
     for (int64_t j = j0; j < nvec; j += GV_GROUP * stride) {
         load_group(nxt, j + GV_GROUP * stride);
 #pragma unroll
@@ -344,10 +392,10 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
             for (int m = 0; m < MR; m++) {
                 if (m >= a.M)
                     break;
-                const float4 *xr = (const float4 *)((const float *)a.x + m * a.xs0 + k);
+                const float4 *xr = (const float4 *)(xrows + m * xrow_stride + k);
 #pragma unroll
                 for (int q = 0; q < VEC / 4; q++) {
-                    float4 xv = __ldg(xr + q);
+                    float4 xv = xr[q];
                     acc[m] += wv[4 * q] * xv.x + wv[4 * q + 1] * xv.y + wv[4 * q + 2] * xv.z + wv[4 * q + 3] * xv.w;
                 }
             }
@@ -395,6 +443,21 @@ static int sm_count(int device_index) {
     return cached[device_index];
 }
 
+#define GV_NORM_SMEM_MAX (160 * 1024) // normalised rows held in shared memory: MR * K * 4 bytes at most
+
+// gemv_stream_kernel<...> with `smem` bytes of dynamic shared memory (its limit raised once).
+template <int MR, typename T, int KSPLIT>
+static void launch_stream(const MatmulArgs &a, size_t smem, cudaStream_t stream) {
+    static bool raised = false;
+    if (smem > 48 * 1024 && !raised) {
+        cudaFuncSetAttribute(gemv_stream_kernel<MR, T, KSPLIT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             GV_NORM_SMEM_MAX);
+        raised = true;
+    }
+    unsigned blocks = (unsigned)to_ceil_div(a.N, GEMV_WARPS / KSPLIT);
+    to_launch(gemv_stream_kernel<MR, T, KSPLIT>, dim3(blocks), dim3(32 * GEMV_WARPS), smem, stream, a);
+}
+
 template <int MR, typename T>
 static void launch_gemv_stream_rows(const MatmulArgs &a, int device_index, cudaStream_t stream) {
     // Split rows over more warps while N alone gives fewer than ~4 blocks per SM (all of them are
@@ -405,12 +468,12 @@ static void launch_gemv_stream_rows(const MatmulArgs &a, int device_index, cudaS
     int ksplit = 1;
     while (ksplit < GEMV_WARPS && to_ceil_div(a.N * ksplit, GEMV_WARPS) < want && a.K / VEC >= 32 * 2 * ksplit)
         ksplit *= 2;
-    dim3 block(32 * GEMV_WARPS);
+    size_t smem = a.norm_w ? (size_t)(MR * a.K * sizeof(float)) : 0;
     switch (ksplit) {
-    case 1: to_launch(gemv_stream_kernel<MR, T, 1>, dim3((unsigned)to_ceil_div(a.N, GEMV_WARPS)), block, 0, stream, a); break;
-    case 2: to_launch(gemv_stream_kernel<MR, T, 2>, dim3((unsigned)to_ceil_div(a.N, GEMV_WARPS / 2)), block, 0, stream, a); break;
-    case 4: to_launch(gemv_stream_kernel<MR, T, 4>, dim3((unsigned)to_ceil_div(a.N, GEMV_WARPS / 4)), block, 0, stream, a); break;
-    default: to_launch(gemv_stream_kernel<MR, T, 8>, dim3((unsigned)a.N), block, 0, stream, a); break;
+    case 1: launch_stream<MR, T, 1>(a, smem, stream); break;
+    case 2: launch_stream<MR, T, 2>(a, smem, stream); break;
+    case 4: launch_stream<MR, T, 4>(a, smem, stream); break;
+    default: launch_stream<MR, T, 8>(a, smem, stream); break;
     }
 }
 
@@ -586,9 +649,27 @@ __global__ void __launch_bounds__(128) gemm_tc_kernel(MatmulArgs a) {
 // Entry
 // ---------------------------------------------------------------------------------------------
 
+// x normalised into an f32 intermediate by the norm kernel, then the product: the general case
+// of to_rms_norm_matmul (many rows, or x or w not in the streaming GEMV's form).
+static int norm_then_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias,
+                            const to_tensor *norm_weight, double eps, int accumulate) {
+    to_tensor normed = *x;
+    normed.dtype = TO_F32;
+    normed.strides[0] = x->shape[1];
+    normed.strides[1] = 1;
+    normed.nbytes = x->shape[0] * x->shape[1] * (int64_t)sizeof(float);
+    TO_TRY(to_cuda_alloc(out->device_index, normed.nbytes, &normed.data));
+    int status = to_cuda_rms_norm(&normed, NULL, x, norm_weight, eps);
+    if (status == TO_OK)
+        status = to_cuda_matmul(out, &normed, w, bias, NULL, 0.0, accumulate);
+    to_cuda_free(out->device_index, normed.data); // stream-ordered: reused only by later work
+    return status;
+}
+
 extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w,
-                              const to_tensor *bias) {
-    MatmulArgs a;
+                              const to_tensor *bias, const to_tensor *norm_weight, double eps,
+                              int accumulate) {
+    MatmulArgs a = {};
     a.M = x->shape[0];
     a.K = x->shape[1];
     a.N = w->shape[0];
@@ -612,20 +693,38 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
     a.bias = bias ? (const char *)bias->data : nullptr;
     a.bs0 = bias ? bias->strides[0] : 0;
     a.bias_dt = bias ? bias->dtype : TO_F32;
+    a.accumulate = accumulate != 0;
+    const char *op = norm_weight ? "to_rms_norm_matmul" : accumulate ? "to_matmul_add" : "to_matmul";
 
     if (a.M <= GEMV_MAX_ROWS) {
         // 16-byte loads need every row start 16-byte aligned (K itself may be anything: the
         // kernel finishes each chunk with scalar loads)
         bool aligned16 = (uintptr_t)a.w % 16 == 0 && (a.N == 1 || a.w_row_bytes % 16 == 0);
         bool x_streams = a.x_dt == TO_F32 && a.xs1 == 1 && (uintptr_t)a.x % 16 == 0 && (a.M == 1 || a.xs0 % 4 == 0);
-        int vec = w->dtype == TO_F32 ? 4 : 8;
-        if (aligned16 && x_streams && a.K % vec == 0 && a.K / vec <= UINT32_MAX / 16) {
-            switch (w->dtype) {
-            case TO_F32: launch_gemv_stream<float>(a, out->device_index, stream); return to_cuda_check_launch("to_matmul");
-            case TO_F16: launch_gemv_stream<__half>(a, out->device_index, stream); return to_cuda_check_launch("to_matmul");
-            case TO_BF16: launch_gemv_stream<__nv_bfloat16>(a, out->device_index, stream); return to_cuda_check_launch("to_matmul");
+        int vec = w->dtype == TO_F32 ? 4 : 8, mr = a.M <= 1 ? 1 : a.M <= 2 ? 2 : a.M <= 4 ? 4 : 8;
+        bool norm_fits = (int64_t)mr * a.K * (int64_t)sizeof(float) <= GV_NORM_SMEM_MAX;
+        bool streams = (w->dtype == TO_F32 || w->dtype == TO_F16 || w->dtype == TO_BF16) && aligned16 &&
+                       x_streams && a.K % vec == 0 && a.K / vec <= UINT32_MAX / 16;
+        if (streams && (!norm_weight || norm_fits)) {
+            if (norm_weight) {
+                a.norm_w = (const char *)norm_weight->data;
+                a.norm_ws0 = norm_weight->strides[0];
+                a.norm_dt = norm_weight->dtype;
+                a.norm_eps = eps;
             }
+            switch (w->dtype) {
+            case TO_F32: launch_gemv_stream<float>(a, out->device_index, stream); break;
+            case TO_F16: launch_gemv_stream<__half>(a, out->device_index, stream); break;
+            default: launch_gemv_stream<__nv_bfloat16>(a, out->device_index, stream); break;
+            }
+            return to_cuda_check_launch(op);
         }
+    }
+    if (norm_weight)
+        return norm_then_matmul(out, x, w, bias, norm_weight, eps, accumulate);
+
+    if (a.M <= GEMV_MAX_ROWS) {
+        bool aligned16 = (uintptr_t)a.w % 16 == 0 && (a.N == 1 || a.w_row_bytes % 16 == 0);
         switch (w->dtype) {
         case TO_F32: launch_gemv_float<float>(a, aligned16, stream); break;
         case TO_F16: launch_gemv_float<__half>(a, aligned16, stream); break;
@@ -635,9 +734,9 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
         case TO_Q4_1: launch_gemv<Quant<Q4_1>>(a, stream); break;
         case TO_Q4_K: launch_gemv<Quant<Q4_K>>(a, stream); break;
         case TO_Q6_K: launch_gemv<Quant<Q6_K>>(a, stream); break;
-        default: return to_fail(TO_ERR_UNSUPPORTED, "to_matmul: w dtype %s has no CUDA kernel", to_dtype_name(w->dtype));
+        default: return to_fail(TO_ERR_UNSUPPORTED, "%s: w dtype %s has no CUDA kernel", op, to_dtype_name(w->dtype));
         }
-        return to_cuda_check_launch("to_matmul");
+        return to_cuda_check_launch(op);
     }
 
     // N along grid x (up to 2^31 - 1 tiles), M along grid y (65535 tiles of 64: M < 4.19M rows)
@@ -650,5 +749,5 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
         dim3 grid((unsigned)to_ceil_div(a.N, FG_BN), (unsigned)to_ceil_div(a.M, FG_BM));
         to_launch(gemm_fma_kernel, grid, 256, 0, stream, a);
     }
-    return to_cuda_check_launch("to_matmul");
+    return to_cuda_check_launch(op);
 }

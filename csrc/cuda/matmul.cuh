@@ -19,12 +19,21 @@ struct MatmulArgs {
     const char *bias;   // bias[n] at element n * bs0, or NULL
     int64_t bs0;
     int bias_dt;
+    bool accumulate;    // out += the product (to_matmul_add)
+    const char *norm_w; // the streaming GEMV only: x rows RMS-normalised with weight norm_w[k]
+    int64_t norm_ws0;   //   (at element k * norm_ws0) and norm_eps first; NULL: no norm
+    int norm_dt;
+    double norm_eps;
 };
 
+// out[m, n] = acc (+ bias[n]) (+ out[m, n] when accumulating), rounded once to out's dtype.
 __device__ __forceinline__ void store_out(const MatmulArgs &a, int64_t m, int64_t n, float acc) {
     if (a.bias)
         acc += to_load(a.bias, a.bias_dt, n * a.bs0);
-    to_store(a.out, a.out_dt, m * a.os0 + n, acc);
+    int64_t at = m * a.os0 + n;
+    if (a.accumulate)
+        acc = to_load(a.out, a.out_dt, at) + acc;
+    to_store(a.out, a.out_dt, at, acc);
 }
 
 // The Hopper GEMM (gemm_sm90.cu): x and w both bf16 or both f16. Returns 1 when it launched the

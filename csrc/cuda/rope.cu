@@ -1,4 +1,5 @@
-// rope.cu - rotary position embedding of x [T, H, D] (to_rope; formulas in csrc/cpu/rope.c).
+// rope.cu - rotary position embedding of x [T, H, D] (to_rope; formulas in csrc/cpu/rope.c), and
+// the same after a per-head RMSNorm (to_rms_norm_rope).
 //
 // The CPU's arithmetic, step for step:
 //   angle_i = float(pos) * inv_freq[i]                   f32 product
@@ -13,32 +14,36 @@
 // Double cos/sin (with CUDA's full range reduction) stay accurate for any position.
 //
 // Grid: one block per (token, group of heads). The block computes the token's cos/sin table
-// once into shared memory; each warp then rotates one head. A head's rotary slice is loaded
-// whole into the warp's shared buffer before anything is written, which out == x (in place)
-// needs in the interleaved form (out[i + R/2] is an input of pair (i + R/2) / 2). Dims >= R are
-// converted from x to out's dtype unless out is x itself.
+// once into shared memory; each warp then handles one head.
+//
+// to_rope: a head's rotary slice is loaded whole into the warp's shared buffer before anything
+// is written, which out == x (in place) needs in the interleaved form (out[i + R/2] is an input
+// of pair (i + R/2) / 2). Dims >= R are converted from x to out's dtype unless out is x itself.
+//
+// to_rms_norm_rope: the warp holds its head in registers from the load to the store (lane l the
+// pairs l + 32 k and the dims R + l + 32 k), so x is read once and out written once. The norm is
+// to_rms_norm's arithmetic (csrc/cuda/norm.cu): squares summed in double (in another order than
+// the CPU, so rinv may rarely round an ulp apart), rinv = float(1 / sqrt(ss / D + eps)),
+// y = (v * rinv) * w in f32; the rotation above then reads y, and dims >= R are y.
 #include "cuda/common.cuh"
 
 namespace {
 
 constexpr int kMaxWarps = 4;                 // heads per block
 constexpr size_t kDefaultSmem = 48 * 1024;   // dynamic shared memory without opting in
+constexpr int kMaxPerLane = 16;              // fused: pairs (and dims >= R) per lane in registers
 
 struct RopeArgs {
-    TensorView out, x, positions, inv_freq;
+    TensorView out, x, positions, inv_freq, weight; // weight: to_rms_norm_rope only
     int64_t T, H, D, R;
     int interleaved, in_place, warps;
     float scaling;
+    double eps;
 };
 
-__global__ void rope_kernel(RopeArgs a) {
-    extern __shared__ float smem[];
+// cs, sn [R/2] in shared memory: token t's scaled cos/sin, computed by the whole block.
+__device__ void cos_sin_table(const RopeArgs &a, int64_t t, float *cs, float *sn) {
     const int64_t half = a.R / 2;
-    float *cs = smem, *sn = smem + half;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float *v = smem + 2 * half + (int64_t)warp * a.R; // this warp's copy of the head's rotary slice
-
-    const int64_t t = blockIdx.x;
     const float pos = (float)to_load_index_dev(a.positions.data, a.positions.dtype, t * a.positions.strides[0]);
     for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
         float inv = ((const float *)a.inv_freq.data)[i * a.inv_freq.strides[0]];
@@ -49,6 +54,19 @@ __global__ void rope_kernel(RopeArgs a) {
         sn[i] = __fmul_rn((float)s, a.scaling);
     }
     __syncthreads();
+}
+
+__global__ void rope_kernel(RopeArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
+    extern __shared__ float smem[];
+    const int64_t half = a.R / 2;
+    float *cs = smem, *sn = smem + half;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float *v = smem + 2 * half + (int64_t)warp * a.R; // this warp's copy of the head's rotary slice
+
+    const int64_t t = blockIdx.x;
+    cos_sin_table(a, t, cs, sn);
 
     const int64_t h = (int64_t)blockIdx.y * a.warps + warp;
     if (h >= a.H)
@@ -74,16 +92,69 @@ __global__ void rope_kernel(RopeArgs a) {
         to_store(a.out.data, a.out.dtype, oo + i * so, to_load(a.x.data, a.x.dtype, xo + i * sx));
 }
 
-}  // namespace
+// N: pairs (and dims >= R) per lane, at least ceil(R/2 / 32) and ceil((D - R) / 32)
+template <int N>
+__global__ void rms_norm_rope_kernel(RopeArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
+    extern __shared__ float smem[];
+    const int64_t half = a.R / 2;
+    float *cs = smem, *sn = smem + half;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-extern "C" int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
-                            const to_tensor *inv_freq, int rotary_dim, int interleaved,
-                            double attention_scaling) {
-    if (to_numel(x) == 0)
-        return TO_OK;
-    cudaStream_t stream = to_cuda_stream(out->device_index);
-    if (!stream)
-        return TO_ERR_CUDA;
+    const int64_t t = blockIdx.x;
+    cos_sin_table(a, t, cs, sn);
+
+    const int64_t h = (int64_t)blockIdx.y * a.warps + warp;
+    if (h >= a.H)
+        return; // whole warps leave: the shuffles below always have all 32 lanes
+    const int64_t sx = a.x.strides[2], so = a.out.strides[2], sw = a.weight.strides[0];
+    const int64_t xo = t * a.x.strides[0] + h * a.x.strides[1];
+    const int64_t oo = t * a.out.strides[0] + h * a.out.strides[1];
+    // pair i's members: (i, i + R/2) rotate-half, (2i, 2i + 1) interleaved
+    const int64_t step = a.interleaved ? 2 : 1, other = a.interleaved ? 1 : half;
+
+    float v0[N], v1[N], vr[N]; // the pairs' members and the dims >= R
+    double ss = 0.0;
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        const int64_t i = lane + 32 * k, j = a.R + i;
+        v0[k] = v1[k] = vr[k] = 0.0f;
+        if (i < half) {
+            v0[k] = to_load(a.x.data, a.x.dtype, xo + i * step * sx);
+            v1[k] = to_load(a.x.data, a.x.dtype, xo + (i * step + other) * sx);
+        }
+        if (j < a.D)
+            vr[k] = to_load(a.x.data, a.x.dtype, xo + j * sx);
+        // squares are exact in double; the zeros of missing elements add nothing
+        ss += (double)v0[k] * v0[k] + (double)v1[k] * v1[k] + (double)vr[k] * vr[k];
+    }
+    __syncwarp(); // every lane has read its part of the head before any lane writes (out may be x)
+    ss = to_warp_sum_double(ss);
+    const float rinv = (float)(1.0 / sqrt(ss / (double)a.D + a.eps));
+
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        const int64_t i = lane + 32 * k, j = a.R + i;
+        if (i < half) {
+            const int64_t e0 = i * step, e1 = i * step + other;
+            float y0 = __fmul_rn(__fmul_rn(v0[k], rinv), to_load(a.weight.data, a.weight.dtype, e0 * sw));
+            float y1 = __fmul_rn(__fmul_rn(v1[k], rinv), to_load(a.weight.data, a.weight.dtype, e1 * sw));
+            float r0 = __fsub_rn(__fmul_rn(y0, cs[i]), __fmul_rn(y1, sn[i]));
+            float r1 = __fadd_rn(__fmul_rn(y1, cs[i]), __fmul_rn(y0, sn[i]));
+            to_store(a.out.data, a.out.dtype, oo + i * so, r0);
+            to_store(a.out.data, a.out.dtype, oo + (i + half) * so, r1);
+        }
+        if (j < a.D) {
+            float y = __fmul_rn(__fmul_rn(vr[k], rinv), to_load(a.weight.data, a.weight.dtype, j * sw));
+            to_store(a.out.data, a.out.dtype, oo + j * so, y);
+        }
+    }
+}
+
+// The arguments both ops share.
+RopeArgs rope_args(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
+                   const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling) {
     RopeArgs a = {};
     a.out = to_view(out);
     a.x = to_view(x);
@@ -96,6 +167,33 @@ extern "C" int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_t
     a.interleaved = interleaved != 0;
     a.in_place = to_same_view(out, x);
     a.scaling = (float)attention_scaling;
+    return a;
+}
+
+// grid (T, head groups of a.warps), or an error when the grid limits are exceeded
+int rope_grid(const char *op, const RopeArgs &a, dim3 *grid) {
+    if (a.T > INT32_MAX)
+        return to_fail(TO_ERR_UNSUPPORTED, "%s: %lld tokens (at most 2^31 - 1 per call on the GPU)", op,
+                       (long long)a.T);
+    int64_t groups = to_ceil_div(a.H, a.warps);
+    if (groups > 65535)
+        return to_fail(TO_ERR_UNSUPPORTED, "%s: %lld heads (at most %lld per call on the GPU)", op,
+                       (long long)a.H, (long long)65535 * a.warps);
+    *grid = dim3((unsigned)a.T, (unsigned)groups);
+    return TO_OK;
+}
+
+}  // namespace
+
+extern "C" int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
+                            const to_tensor *inv_freq, int rotary_dim, int interleaved,
+                            double attention_scaling) {
+    if (to_numel(x) == 0)
+        return TO_OK;
+    cudaStream_t stream = to_cuda_stream(out->device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+    RopeArgs a = rope_args(out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
 
     // shared memory: the cos and sin tables (R floats together) and one R-float slice per warp;
     // fewer warps for a wide slice, and beyond the default 48 KB opt in to more
@@ -112,14 +210,44 @@ extern "C" int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_t
         cudaFuncSetAttribute(rope_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     }
     a.warps = warps;
-    if (a.T > INT32_MAX)
-        return to_fail(TO_ERR_UNSUPPORTED, "to_rope: %lld tokens (at most 2^31 - 1 per call on the GPU)",
-                       (long long)a.T);
-    int64_t groups = to_ceil_div(a.H, warps);
-    if (groups > 65535)
-        return to_fail(TO_ERR_UNSUPPORTED, "to_rope: %lld heads (at most %lld per call on the GPU)",
-                       (long long)a.H, (long long)65535 * warps);
-    dim3 grid((unsigned)a.T, (unsigned)groups);
-    rope_kernel<<<grid, warps * 32, smem, stream>>>(a);
+    dim3 grid;
+    TO_TRY(rope_grid("to_rope", a, &grid));
+    to_launch(rope_kernel, grid, dim3(warps * 32), smem, stream, a);
     return to_cuda_check_launch("to_rope");
+}
+
+extern "C" int to_cuda_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight,
+                                     double eps, const to_tensor *positions, const to_tensor *inv_freq,
+                                     int rotary_dim, int interleaved, double attention_scaling) {
+    const char *op = "to_rms_norm_rope";
+    if (to_numel(x) == 0)
+        return TO_OK;
+    RopeArgs a = rope_args(out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
+    a.weight = to_view(weight);
+    a.eps = eps;
+    int64_t per_lane = to_ceil_div(a.R / 2, 32), rest = to_ceil_div(a.D - a.R, 32);
+    per_lane = per_lane > rest ? per_lane : rest;
+    if (per_lane > kMaxPerLane)
+        return to_fail(TO_ERR_UNSUPPORTED, "%s: head dim %lld with rotary_dim %d is too wide for the GPU "
+                       "kernel (rotary_dim / 2 and D - rotary_dim at most %d each)", op, (long long)a.D,
+                       rotary_dim, 32 * kMaxPerLane);
+    // a warp per head, up to kMaxWarps heads of one token per block sharing its cos/sin table
+    a.warps = a.H < kMaxWarps ? (int)a.H : kMaxWarps;
+    dim3 grid, block(a.warps * 32);
+    TO_TRY(rope_grid(op, a, &grid));
+    cudaStream_t stream = to_cuda_stream(out->device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+    size_t smem = (size_t)a.R * sizeof(float); // cos and sin, R/2 each
+    if (per_lane <= 1)
+        to_launch(rms_norm_rope_kernel<1>, grid, block, smem, stream, a);
+    else if (per_lane <= 2)
+        to_launch(rms_norm_rope_kernel<2>, grid, block, smem, stream, a);
+    else if (per_lane <= 4)
+        to_launch(rms_norm_rope_kernel<4>, grid, block, smem, stream, a);
+    else if (per_lane <= 8)
+        to_launch(rms_norm_rope_kernel<8>, grid, block, smem, stream, a);
+    else
+        to_launch(rms_norm_rope_kernel<16>, grid, block, smem, stream, a);
+    return to_cuda_check_launch(op);
 }

@@ -161,6 +161,15 @@ int to_add_rms_norm(const to_tensor *out, const to_tensor *residual, const to_te
  * out may be x (in place). */
 int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
             const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling);
+/* Per-head RMSNorm then rotary embedding in one pass (Qwen3's q_norm/k_norm before RoPE):
+ * y = x[t, h, :] / sqrt(mean(x[t, h, :]^2) + eps) * weight as to_rms_norm computes it (weight [D],
+ * any float dtype), then to_rope's rotation of y; dims >= R are y, not x. The intermediate y is
+ * kept in f32, so the result equals to_rms_norm into an f32 tensor followed by to_rope into out,
+ * bit for bit on the CPU. Arguments as to_rope's plus weight and eps; out may be x (in place).
+ * On a GPU, rotary_dim / 2 and D - rotary_dim are at most 512 each. */
+int to_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps,
+                     const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                     int interleaved, double attention_scaling);
 
 /* ---- matrix products ---- */
 /* out[M, N] = x[M, K] . w[N, K]^T  (weights in the checkpoint's [out, in] layout).
@@ -170,6 +179,15 @@ int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions
  * w and out need unit stride in their last dimension; x may have any strides. bias [N]
  * optional (NULL). */
 int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
+/* out += x . w^T (+ bias), arguments as to_matmul: the product added into out, which is read
+ * once (a residual stream updated by a projection). The sum is formed in f32 and rounded once
+ * to out's dtype. */
+int to_matmul_add(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
+/* out = rms_norm(x; norm_weight, eps) . w^T (+ bias): to_rms_norm then to_matmul, exactly their
+ * values, where a GPU decode product normalises x as it reads it instead of in a kernel of its
+ * own; norm_weight [K], arguments otherwise as to_matmul. */
+int to_rms_norm_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *norm_weight, double eps,
+                       const to_tensor *w, const to_tensor *bias);
 
 /* ---- lookups and reductions ----
  * Index values on a GPU (embedding ids, to_kv_cache_store's slots, to_paged_attention's batch)
@@ -227,9 +245,15 @@ int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor
  *     uniform * (total kept mass). Results depend only on the inputs, never on threads.
  * "Decreasing p" is decreasing logit (exact, before any rounding); p is computed in f32 and masses
  * are summed exactly in fixed point (2^-45 of max p), so a token below that never gets drawn.
- * Every row's values must be valid, greedy rows included: temperature finite, top_p > 0 and
- * finite, min_p in [0, 1], uniform in [0, 1); logits may be -inf (never drawn) but not NaN or
- * +inf, and not all -inf in a row (errors name the lowest bad row; out is then unspecified). */
+ * Every row's values must be valid, greedy rows included: temperature finite (and, if positive,
+ * at least ~2.9e-39, so that 1/temperature is finite in f32), top_p > 0 and finite, min_p in
+ * [0, 1], uniform in [0, 1); logits may be -inf (never drawn) but not NaN or +inf, and not all
+ * -inf in a row (errors name the lowest bad row on the CPU; out is then unspecified).
+ * out and logits are on one device (the CPU or a GPU); the five parameter tensors are always CPU
+ * tensors, checked and read on the host (a GPU run takes their values in its launch, so only the
+ * ids move). On a GPU a bad logits row is not reported by this call: that row's out is set to -1
+ * and the next call that synchronises with the GPU (a copy of out to the host) raises the error,
+ * naming one bad row. */
 int to_sample(const to_tensor *out, const to_tensor *logits, const to_tensor *temperature,
               const to_tensor *top_k, const to_tensor *top_p, const to_tensor *min_p,
               const to_tensor *uniform);

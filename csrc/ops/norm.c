@@ -23,19 +23,12 @@
 
 #include <math.h>
 
-/* eps and weight [d] against the rows of x */
+/* x has at least the normalised dimension; weight [d] and eps as to_check_norm_weight wants */
 static int check_norm_args(const char *op, const to_tensor *x, const to_tensor *weight, double eps) {
     if (x->ndim < 1)
         return to_fail(TO_ERR_SHAPE, "%s: x must have at least 1 dimension (the normalised one), "
                        "got a 0-d tensor", op);
-    TO_TRY(to_check_ndim(weight, 1, op, "weight [d]"));
-    int64_t d = to_row_len(x);
-    if (weight->shape[0] != d)
-        return to_fail(TO_ERR_SHAPE, "%s: weight has shape [%lld] but the last dimension of x is "
-                       "%lld", op, (long long)weight->shape[0], (long long)d);
-    if (!(eps >= 0.0) || isinf(eps)) /* !(>=) also catches NaN */
-        return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: eps must be finite and >= 0, got %g", op, eps);
-    return TO_OK;
+    return to_check_norm_weight(op, weight, to_row_len(x), eps);
 }
 
 int to_rms_norm(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps) {

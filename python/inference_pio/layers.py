@@ -66,31 +66,38 @@ class Attention(Module):
             del self.q_proj, self.k_proj, self.v_proj
             self.qkv_proj = fused
 
-    def project_qkv(self, x):
-        """q [T, Hq, D], k and v [T, Hkv, D] of the input rows (views of one product when fused)."""
-        if "qkv_proj" not in self._modules:
-            return tuple(p(x).unflatten(1, (h, self.head_dim)) for p, h in
-                         ((self.q_proj, self.num_heads), (self.k_proj, self.num_kv_heads),
-                          (self.v_proj, self.num_kv_heads)))
-        qkv = self.qkv_proj(x)
-        q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return (qkv.narrow(1, 0, q_cols).unflatten(1, (self.num_heads, self.head_dim)),
-                qkv.narrow(1, q_cols, kv_cols).unflatten(1, (self.num_kv_heads, self.head_dim)),
-                qkv.narrow(1, q_cols + kv_cols, kv_cols).unflatten(1, (self.num_kv_heads, self.head_dim)))
+    def project_qkv(self, residual, norm):
+        """q [T, Hq, D], k and v [T, Hkv, D] of the rows norm(residual): one normalising product
+        when the projections are fused (views of its output), else the norm and three products."""
+        if "qkv_proj" in self._modules:
+            p = self.qkv_proj
+            qkv = ops.rms_norm_matmul(residual, norm.weight, norm.eps, p.weight, p.bias)
+            q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            return (qkv.narrow(1, 0, q_cols).unflatten(1, (self.num_heads, self.head_dim)),
+                    qkv.narrow(1, q_cols, kv_cols).unflatten(1, (self.num_kv_heads, self.head_dim)),
+                    qkv.narrow(1, q_cols + kv_cols, kv_cols).unflatten(1, (self.num_kv_heads, self.head_dim)))
+        x = norm(residual)
+        return tuple(p(x).unflatten(1, (h, self.head_dim)) for p, h in
+                     ((self.q_proj, self.num_heads), (self.k_proj, self.num_kv_heads),
+                      (self.v_proj, self.num_kv_heads)))
 
-    def forward(self, x, batch):
-        T = x.shape[0]
-        q, k, v = self.project_qkv(x)
-        if "q_norm" in self._modules:
-            q = self.q_norm(q, out=q)
-            k = self.k_norm(k, out=k)
-        ops.rope(q, batch.positions, self.inv_freq, interleaved=self.rope_interleaved, out=q)
-        ops.rope(k, batch.positions, self.inv_freq, interleaved=self.rope_interleaved, out=k)
+    def forward(self, residual, norm, batch):
+        """residual += attention over the rows norm(residual) (residual [T, hidden], in place)."""
+        T = residual.shape[0]
+        q, k, v = self.project_qkv(residual, norm)
+        for x, x_norm in ((q, "q_norm"), (k, "k_norm")):
+            if x_norm in self._modules:  # Qwen3: per-head RMSNorm, then the rotation, one pass
+                n = self._modules[x_norm]
+                ops.rms_norm_rope(x, n.weight, n.eps, batch.positions, self.inv_freq,
+                                  interleaved=self.rope_interleaved, out=x)
+            else:
+                ops.rope(x, batch.positions, self.inv_freq, interleaved=self.rope_interleaved, out=x)
         k_cache, v_cache = batch.kv_cache.layer(self.layer_index)
         ops.kv_cache_store(k_cache, v_cache, k, v, batch.slot_mapping)
         attn = ops.paged_attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
                                    batch.block_tables, self.scale)
-        return self.o_proj(attn.view(T, self.num_heads * self.head_dim))
+        ops.matmul_add(residual, attn.view(T, self.num_heads * self.head_dim), self.o_proj.weight,
+                       self.o_proj.bias)
 
 
 class GatedMLP(Module):
@@ -109,23 +116,25 @@ class GatedMLP(Module):
             del self.gate_proj, self.up_proj
             self.gate_up_proj = fused
 
-    def forward(self, x):
+    def forward(self, residual, norm):
+        """residual += down(silu(gate(x)) * up(x)) for the rows x = norm(residual), in place."""
         if "gate_up_proj" in self._modules:
-            gate_up = self.gate_up_proj(x)
+            gate_up = ops.rms_norm_matmul(residual, norm.weight, norm.eps, self.gate_up_proj.weight)
             n = gate_up.shape[1] // 2
-            # (a fresh output: gate's columns interleave with up's rows in memory, which the
-            # overlap check of an in-place op refuses)
-            return self.down_proj(ops.silu_mul(gate_up.narrow(1, 0, n), gate_up.narrow(1, n, n)))
-        gate = self.gate_proj(x)
-        return self.down_proj(ops.silu_mul(gate, self.up_proj(x), out=gate))
+            # (a fresh output: gate's columns interleave with up's in memory, which the overlap
+            # check of an in-place op refuses)
+            act = ops.silu_mul(gate_up.narrow(1, 0, n), gate_up.narrow(1, n, n))
+        else:
+            x = norm(residual)
+            act = self.gate_proj(x)
+            ops.silu_mul(act, self.up_proj(x), out=act)
+        ops.matmul_add(residual, act, self.down_proj.weight)
 
 
-def final_hidden(residual, last_delta, norm, indices):
-    """The final norm applied only to the rows whose logits are wanted: the last layer's output
-    is added to its residual and normalised for `indices` [L] only (usually one row per sequence)."""
-    rows = ops.embedding(residual, indices)
-    delta = ops.embedding(last_delta, indices)
-    return norm(delta, residual=rows)
+def final_hidden(residual, norm, indices):
+    """The final norm of only the rows whose logits are wanted, `indices` [L] of the residual
+    stream (usually one row per sequence)."""
+    return norm(ops.embedding(residual, indices))
 
 
 __all__ = ["Attention", "GatedMLP", "final_hidden", "rope_inv_freq"]

@@ -137,6 +137,17 @@ def rope(x, positions, inv_freq, rotary_dim=None, interleaved=False, attention_s
     return out
 
 
+def rms_norm_rope(x, weight, eps, positions, inv_freq, interleaved=False, rotary_dim=None,
+                  attention_scaling=1.0, out=None):
+    """rope(rms_norm(x, weight, eps), ...) in one pass over x [T, H, D] (weight [D]: the per-head
+    norm, Qwen3's q_norm/k_norm); the normalised heads stay float32 in between. out=x works."""
+    rotary_dim = x.shape[-1] if rotary_dim is None else rotary_dim
+    out = _out(out, x.shape, x.dtype, x)
+    check(lib.to_rms_norm_rope(out._desc, x._desc, weight._desc, float(eps), positions._desc, inv_freq._desc,
+                               int(rotary_dim), int(bool(interleaved)), float(attention_scaling)))
+    return out
+
+
 def matmul(x, w, bias=None, out=None, out_dtype=None):
     """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N], accumulated in float32."""
     lead = x.shape[:-1]
@@ -145,6 +156,21 @@ def matmul(x, w, bias=None, out=None, out_dtype=None):
     out = _out(out, lead + (w.shape[0],) if w.ndim == 2 else lead, dtype, x)
     out2 = out if out.ndim == 2 else out.view(-1, out.shape[-1])
     check(lib.to_matmul(out2._desc, x2._desc, w._desc, bias._desc if bias is not None else _NULL))
+    return out
+
+
+def matmul_add(out, x, w, bias=None):
+    """out += x [M, K] @ w[N, K]^T (+ bias) in place (a residual stream plus a projection)."""
+    check(lib.to_matmul_add(out._desc, x._desc, w._desc, bias._desc if bias is not None else _NULL))
+    return out
+
+
+def rms_norm_matmul(x, norm_weight, eps, w, bias=None, out=None):
+    """rms_norm(x, norm_weight, eps) [M, K] @ w[N, K]^T (+ bias) -> [M, N], as the two ops give it;
+    on a GPU one kernel for few rows."""
+    out = _out(out, (x.shape[0], w.shape[0]), x.dtype, x)
+    check(lib.to_rms_norm_matmul(out._desc, x._desc, norm_weight._desc, float(eps), w._desc,
+                                 bias._desc if bias is not None else _NULL))
     return out
 
 

@@ -16,6 +16,10 @@ Within a bound where they differ:
     being at most 1). Each output is a c - b s (or b c + a s), so with mag = |a| + |b|:
         |gpu - cpu| <= mag * max(|scaling|, 1) * 2^-20 + |cpu| ulp_out + tiny_out
     Dims >= rotary_dim are copies: exact.
+  rms_norm_rope: both steps' differences: the rinv of the norm may round an ulp apart (y moves by
+    at most 2^-22 relative), then the rope's cos/sin difference, on the normalised head y (the
+    CPU's rms_norm into f32). With mag = |a| + |b| of y's pairs (|y| for dims >= rotary_dim):
+        |gpu - cpu| <= mag * max(|scaling|, 1) * 2^-20 + |cpu| ulp_out + tiny_out
 """
 import pytest
 import torch
@@ -282,6 +286,114 @@ def test_rope_empty():
     x = ip.Tensor.empty(0, 2, 8, device="cuda")
     pos = ip.Tensor.empty(0, dtype=ip.int64, device="cuda")
     assert ops.rope(x, pos, inv_freq(8).to("cuda"), 8).shape == (0, 2, 8)
+
+
+# ============================================================================ rms_norm_rope
+
+def norm_rope_tol(y, ref, R, interleaved, scaling, dtype):
+    """The bound of the module docstring; y the CPU's normalised head in f32, ref the CPU result."""
+    y64 = to_torch(y).to(torch.float64)
+    yr, half = y64[..., :R], R // 2
+    a, b = (yr[..., 0::2], yr[..., 1::2]) if interleaved else (yr[..., :half], yr[..., half:])
+    m = a.abs() + b.abs()
+    mag = torch.cat([m, m, y64[..., R:].abs()], -1)
+    r = to_torch(ref).to(torch.float64)
+    return mag * max(abs(scaling), 1.0) * 2.0 ** -20 + r.abs() * ULP_OUT[dtype] + TINY_OUT[dtype]
+
+
+def check_norm_rope(x, w, pos, inv, R, interleaved, scaling, eps=1e-6, out_dtype=None, x_kind="contiguous",
+                    out_kind=None):
+    """ops.rms_norm_rope on the CPU and on the GPU, x and out in the given layouts."""
+    out_dtype = out_dtype or x.dtype
+    xc, xg, _ = placed(x, x_kind)
+    oc, og, fetch = placed(filled(x.shape, out_dtype), out_kind or x_kind)
+    ops.rms_norm_rope(xc, w, eps, pos, inv, interleaved, R, scaling, out=oc)
+    ops.rms_norm_rope(xg, w.to("cuda"), eps, pos.to("cuda"), inv.to("cuda"), interleaved, R, scaling, out=og)
+    y = ops.rms_norm(x, w, eps, out=ip.Tensor.empty(x.shape, dtype=ip.float32))
+    assert_within(fetch(), oc, norm_rope_tol(y, oc, R, interleaved, scaling, out_dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=name)
+@pytest.mark.parametrize("interleaved", [0, 1])
+@pytest.mark.parametrize("T,H,D,R", [(1, 1, 2, 2), (7, 3, 64, 64), (5, 5, 128, 64), (3, 2, 130, 96),
+                                     (129, 16, 128, 128), (2, 1, 256, 32), (1, 40, 128, 128), (3, 7, 18, 6),
+                                     (2, 3, 1024, 1024), (2, 3, 544, 32)], ids=str)
+def test_rms_norm_rope(gen, dtype, interleaved, T, H, D, R):
+    """Decode and prefill sizes, H not a multiple of the block's 4 heads, partial rotary, and the
+    widest heads the registers hold (R / 2 = 512; D - R = 512)."""
+    x, _ = randn(T, H, D, dtype=dtype, gen=gen, scale=3.0)
+    for pos_dtype, scaling, w_dtype in [(ip.int64, 1.0, dtype), (ip.int32, 0.7071, ip.float32)]:
+        w, _ = randn(D, dtype=w_dtype, gen=gen)
+        check_norm_rope(x, w, random_positions(T, pos_dtype, gen), inv_freq(R), R, interleaved, scaling)
+
+
+@pytest.mark.parametrize("interleaved", [0, 1])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=name)
+def test_rms_norm_rope_qkv_in_place(gen, interleaved, dtype):
+    """q and k normalised and rotated in place as head slices of a fused qkv [T, (Hq + 2 Hkv) D]
+    (Qwen3's attention); v is left alone."""
+    T, Hq, Hkv, D = 9, 8, 2, 128
+    qkv, _ = randn(T, (Hq + 2 * Hkv) * D, dtype=dtype, gen=gen)
+    wq, _ = randn(D, dtype=dtype, gen=gen)
+    wk, _ = randn(D, dtype=dtype, gen=gen)
+    pos = random_positions(T, ip.int64, gen)
+    inv = inv_freq(D, 1e6)
+    cpu, gpu = qkv.clone(), qkv.to("cuda")
+    for t, p, i, wqd, wkd in [(cpu, pos, inv, wq, wk), (gpu, pos.to("cuda"), inv.to("cuda"), wq.to("cuda"), wk.to("cuda"))]:
+        heads = t.view(T, Hq + 2 * Hkv, D)
+        q, k = heads[:, :Hq], heads[:, Hq:Hq + Hkv]
+        ops.rms_norm_rope(q, wqd, 1e-6, p, i, interleaved, out=q)
+        ops.rms_norm_rope(k, wkd, 1e-6, p, i, interleaved, out=k)
+    got = gpu.cpu().view(T, Hq + 2 * Hkv, D)
+    ref = cpu.view(T, Hq + 2 * Hkv, D)
+    orig = qkv.view(T, Hq + 2 * Hkv, D)
+    for sl, w in [(slice(0, Hq), wq), (slice(Hq, Hq + Hkv), wk)]:
+        y = ops.rms_norm(orig[:, sl].contiguous(), w, 1e-6, out=ip.Tensor.empty((T, sl.stop - sl.start, D)))
+        assert_within(got[:, sl].contiguous(), ref[:, sl].contiguous(),
+                      norm_rope_tol(y, ref[:, sl].contiguous(), D, interleaved, 1.0, dtype))
+    assert_bits_equal(got[:, Hq + Hkv:].contiguous(), orig[:, Hq + Hkv:].contiguous())
+
+
+@pytest.mark.parametrize("x_kind,out_kind", [("transposed", "contiguous"), ("sliced", "transposed"),
+                                             ("contiguous", "sliced")])
+@pytest.mark.parametrize("interleaved", [0, 1])
+def test_rms_norm_rope_strided_and_converting(gen, x_kind, out_kind, interleaved):
+    T, H, D, R = 11, 6, 64, 32
+    x, _ = randn(T, H, D, dtype=ip.bfloat16, gen=gen)
+    w, _ = randn(D, dtype=ip.bfloat16, gen=gen)
+    pos = random_positions(T, ip.int32, gen)
+    for out_dtype in FLOAT_DTYPES:
+        check_norm_rope(x, w, pos, inv_freq(R), R, interleaved, 1.0, out_dtype=out_dtype, x_kind=x_kind,
+                        out_kind=out_kind)
+
+
+def test_rms_norm_rope_extremes_and_strided_positions(gen):
+    """Heads of zeros (rinv = 1/sqrt(eps)), huge and tiny magnitudes, a large eps, a broadcast
+    weight, positions far apart with stride 2."""
+    T, H, D, R = 6, 3, 128, 64
+    x64 = torch.randn(T, H, D, generator=gen, dtype=torch.float64)
+    x64[0, 0] = 0.0
+    x64[1, 1] *= 1e30
+    x64[2, 2] *= 1e-30
+    x = from_torch(x64.to(torch.float32))
+    w = ip.Tensor.full((1,), 0.5).expand(D)
+    pos64 = torch.randint(-2 ** 40, 2 ** 40, (2 * T,), generator=gen)
+    pos = from_torch(pos64)[::2]
+    oc = ops.rms_norm_rope(x, w, 1e-2, pos, inv_freq(R, 1e6), rotary_dim=R)
+    og = ops.rms_norm_rope(x.to("cuda"), ip.Tensor.full((1,), 0.5).to("cuda").expand(D), 1e-2,
+                           from_torch(pos64).to("cuda")[::2], inv_freq(R, 1e6).to("cuda"), rotary_dim=R)
+    y = ops.rms_norm(x, w, 1e-2)
+    assert_within(og.cpu(), oc, norm_rope_tol(y, oc, R, 0, 1.0, ip.float32))
+
+
+def test_rms_norm_rope_too_wide_and_empty():
+    x = ip.Tensor.empty(0, 2, 8, device="cuda")
+    w, pos = ip.Tensor.full((8,), 1.0).to("cuda"), ip.Tensor.empty(0, dtype=ip.int64, device="cuda")
+    assert ops.rms_norm_rope(x, w, 1e-6, pos, inv_freq(8).to("cuda")).shape == (0, 2, 8)
+    x = ip.Tensor.zeros(2, 2, 1088).to("cuda")  # D - R = 1056 > 512
+    w, pos = ip.Tensor.full((1088,), 1.0).to("cuda"), ip.Tensor.zeros(2, dtype=ip.int64).to("cuda")
+    with pytest.raises(ip.UnsupportedError, match="to_rms_norm_rope: head dim 1088 with rotary_dim 32 is too wide"):
+        ops.rms_norm_rope(x, w, 1e-6, pos, inv_freq(32).to("cuda"), rotary_dim=32)
 
 
 # ============================================================================ embedding

@@ -1,6 +1,8 @@
-"""Next tokens from logits rows: one to_sample call for the whole batch. Only the per-row
-parameters and one uniform draw per row (from the sequence's own generator) go in; the chosen
-ids come out."""
+"""Next tokens from logits rows: one to_sample call for the whole batch, on the logits' device.
+Only the per-row parameters and one uniform draw per row (from the sequence's own generator) go
+in, as small host tensors (to_sample reads parameters on the host whatever the logits' device);
+the chosen ids come out. With logits on a GPU the rows never leave it: only the ids ([B] int64)
+are copied back, and that copy is where a bad logits row recorded by the GPU is raised."""
 from array import array
 
 from .. import dtypes, ops
@@ -15,8 +17,6 @@ def sample(logits, seqs):
     """Token ids (a list of ints) for logits [len(seqs), vocab], row i for seqs[i]."""
     if all(s.params.greedy for s in seqs):
         return ops.argmax(logits).tolist()  # on the logits' device: only the ids come back
-    if logits.is_cuda:  # no GPU sampling kernel yet: the rows come to the host
-        logits = logits.cpu()
     p = [s.params for s in seqs]
     out = ops.sample(logits,
                      _tensor("f", [x.temperature for x in p], dtypes.float32),

@@ -1,0 +1,93 @@
+"""to_matmul_add (out += x . w^T + bias) and to_rms_norm_matmul (rms_norm(x) . w^T + bias): the
+decode step's fused forms, checked against the separate ops they stand for, on the CPU and (the
+`device` fixture) on a GPU.
+
+- CPU: both are composed from the plain kernels through an f32 intermediate, so they equal
+  to_matmul then to_add / to_rms_norm then to_matmul bit for bit.
+- GPU, few rows: one streaming-GEMV kernel. matmul_add forms acc + bias + old out in f32 and
+  rounds once (the separate ops round the product first: equal for an f32 out, within one
+  rounding of out's dtype otherwise). rms_norm_matmul normalises x in the GEMV with the norm
+  kernel's arithmetic, but sums the squares in another order, so rinv may land an ulp apart:
+  relative 1e-6 against the separate GPU ops. Many rows (or other dtypes): the separate GPU
+  kernels, composed inside the op: the same bound.
+- Both, against the CPU's separate ops on the same values: f32 accumulation-order bounds.
+"""
+import pytest
+import torch
+
+import inference_pio as ip
+from inference_pio import ops
+
+from helpers import randn, to_torch
+
+
+def rel(got, ref):
+    got, ref = to_torch(got).double(), to_torch(ref).double()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("wdtype", [ip.float32, ip.bfloat16, ip.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul_add_equals_matmul_then_add(device, gen, M, wdtype, bias):
+    K, N = 264, 136
+    x, _ = randn(M, K, gen=gen)
+    w, _ = randn(N, K, dtype=wdtype, gen=gen)
+    b = randn(N, gen=gen)[0] if bias else None
+    old, _ = randn(M, N, gen=gen)
+    x, w, old = x.to(device), w.to(device), old.to(device)
+    b = b.to(device) if b is not None else None
+    want = ops.add(old, ops.matmul(x, w, b))
+    out = old.clone()
+    assert ops.matmul_add(out, x, w, b) is out
+    assert to_torch(out).equal(to_torch(want))  # f32 out: the same two roundings everywhere
+    cpu = ops.add(old.cpu(), ops.matmul(x.cpu(), w.cpu(), b.cpu() if b is not None else None))
+    assert rel(out, cpu) <= 1e-6
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 33])
+@pytest.mark.parametrize("wdtype", [ip.float32, ip.bfloat16, ip.float16])
+@pytest.mark.parametrize("gdtype", [ip.float32, ip.bfloat16])
+def test_rms_norm_matmul_equals_norm_then_matmul(device, gen, M, wdtype, gdtype):
+    K, N = 1024, 200
+    x, _ = randn(M, K, gen=gen, scale=3.0)
+    g, _ = randn(K, dtype=gdtype, gen=gen)
+    w, _ = randn(N, K, dtype=wdtype, gen=gen)
+    x, g, w = x.to(device), g.to(device), w.to(device)
+    got = ops.rms_norm_matmul(x, g, 1e-6, w)
+    want = ops.matmul(ops.rms_norm(x, g, 1e-6), w)
+    assert got.shape == (M, N) and got.dtype == ip.float32
+    if device == "cpu":
+        assert to_torch(got).equal(to_torch(want))
+    else:
+        assert rel(got, want) <= 1e-6
+    cpu = ops.matmul(ops.rms_norm(x.cpu(), g.cpu(), 1e-6), w.cpu())
+    assert rel(got, cpu) <= 1e-5
+
+
+def test_rms_norm_matmul_strided_rows_and_bias(device, gen):
+    """x rows a slice of a wider buffer (row stride > K), bias, a bf16 out."""
+    M, K, N = 3, 512, 96
+    wide, _ = randn(M, 2 * K, gen=gen)
+    x = wide.to(device).narrow(1, K, K)
+    g, _ = randn(K, gen=gen)
+    w, _ = randn(N, K, dtype=ip.bfloat16, gen=gen)
+    b, _ = randn(N, gen=gen)
+    g, w, b = g.to(device), w.to(device), b.to(device)
+    out = ip.Tensor.empty(M, N, dtype=ip.bfloat16, device=device)
+    ops.rms_norm_matmul(x, g, 1e-5, w, b, out=out)
+    want = ops.matmul(ops.rms_norm(x.contiguous(), g, 1e-5), w, b)
+    assert rel(out, want) <= 2 ** -8
+
+
+def test_errors_are_clear(device, gen):
+    x = ip.Tensor.zeros(2, 8, device=device)
+    w = ip.Tensor.zeros(4, 8, device=device)
+    with pytest.raises(ip.ShapeError, match="to_rms_norm_matmul: weight has shape \\[7\\]"):
+        ops.rms_norm_matmul(x, ip.Tensor.zeros(7, device=device), 1e-6, w)
+    with pytest.raises(ip.InvalidArgumentError, match="to_rms_norm_matmul: eps must be finite"):
+        ops.rms_norm_matmul(x, ip.Tensor.zeros(8, device=device), -1.0, w)
+    with pytest.raises(ip.ShapeError, match="to_matmul_add: out has shape \\[2, 5\\]"):
+        ops.matmul_add(ip.Tensor.zeros(2, 5, device=device), x, w)
+    with pytest.raises(ip.ShapeError, match="to_matmul_add: x is \\[2, 8\\] but w is \\[4, 9\\]"):
+        ops.matmul_add(ip.Tensor.zeros(2, 4, device=device), x, ip.Tensor.zeros(4, 9, device=device))
