@@ -62,11 +62,20 @@ def test_interleaved_rope_on_permuted_weights_gives_same_logits(ckpt, device):
 
     llm = LLM(folder, device=device, dtype="float32")
     cfg = llm.model.config
-    hd = cfg.head_dim
+    hd, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def permuted(rows, heads):  # each head's rows in adjacent-pair order
+        return rows.reshape(heads, 2, hd // 2, -1).transpose(1, 2).reshape(heads * hd, -1)
+
     for layer in llm.model.model.layers:
         attn = layer.self_attn
         attn.rope_interleaved = True
-        for proj, heads in ((attn.q_proj, cfg.num_attention_heads), (attn.k_proj, cfg.num_key_value_heads)):
-            w = to_torch(proj.weight).reshape(heads, 2, hd // 2, -1).transpose(1, 2)
-            proj.weight = from_torch(w.reshape(heads * hd, -1).contiguous(), device)
+        if "qkv_proj" in attn._modules:  # a GPU's stacked q/k/v (loader.fuse_projections)
+            w = to_torch(attn.qkv_proj.weight)
+            q, k = hq * hd, hkv * hd
+            w = torch.cat([permuted(w[:q], hq), permuted(w[q:q + k], hkv), w[q + k:]])
+            attn.qkv_proj.weight = from_torch(w.contiguous(), device)
+            continue
+        for proj, heads in ((attn.q_proj, hq), (attn.k_proj, hkv)):
+            proj.weight = from_torch(permuted(to_torch(proj.weight), heads).contiguous(), device)
     assert max(rel_errors(to_torch(llm.logits(ids)), ref)) <= 1e-5

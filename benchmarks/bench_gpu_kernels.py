@@ -1,0 +1,90 @@
+"""What each kernel of a GPU decode step costs inside a CUDA graph: every op captured --repeat
+times back to back into one graph (as a decode step's graph holds them), the graph replayed, and
+the time per op reported; the products beside the device copy bandwidth. The first row, a
+one-element fill, is the floor one graph node costs.
+
+    python benchmarks/bench_gpu_kernels.py [--model 0.6b|4b] [--repeat 100]
+    INFERENCE_PIO_PDL=0 python benchmarks/bench_gpu_kernels.py   # without programmatic launches
+"""
+import argparse
+import math
+import random
+import time
+
+import inference_pio as ip
+from inference_pio import ops
+from inference_pio.graph import CudaGraph
+
+SHAPES = {  # hidden, q heads, kv heads, head dim, intermediate, vocab
+    "0.6b": (1024, 16, 8, 128, 3072, 151936),
+    "4b": (2560, 32, 8, 128, 9728, 151936),
+}
+
+
+def sync():
+    ip.lib.to_cuda_synchronize(0)
+
+
+def per_op_us(fn, repeat, rounds=5):
+    graph = CudaGraph.capture(lambda: [fn() for _ in range(repeat)][-1])
+    graph.replay()
+    sync()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        graph.replay()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best / repeat * 1e6
+
+
+def randn(*shape, dtype="float32"):
+    r = random.Random(sum(shape))
+    t = ip.tensor([r.gauss(0, 1) for _ in range(math.prod(shape))], dtype="float32")
+    return t.view(*shape).to("cuda", dtype=dtype)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="0.6b")
+    ap.add_argument("--repeat", type=int, default=100)
+    args = ap.parse_args()
+    H, hq, hkv, D, I, V = SHAPES[args.model]
+    n = args.repeat
+    one = ip.Tensor.empty(1, device="cuda")
+    x = randn(1, H)
+    g = randn(H, dtype="bfloat16")
+    rows = []
+    rows.append(("fill, 1 element (graph node floor)", per_op_us(lambda: one.fill_(1.0), n), 0))
+    rows.append((f"rms_norm [1, {H}]", per_op_us(lambda: ops.rms_norm(x, g, 1e-6), n), 0))
+    gu = randn(1, 2 * I)
+    rows.append((f"silu_mul [1, {I}] of a stacked gate|up", per_op_us(
+        lambda: ops.silu_mul(gu.narrow(1, 0, I), gu.narrow(1, I, I)), n), 0))
+    qkv = randn(1, (hq + 2 * hkv) * D)
+    q = qkv.narrow(1, 0, hq * D).unflatten(1, (hq, D))
+    pos = ip.tensor([100], dtype="int32").to("cuda")
+    inv = ip.tensor([1.0 / 10000 ** (2 * i / D) for i in range(D // 2)]).to("cuda")
+    gd = randn(D, dtype="bfloat16")
+    rows.append((f"rms_norm_rope q [1, {hq}, {D}]", per_op_us(
+        lambda: ops.rms_norm_rope(q, gd, 1e-6, pos, inv, out=q), n), 0))
+    for name, N, K, kind in (("qkv", (hq + 2 * hkv) * D, H, "norm"), ("o_proj", H, hq * D, "add"),
+                             ("gate_up", 2 * I, H, "norm"), ("down", H, I, "add"), ("lm_head", V, H, "plain")):
+        w = ip.Tensor.full((N, K), 0.01, dtype="bfloat16", device="cuda")  # streamed: values do not matter
+        xk = randn(1, K)
+        if kind == "norm":
+            fn = lambda w=w, xk=xk, gk=randn(K, dtype="bfloat16"): ops.rms_norm_matmul(xk, gk, 1e-6, w)
+        elif kind == "add":
+            out = ip.Tensor.zeros(1, N, device="cuda")
+            fn = lambda w=w, xk=xk, out=out: ops.matmul_add(out, xk, w)
+        else:
+            fn = lambda w=w, xk=xk: ops.matmul(xk, w)
+        reps = n if N * K < 1 << 26 else max(4, n // 10)
+        us = per_op_us(fn, reps)
+        rows.append((f"{name} [{N} x {K}] bf16 ({kind})", us, 2 * N * K / (us * 1e-6) / 1e9))
+    print(f"{'op':48s} {'us/op':>8s} {'GB/s':>8s}")
+    for name, us, gbs in rows:
+        print(f"{name:48s} {us:8.2f} {gbs:8.0f}" if gbs else f"{name:48s} {us:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
