@@ -301,41 +301,49 @@ template <typename T> __device__ __forceinline__ void unpack16(uint4 raw, float 
 }
 
 // RMS normalisation of x's rows as to_rms_norm computes it (csrc/cuda/norm.cu: squares summed in
-// double, rinv rounded to f32 once, then (v * rinv) * w), written as f32 into xn [MR][K]. Done by
-// the whole block while its first weight loads are in flight; every block normalises the same
-// few rows (L2 hits), which costs far less than a kernel of its own in a decode step.
+// double, rinv rounded to f32 once, then (v * rinv) * w), written as f32 into xn [MR][K]; gs [K]
+// holds the norm weight as f32. One pass over global memory (x and the weight requested
+// together), then the scaling in place, each thread on its own elements. Done by the whole block
+// while its first weight loads are in flight: every block normalises the same few rows (L2 hits),
+// which costs less than a kernel of its own in a decode step.
 template <int MR>
-__device__ void normalise_rows(const MatmulArgs &a, float *xn) {
+__device__ void normalise_rows(const MatmulArgs &a, float *xn, float *gs) {
     __shared__ double partial[GEMV_WARPS][MR];
     __shared__ float rinv[MR];
     const float *x = (const float *)a.x;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    double ss[MR];
+#pragma unroll 4
+    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x)
+        gs[k] = to_load(a.norm_w, a.norm_dt, k * a.norm_ws0);
 #pragma unroll
     for (int m = 0; m < MR; m++) {
-        double ss = 0.0;
-        if (m < a.M)
-            for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
-                float v = x[m * a.xs0 + k];
-                ss += (double)v * (double)v;
-            }
-        ss = to_warp_sum_double(ss);
+        ss[m] = 0.0;
+#pragma unroll 4
+        for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
+            float v = m < a.M ? x[m * a.xs0 + k] : 0.0f;
+            xn[m * a.K + k] = v;
+            ss[m] += (double)v * (double)v;
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+        double t = to_warp_sum_double(ss[m]);
         if (lane == 0)
-            partial[warp][m] = ss;
+            partial[warp][m] = t;
     }
     __syncthreads();
     if (threadIdx.x < MR) {
-        double ss = 0.0;
+        double t = 0.0;
         for (int w = 0; w < GEMV_WARPS; w++)
-            ss += partial[w][threadIdx.x];
-        rinv[threadIdx.x] = (float)(1.0 / sqrt(ss / (double)a.K + a.norm_eps));
+            t += partial[w][threadIdx.x];
+        rinv[threadIdx.x] = (float)(1.0 / sqrt(t / (double)a.K + a.norm_eps));
     }
     __syncthreads();
 #pragma unroll
     for (int m = 0; m < MR; m++)
-        for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
-            float v = m < a.M ? x[m * a.xs0 + k] : 0.0f;
-            xn[m * a.K + k] = __fmul_rn(__fmul_rn(v, rinv[m]), to_load(a.norm_w, a.norm_dt, k * a.norm_ws0));
-        }
+        for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x)
+            xn[m * a.K + k] = __fmul_rn(__fmul_rn(xn[m * a.K + k], rinv[m]), gs[k]);
     __syncthreads();
 }
 
@@ -344,7 +352,7 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
     constexpr int VEC = 16 / sizeof(T);          // weights per 16-byte load
     constexpr int ROWS = GEMV_WARPS / KSPLIT;    // weight rows per block
     __shared__ float partial[GEMV_WARPS][MR];
-    extern __shared__ __align__(16) float xn[];  // the normalised rows [MR][K] (norm_w only)
+    extern __shared__ __align__(16) float xn[];  // norm_w only: the normalised rows [MR][K], the weight [K]
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int part = warp % KSPLIT;
     int64_t n = (int64_t)blockIdx.x * ROWS + warp / KSPLIT;
@@ -375,7 +383,7 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
     const float *xrows = (const float *)a.x;
     int64_t xrow_stride = a.xs0;
     if (a.norm_w) {
-        normalise_rows<MR>(a, xn);
+        normalise_rows<MR>(a, xn, xn + MR * a.K);
         xrows = xn;
         xrow_stride = a.K;
     }
@@ -443,7 +451,7 @@ static int sm_count(int device_index) {
     return cached[device_index];
 }
 
-#define GV_NORM_SMEM_MAX (160 * 1024) // normalised rows held in shared memory: MR * K * 4 bytes at most
+#define GV_NORM_SMEM_MAX (160 * 1024) // normalised rows and weight in shared memory: (MR + 1) * K * 4 bytes at most
 
 // gemv_stream_kernel<...> with `smem` bytes of dynamic shared memory (its limit raised once).
 template <int MR, typename T, int KSPLIT>
@@ -468,7 +476,7 @@ static void launch_gemv_stream_rows(const MatmulArgs &a, int device_index, cudaS
     int ksplit = 1;
     while (ksplit < GEMV_WARPS && to_ceil_div(a.N * ksplit, GEMV_WARPS) < want && a.K / VEC >= 32 * 2 * ksplit)
         ksplit *= 2;
-    size_t smem = a.norm_w ? (size_t)(MR * a.K * sizeof(float)) : 0;
+    size_t smem = a.norm_w ? (size_t)((MR + 1) * a.K * sizeof(float)) : 0;
     switch (ksplit) {
     case 1: launch_stream<MR, T, 1>(a, smem, stream); break;
     case 2: launch_stream<MR, T, 2>(a, smem, stream); break;
@@ -702,7 +710,7 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
         bool aligned16 = (uintptr_t)a.w % 16 == 0 && (a.N == 1 || a.w_row_bytes % 16 == 0);
         bool x_streams = a.x_dt == TO_F32 && a.xs1 == 1 && (uintptr_t)a.x % 16 == 0 && (a.M == 1 || a.xs0 % 4 == 0);
         int vec = w->dtype == TO_F32 ? 4 : 8, mr = a.M <= 1 ? 1 : a.M <= 2 ? 2 : a.M <= 4 ? 4 : 8;
-        bool norm_fits = (int64_t)mr * a.K * (int64_t)sizeof(float) <= GV_NORM_SMEM_MAX;
+        bool norm_fits = (int64_t)(mr + 1) * a.K * (int64_t)sizeof(float) <= GV_NORM_SMEM_MAX;
         bool streams = (w->dtype == TO_F32 || w->dtype == TO_F16 || w->dtype == TO_BF16) && aligned16 &&
                        x_streams && a.K % vec == 0 && a.K / vec <= UINT32_MAX / 16;
         if (streams && (!norm_weight || norm_fits)) {

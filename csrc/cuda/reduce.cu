@@ -7,7 +7,8 @@
 // +inf, -0.0 onto +0.0), the low half the complement of the index, so a larger key is a better
 // entry and no two entries of a row have the same key.
 //
-// argmax: each thread keeps the best key of its elements, then a block reduction.
+// argmax: each thread keeps the best key of its elements, then a block reduction; rows longer
+// than kArgmaxChunk are split over blocks first (argmax_chunks_kernel, argmax_pick_kernel).
 //
 // top-k: the k best entries of a row are found by radix selection on the keys and then sorted in
 // shared memory, in chunks of at most kChunk output positions so any k up to the row length
@@ -97,6 +98,52 @@ __global__ void argmax_kernel(RowArgs a) {
         }
         __syncthreads(); // skey/sidx are reused by the next row
     }
+}
+
+// A long row (a vocabulary of logits) is too much for one block: chunks of kArgmaxChunk
+// elements go to blocks of their own, each leaves its best entry as one 64-bit key
+// (order_key << 32 | ~index, so the larger key is the better entry, ties to the lower index), and
+// a second kernel picks each row's best key.
+constexpr int64_t kArgmaxChunk = 4096;
+
+__global__ void argmax_chunks_kernel(RowArgs a, uint64_t *best, int64_t chunks) {
+    to_pdl_wait();
+    to_pdl_trigger();
+    __shared__ uint64_t sbest[32];
+    const int64_t row = blockIdx.y, j0 = blockIdx.x * kArgmaxChunk;
+    const int64_t j1 = min(j0 + kArgmaxChunk, a.n), xo = to_row_offset_dev(a.x, row);
+    uint64_t key = 0;
+    for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        uint64_t kj = (uint64_t)order_key(to_load(a.x.data, a.x.dtype, xo + j * a.sx)) << 32 | (uint32_t)~(uint32_t)j;
+        key = kj > key ? kj : key;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        uint64_t other = __shfl_xor_sync(0xffffffffu, key, o);
+        key = other > key ? other : key;
+    }
+    if (threadIdx.x % 32 == 0)
+        sbest[threadIdx.x / 32] = key;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)blockDim.x / 32; w++)
+            key = sbest[w] > key ? sbest[w] : key;
+        best[row * chunks + blockIdx.x] = key;
+    }
+}
+
+__global__ void argmax_pick_kernel(RowArgs a, const uint64_t *best, int64_t chunks) {
+    to_pdl_wait();
+    to_pdl_trigger();
+    const int64_t row = blockIdx.x;
+    uint64_t key = 0;
+    for (int64_t c = threadIdx.x; c < chunks; c += 32)
+        key = best[row * chunks + c] > key ? best[row * chunks + c] : key;
+    for (int o = 16; o > 0; o >>= 1) {
+        uint64_t other = __shfl_xor_sync(0xffffffffu, key, o);
+        key = other > key ? other : key;
+    }
+    if (threadIdx.x == 0)
+        ((int64_t *)a.out.data)[to_offset(a.out, row)] = (int64_t)(uint32_t)~(uint32_t)key;
 }
 
 // ===================================================================================== top-k
@@ -265,6 +312,15 @@ extern "C" int to_cuda_argmax(const to_tensor *out, const to_tensor *x) {
     a.n = n;
     a.sx = to_row_stride_last(x);
     a.k = 1;
+    int64_t chunks = to_ceil_div(n, kArgmaxChunk);
+    if (chunks > 1 && n <= UINT32_MAX && rows <= 65535) {
+        uint64_t *best = NULL;
+        TO_TRY(to_cuda_alloc(out->device_index, rows * chunks * (int64_t)sizeof(uint64_t), (void **)&best));
+        to_launch(argmax_chunks_kernel, dim3((unsigned)chunks, (unsigned)rows), dim3(256), 0, stream, a, best, chunks);
+        to_launch(argmax_pick_kernel, dim3((unsigned)rows), dim3(32), 0, stream, a, (const uint64_t *)best, chunks);
+        to_cuda_free(out->device_index, best); // stream-ordered: reused only by later work
+        return to_cuda_check_launch("to_argmax");
+    }
     int threads = n >= 8192 ? 1024 : n >= 1024 ? 256 : 64;
     int64_t blocks = rows < (1 << 30) ? rows : (1 << 30);
     to_launch(argmax_kernel, (unsigned)blocks, threads, 0, stream, a);
