@@ -5,8 +5,10 @@ Used by setup.py (pip install) and the Makefile:
 
     python csrc/build.py --out build/lib/libtensor_ops.so [--sanitize] [--cuda auto|0|1]
 
-INFERENCE_PIO_CUDA=0 skips the CUDA sources; INFERENCE_PIO_CUDA_ARCHS (default "90") lists the
-compute capabilities to build machine code for.
+INFERENCE_PIO_CUDA=0 skips the CUDA sources; INFERENCE_PIO_CUDA_ARCHS (default "90a") lists the
+compute capabilities to build machine code for, separated by ";" or "," (e.g. "80;90a"). "90a" is
+sm_90 plus the Hopper-only instructions (wgmma) of the prefill GEMM, csrc/cuda/gemm_sm90.cu; without
+it that GEMM is left out and matmul.cu's own kernels run on Hopper too.
 """
 import argparse
 import os
@@ -79,12 +81,19 @@ def write_ninja(build_dir, out, sanitize, nvcc):
     ldflags = ["-shared", "-Wl,-soname,libtensor_ops.so", "-pthread", "-lm"] + (["-fsanitize=address,undefined"] if sanitize else [])
     linker = "gcc"
     if nvcc:
-        archs = os.environ.get("INFERENCE_PIO_CUDA_ARCHS", "90").replace(",", ";").split(";")
-        gencode = " ".join(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a)
+        archs = [a.strip() for a in os.environ.get("INFERENCE_PIO_CUDA_ARCHS", "90a").replace(",", ";").split(";")]
+        archs = [a for a in archs if a]
+        if "90a" in archs:
+            # 9.0 is the only 9.x part: an sm_90 image beside the sm_90a one could only be loaded
+            # instead of it, and its gemm_sm90 kernels only trap
+            archs = [a for a in archs if a != "90"]
+        gencode = " ".join(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs)
+        # gemm_sm90.cu launches its kernels only when the library has their sm_90a code
+        sm90a = " -DTO_HAVE_SM90A=1" if "90a" in archs else ""
         lines += [
             f"nvcc = {nvcc}",
             f"nvflags = -O3 -std=c++17 -Xcompiler -fPIC,-fvisibility=default {gencode} "
-            f"{' '.join(includes)} -DTO_WITH_CUDA=1",
+            f"{' '.join(includes)} -DTO_WITH_CUDA=1{sm90a}",
             "rule nvcc",
             "  command = $nvcc -MD -MF $out.d $nvflags -c $in -o $out",
             "  depfile = $out.d",

@@ -30,8 +30,10 @@
 #include "cuda/common.cuh"
 #include "cuda/matmul.cuh"
 #include "cuda/quant.cuh"
+#include "cpu/elementwise.h"
 
 #include <mma.h>
+#include <string.h>
 
 #define GEMV_MAX_ROWS 8
 #define GEMV_WARPS 8                  // weight rows (one per warp) per GEMV block
@@ -657,20 +659,61 @@ __global__ void __launch_bounds__(128) gemm_tc_kernel(MatmulArgs a) {
 // Entry
 // ---------------------------------------------------------------------------------------------
 
-// x normalised into an f32 intermediate by the norm kernel, then the product: the general case
-// of to_rms_norm_matmul (many rows, or x or w not in the streaming GEMV's form).
+// A contiguous [rows, cols] intermediate of `dtype` on GPU `device_index`, from the caching
+// allocator (freed right after the launches that use it: the stream orders any reuse after them).
+static int gpu_temp(to_tensor *t, int device_index, int dtype, int64_t rows, int64_t cols) {
+    memset(t, 0, sizeof *t);
+    t->dtype = dtype;
+    t->device = TO_CUDA;
+    t->device_index = device_index;
+    t->ndim = 2;
+    t->shape[0] = rows;
+    t->shape[1] = cols;
+    t->strides[0] = cols;
+    t->strides[1] = 1;
+    t->nbytes = to_dtype_bytes(dtype, rows * cols);
+    return to_cuda_alloc(device_index, t->nbytes, &t->data);
+}
+
+// x normalised into an intermediate by the norm kernel, then the product: the general case of
+// to_rms_norm_matmul (many rows, or x or w not in the streaming GEMV's form). For many rows and
+// 16-bit weights the intermediate is in the weights' dtype, as the tensor cores take it.
 static int norm_then_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias,
                             const to_tensor *norm_weight, double eps, int accumulate) {
-    to_tensor normed = *x;
-    normed.dtype = TO_F32;
-    normed.strides[0] = x->shape[1];
-    normed.strides[1] = 1;
-    normed.nbytes = x->shape[0] * x->shape[1] * (int64_t)sizeof(float);
-    TO_TRY(to_cuda_alloc(out->device_index, normed.nbytes, &normed.data));
+    bool tc = x->shape[0] > GEMV_MAX_ROWS && (w->dtype == TO_BF16 || w->dtype == TO_F16);
+    to_tensor normed;
+    TO_TRY(gpu_temp(&normed, out->device_index, tc ? w->dtype : TO_F32, x->shape[0], x->shape[1]));
     int status = to_cuda_rms_norm(&normed, NULL, x, norm_weight, eps);
     if (status == TO_OK)
         status = to_cuda_matmul(out, &normed, w, bias, NULL, 0.0, accumulate);
-    to_cuda_free(out->device_index, normed.data); // stream-ordered: reused only by later work
+    to_cuda_free(out->device_index, normed.data);
+    return status;
+}
+
+// Many rows with 16-bit weights: the tensor-core GEMMs take x in the weights' dtype (f32
+// activations are rounded to it once, as the frameworks' bf16 paths do), and they overwrite out,
+// so a product added into out (to_matmul_add) is formed in an f32 intermediate and added after
+// (the same two roundings as the CPU's composition). Returns -1 when neither applies.
+static int tensor_core_forms(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias,
+                             int accumulate) {
+    if (x->shape[0] <= GEMV_MAX_ROWS || (w->dtype != TO_BF16 && w->dtype != TO_F16))
+        return -1;
+    to_tensor t;
+    int status;
+    if (x->dtype != w->dtype) {
+        TO_TRY(gpu_temp(&t, out->device_index, w->dtype, x->shape[0], x->shape[1]));
+        status = to_cuda_copy(&t, x);
+        if (status == TO_OK)
+            status = to_cuda_matmul(out, &t, w, bias, NULL, 0.0, accumulate);
+    } else if (accumulate) {
+        TO_TRY(gpu_temp(&t, out->device_index, TO_F32, x->shape[0], w->shape[0]));
+        status = to_cuda_matmul(&t, x, w, bias, NULL, 0.0, 0);
+        if (status == TO_OK)
+            status = to_cuda_elementwise(out, out, &t, TO_EW_ADD, 1.0f);
+    } else {
+        return -1;
+    }
+    to_cuda_free(out->device_index, t.data);
     return status;
 }
 
@@ -730,6 +773,9 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
     }
     if (norm_weight)
         return norm_then_matmul(out, x, w, bias, norm_weight, eps, accumulate);
+    int status = tensor_core_forms(out, x, w, bias, accumulate);
+    if (status >= 0)
+        return status;
 
     if (a.M <= GEMV_MAX_ROWS) {
         bool aligned16 = (uintptr_t)a.w % 16 == 0 && (a.N == 1 || a.w_row_bytes % 16 == 0);
@@ -747,6 +793,9 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
         return to_cuda_check_launch(op);
     }
 
+    if (x->dtype == w->dtype && (x->dtype == TO_BF16 || x->dtype == TO_F16) && !a.accumulate &&
+        to_cuda_gemm_sm90(a, out->device_index, stream))
+        return to_cuda_check_launch(op);
     // N along grid x (up to 2^31 - 1 tiles), M along grid y (65535 tiles of 64: M < 4.19M rows)
     dim3 grid_tc((unsigned)to_ceil_div(a.N, TC_BN), (unsigned)to_ceil_div(a.M, TC_BM));
     if (x->dtype == TO_BF16 && w->dtype == TO_BF16)

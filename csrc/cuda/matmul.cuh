@@ -36,7 +36,9 @@ __device__ __forceinline__ void store_out(const MatmulArgs &a, int64_t m, int64_
     to_store(a.out, a.out_dt, at, acc);
 }
 
-// The Hopper GEMM (gemm_sm90.cu): x and w both bf16 or both f16. Returns 1 when it launched the
-// product on `stream`, 0 when this GPU, build or shape is not one it handles (the caller then
-// uses its own kernels); launch errors are left for to_cuda_check_launch.
-int to_cuda_gemm_sm90(const MatmulArgs &a, int device_index, cudaStream_t stream);
+// The Hopper GEMM (gemm_sm90.cu): x and w both bf16 or both f16, out overwritten (a.accumulate
+// is not read). Returns 1 when it launched the product on `stream`, 0 when this GPU, build or
+// shape is not one it handles (the caller then uses its own kernels); launch errors are left for
+// to_cuda_check_launch.
+__attribute__((visibility("hidden"))) int to_cuda_gemm_sm90(const MatmulArgs &a, int device_index,
+                                                            cudaStream_t stream);

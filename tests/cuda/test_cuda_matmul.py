@@ -16,7 +16,9 @@ tests/kernels/test_matmul.py), plus one rounding to out's dtype:
 with u_out = 2^-24 / 2^-11 / 2^-8 for f32 / f16 / bf16 and tiny_out half the subnormal spacing.
 
 Paths: M <= 8 is the GEMV (one warp per weight row), M > 8 a tiled GEMM (tensor cores when x and
-w are both bf16 or both f16, an f32 FMA tile otherwise); the shapes straddle both.
+w are both bf16 or both f16, an f32 FMA tile otherwise); the shapes straddle both. On Hopper (a build
+with sm_90a) bf16/f16 products that TMA can read go to the wgmma GEMM of csrc/cuda/gemm_sm90.cu:
+see "the Hopper GEMM" below.
 """
 import math
 
@@ -264,3 +266,144 @@ def test_decode_shapes(gen, wd, N, K):
         K = -(-K // BLOCK[w_dtype][0]) * BLOCK[w_dtype][0]  # whole blocks (576 -> 768 for the k-quants)
     run_case(gen, 1, K, N, ip.bfloat16, w_dtype, ip.bfloat16, with_bias=False)
     run_case(gen, 1, K, N, ip.float32, w_dtype, ip.float32, with_bias=True)
+
+
+# ---- the Hopper GEMM (csrc/cuda/gemm_sm90.cu) ----
+#
+# Taken on an H100/H200 when the library has sm_90a code, for x and w both bf16 or both f16 with a
+# unit column stride, 16-byte aligned bases and row pitches and K a multiple of 8 (anything else
+# falls back to the kernels above, so these cases pass either way: what they pin down is the
+# Hopper path's results wherever it is taken). Tiles of 128 x 256 or 128 x 128, K in steps of 64,
+# persistent blocks walking several tiles, or K split over a cluster of 2 to 8 blocks when the tiles
+# alone would leave SMs idle; INFERENCE_PIO_GEMM_SM90=BN,S forces a plan. The tolerance is
+# assert_close's: products of bf16/f16 pairs are exact and accumulate in f32 (a split adds at most
+# 7 more f32 additions), then one rounding to out's dtype. Outputs start as NaN, so every element
+# left unwritten fails; large cases compare a sample of rows with the float64 reference (the
+# reference is the slow part) but check every element for NaN.
+
+SM90_DTYPES = (ip.bfloat16, ip.float16)
+TORCH16 = {ip.bfloat16: torch.bfloat16, ip.float16: torch.float16}
+SM90_SHAPES = [(M, N, K) for M in (9, 100, 257, 2048) for N in (8, 200, 4096) for K in (64, 1000, 1024, 3072)]
+SM90_KINDS = ("contiguous", "rows", "window")
+REF_BUDGET = 2e8  # multiply-adds of the float64 reference per case; beyond it, a sample of rows
+
+
+def randn16(gen, shape, dtype):
+    """A normal torch tensor of dtype (bf16/f16), drawn in float32: four times faster than
+    helpers.randn's float64 draws, which matters at 2048 x 3072."""
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(TORCH16[dtype])
+
+
+def make_x16(gen, M, K, dtype, kind):
+    """x [M, K] on the GPU in a layout TMA reads (rows 16-byte aligned, unit column stride), and its
+    values as a torch tensor of dtype: contiguous; "rows": every other row of [2M, K] (pitch 2K);
+    "window": columns [8, 8 + K) of [M, K + 24] (base 16 bytes in, pitch K + 24)."""
+    if kind == "contiguous":
+        t = randn16(gen, (M, K), dtype)
+        return from_torch(t).to("cuda"), t
+    if kind == "rows":
+        t = randn16(gen, (2 * M, K), dtype)
+        return from_torch(t).to("cuda")[::2], t[::2]
+    if kind == "window":
+        t = randn16(gen, (M, K + 24), dtype)
+        return from_torch(t).to("cuda")[:, 8:8 + K], t[:, 8:8 + K]
+    raise ValueError(kind)
+
+
+def sample_rows(gen, M, N, K):
+    """Every row when the reference is cheap, else the first, the last and random others."""
+    n = max(8, int(REF_BUDGET // (N * K)))
+    if n >= M:
+        return torch.arange(M)
+    return torch.unique(torch.cat([torch.tensor([0, M - 1]), torch.randperm(M, generator=gen)[:n - 2]]))
+
+
+def tolerance(ref, mag, K, out_dtype):
+    n = K + 1
+    acc = min(n, 2.0 * math.sqrt(n)) * U32 * mag
+    return acc + U_OUT[out_dtype] * (ref.abs() + acc) + TINY_OUT[out_dtype]
+
+
+def run_sm90_case(gen, M, N, K, dtype, out_dtype, with_bias, x_kind="contiguous"):
+    x, xt = make_x16(gen, M, K, dtype, x_kind)
+    wt = randn16(gen, (N, K), dtype)
+    b, b64 = randn(N, dtype=out_dtype, gen=gen) if with_bias else (None, None)
+    out = make_out(M, N, out_dtype)
+    ops.matmul(x, from_torch(wt).to("cuda"), b.to("cuda") if b is not None else None, out=out)
+    got = to_torch(out.cpu()).to(torch.float64)
+    assert not got.isnan().any(), f"{int(got.isnan().sum())} of {got.numel()} outputs never written"
+    rows = sample_rows(gen, M, N, K)
+    ref, mag = reference(xt[rows].to(torch.float64), wt.to(torch.float64), b64)
+    assert_within(got[rows], ref, tolerance(ref, mag, K, out_dtype))
+
+
+@pytest.mark.parametrize("M,N,K", SM90_SHAPES, ids=[f"M{M}-N{N}-K{K}" for M, N, K in SM90_SHAPES])
+def test_sm90_shapes(gen, M, N, K):
+    """Tile edges in M (9, 100, 257: partial 128-row tiles; 2048: several tiles per block), N (8 and
+    200: partial tiles; 4096) and K (64: one step; 1000: a zero-filled tail; 3072), with the input
+    dtype, out dtype, bias and x layout rotating so each meets every size."""
+    i = SM90_SHAPES.index((M, N, K))
+    dtype = SM90_DTYPES[(i // 4 + i) % 2]
+    run_sm90_case(gen, M, N, K, dtype, FLOAT_DTYPES[i % 3], with_bias=(i // 3) % 2 == 0,
+                  x_kind=SM90_KINDS[(i // 2) % 3])
+
+
+@pytest.mark.parametrize("plan", ["128,1", "128,8"], ids=["tiles", "split"])
+@pytest.mark.parametrize("dtype", SM90_DTYPES, ids=lambda d: NAMES[d])
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=lambda d: NAMES[d])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_sm90_dtypes(gen, monkeypatch, plan, dtype, out_dtype, with_bias):
+    """Every dtype combination, through both epilogues: whole tiles (out stored by TMA) and split K
+    (each block of the cluster stores its columns from registers)."""
+    monkeypatch.setenv("INFERENCE_PIO_GEMM_SM90", plan)
+    run_sm90_case(gen, 257, 200, 1000, dtype, out_dtype, with_bias)
+
+
+@pytest.mark.parametrize("bias_dtype", FLOAT_DTYPES, ids=lambda d: NAMES[d])
+def test_sm90_bias_dtypes(gen, bias_dtype):
+    M, N, K = 130, 136, 512  # (out rows 544 bytes apart: TMA-stored)
+    xt, wt = randn16(gen, (M, K), ip.bfloat16), randn16(gen, (N, K), ip.bfloat16)
+    b, b64 = randn(N, dtype=bias_dtype, gen=gen)
+    out = make_out(M, N, ip.float32)
+    ops.matmul(from_torch(xt).to("cuda"), from_torch(wt).to("cuda"), b.to("cuda"), out=out)
+    ref, mag = reference(xt.to(torch.float64), wt.to(torch.float64), b64)
+    assert_within(to_torch(out.cpu()).to(torch.float64), ref, tolerance(ref, mag, K, ip.float32))
+
+
+SM90_PLANS = ["256,1", "128,1", "128,2", "128,4", "128,8", "256,1,0", "128,1,0"]
+
+
+@pytest.mark.parametrize("plan", SM90_PLANS)
+@pytest.mark.parametrize("dtype", SM90_DTYPES, ids=lambda d: NAMES[d])
+def test_sm90_plans(gen, monkeypatch, plan, dtype):
+    """Each kernel variant (tile width, split; ",0": out stored from registers rather than through
+    TMA) whatever the heuristic would pick: 300 x 520 x 1000 (partial tiles on every side and a K
+    tail; fewer tiles than SMs; f32 out, TMA-stored unless split) and 2048 x 2100 x 200 (more tiles
+    than SMs: the persistent blocks carry the pipeline's stage and phase across tiles; the split
+    clusters come in several waves, and S = 8 > 4 k steps is cut to 4; bf16 out rows 4200 bytes
+    apart, too ragged for TMA, so stored from registers)."""
+    monkeypatch.setenv("INFERENCE_PIO_GEMM_SM90", plan)
+    run_sm90_case(gen, 300, 520, 1000, dtype, ip.float32, with_bias=True)
+    run_sm90_case(gen, 2048, 2100, 200, dtype, ip.bfloat16, with_bias=False, x_kind="rows")
+
+
+@pytest.mark.parametrize("plan", ["256,1", "128,4"], ids=["tiles", "split"])
+@pytest.mark.parametrize("offset", [3, 2, 8], ids=["scalar", "pairs", "tma"])
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=lambda d: NAMES[d])
+def test_sm90_out_window(gen, monkeypatch, plan, offset, out_dtype):
+    """out as columns [offset, offset + N) of a wider buffer (rows N + 8 apart, a multiple of 16
+    bytes): at offset 3 the column pairs are misaligned and stored one by one, at 2 stored as pairs,
+    at 8 (16-byte aligned) through TMA unless the tile is split; the columns around keep their
+    values. w is a column window of a wider weight too (rows K + 8 apart)."""
+    monkeypatch.setenv("INFERENCE_PIO_GEMM_SM90", plan)
+    M, N, K = 257, 200, 1024
+    xt = randn16(gen, (M, K), ip.bfloat16)
+    wide_w = randn16(gen, (N, K + 8), ip.bfloat16)
+    b, b64 = randn(N, dtype=ip.float32, gen=gen)
+    wide = from_torch(torch.full((M, N + 8), 7.0, dtype=torch.float32)).to(dtype=out_dtype).to("cuda")
+    ops.matmul(from_torch(xt).to("cuda"), from_torch(wide_w).to("cuda")[:, :K], b.to("cuda"),
+               out=wide[:, offset:offset + N])
+    got = to_torch(wide.cpu()).to(torch.float64)
+    assert (got[:, :offset] == 7).all() and (got[:, offset + N:] == 7).all()
+    ref, mag = reference(xt.to(torch.float64), wide_w[:, :K].to(torch.float64), b64)
+    assert_within(got[:, offset:offset + N], ref, tolerance(ref, mag, K, out_dtype))
