@@ -29,8 +29,7 @@
  *
  * Greedy rows (temperature <= 0): the first index of the max.
  * Rows are independent and each is done by one thread, start to end: results never depend on
- * the thread count. The scalar and AVX2 paths may differ in the last bits of e (the AVX2 exp is a
- * polynomial). */
+ * the thread count. The scalar and AVX2 paths compute e with one polynomial, bit for bit. */
 #include "cpu/sample.h"
 #include "cpu/heap.h"
 
@@ -45,7 +44,24 @@
 #define QSCALE 0x1p45    /* fixed-point scale of masses */
 
 static inline uint64_t mass_q(float e) { return (uint64_t)((double)e * QSCALE); }
-static inline float exp_neg_scalar(float w) { return w > W_MAX ? 0.0f : expf(-w); }
+/* e^-w for w >= 0: the AVX2 path's polynomial (exp_neg_avx2 below) one lane at a time, with the
+ * same constants, operations and fused multiply-adds, so every path here (and the GPU's,
+ * csrc/cuda/sample.cu) gives the same e bit for bit; 0 for w > W_MAX, +inf included. */
+static inline float exp_neg_scalar(float w) {
+    float z = 0.0f - fminf(w, W_MAX);
+    float nf = rintf(z * 1.44269504088896341f);
+    float r = fmaf(-nf, 0.693359375f, z);
+    r = fmaf(-nf, -2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r + 1.0f);
+    union { uint32_t u; float f; } pow2 = {(uint32_t)((int)nf + 127) << 23};
+    return w > W_MAX ? 0.0f : p * pow2.f;
+}
 
 /* 64-bit keys ordered like the ranking (larger logit first, then lower index), as in reduce.c;
  * the logits hold no NaN here. */

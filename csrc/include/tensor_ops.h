@@ -177,7 +177,9 @@ int to_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *
  * q4_0x8, q4_1x8, q8_0x8), read in place: each x row is then quantized to 8 bits per block and the block dot products
  * run in integers (as GGML does; relative error ~0.5 % per dot product). Accumulation in f32.
  * w and out need unit stride in their last dimension; x may have any strides. bias [N]
- * optional (NULL). */
+ * optional (NULL). On a GPU, more than 8 rows of x against bf16/f16 w run on the tensor cores,
+ * which take x rounded to w's dtype (once, as the frameworks' 16-bit paths do); f32 w and fewer
+ * rows keep x in f32. */
 int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
 /* out += x . w^T (+ bias), arguments as to_matmul: the product added into out, which is read
  * once (a residual stream updated by a projection). The sum is formed in f32 and rounded once

@@ -15,8 +15,9 @@ tests/kernels/test_matmul.py), plus one rounding to out's dtype:
     |got - ref| <= acc + u_out * (|ref| + acc) + tiny_out
 with u_out = 2^-24 / 2^-11 / 2^-8 for f32 / f16 / bf16 and tiny_out half the subnormal spacing.
 
-Paths: M <= 8 is the GEMV (one warp per weight row), M > 8 a tiled GEMM (tensor cores when x and
-w are both bf16 or both f16, an f32 FMA tile otherwise); the shapes straddle both. On Hopper (a build
+Paths: M <= 8 is the GEMV (one warp per weight row), M > 8 a tiled GEMM (tensor cores when w is
+bf16 or f16: an x of another dtype is first rounded to w's, which the reference repeats, see
+tensor_core_x; an f32 FMA tile otherwise); the shapes straddle both. On Hopper (a build
 with sm_90a) bf16/f16 products that TMA can read go to the wgmma GEMM of csrc/cuda/gemm_sm90.cu:
 see "the Hopper GEMM" below.
 """
@@ -29,7 +30,7 @@ import torch
 import inference_pio as ip
 from inference_pio import ops
 
-from helpers import FLOAT_DTYPES, assert_within, from_torch, randn, to_torch
+from helpers import FLOAT_DTYPES, TORCH_DTYPES, assert_within, from_torch, randn, to_torch
 
 pytestmark = pytest.mark.skipif(ip.cuda_device_count() == 0,
                                 reason="no GPU visible (CUDA not built in, or no driver/device)")
@@ -129,8 +130,16 @@ def run_case(gen, M, K, N, x_dtype, w_dtype, out_dtype, with_bias, x_kind="conti
     b, b64 = randn(N, dtype=bias_dtype or out_dtype, gen=gen) if with_bias else (None, None)
     out = make_out(M, N, out_dtype)
     ops.matmul(x, w.to("cuda"), b.to("cuda") if b is not None else None, out=out)
-    ref, mag = reference(x64, w64, b64)
+    ref, mag = reference(tensor_core_x(x64, M, x_dtype, w_dtype), w64, b64)
     assert_close(out, ref, mag, K, out_dtype)
+
+
+def tensor_core_x(x64, M, x_dtype, w_dtype):
+    """The x values the product uses: more than 8 rows against 16-bit weights go to the tensor
+    cores, which take x rounded to the weights' dtype (once, from x's own values)."""
+    if M > 8 and w_dtype in (ip.bfloat16, ip.float16) and x_dtype != w_dtype:
+        return x64.to(TORCH_DTYPES[w_dtype]).to(torch.float64)
+    return x64
 
 
 # ---- dtypes ----
@@ -184,7 +193,7 @@ def test_empty(gen, M, K, N, with_bias):
     b, b64 = randn(N, dtype=ip.float32, gen=gen) if with_bias else (None, None)
     out = ops.matmul(x.to("cuda"), w.to("cuda"), b.to("cuda") if b is not None else None)
     assert out.shape == (M, N) and out.device == x.to("cuda").device
-    ref, _ = reference(x64, w64, b64)
+    ref, _ = reference(tensor_core_x(x64, M, ip.float32, ip.bfloat16), w64, b64)
     assert torch.equal(to_torch(out.cpu()).to(torch.float64), ref)
 
 
@@ -226,7 +235,7 @@ def test_weight_row_slice(gen):
             x, x64 = randn(M, K, dtype=ip.float32, gen=gen)
             wide, wide64 = randn(N, K + extra, dtype=ip.bfloat16, gen=gen)
             out = ops.matmul(x.to("cuda"), wide.to("cuda")[:, :K])
-            ref, mag = reference(x64, wide64[:, :K], None)
+            ref, mag = reference(tensor_core_x(x64, M, ip.float32, ip.bfloat16), wide64[:, :K], None)
             assert_close(out, ref, mag, K, ip.float32)
 
 
