@@ -67,7 +67,8 @@ def main():
     gd = randn(D, dtype="bfloat16")
     rows.append((f"rms_norm_rope q [1, {hq}, {D}]", per_op_us(
         lambda: ops.rms_norm_rope(q, gd, 1e-6, pos, inv, out=q), n), 0))
-    for name, N, K, kind in (("qkv", (hq + 2 * hkv) * D, H, "norm"), ("o_proj", H, hq * D, "add"),
+    for name, N, K, kind in (("qkv", (hq + 2 * hkv) * D, H, "norm"), ("qkv", (hq + 2 * hkv) * D, H, "plain"),
+                             ("o_proj", H, hq * D, "add"), ("o_proj", H, hq * D, "plain"),
                              ("gate_up", 2 * I, H, "norm"), ("down", H, I, "add"), ("lm_head", V, H, "plain")):
         w = ip.Tensor.full((N, K), 0.01, dtype="bfloat16", device="cuda")  # streamed: values do not matter
         xk = randn(1, K)

@@ -302,59 +302,37 @@ template <typename T> __device__ __forceinline__ void unpack16(uint4 raw, float 
         v[i] = to_f32(t[i]);
 }
 
-// RMS normalisation of x's rows as to_rms_norm computes it (csrc/cuda/norm.cu: squares summed in
-// double, rinv rounded to f32 once, then (v * rinv) * w), written as f32 into xn [MR][K]; gs [K]
-// holds the norm weight as f32. One pass over global memory (x and the weight requested
-// together), then the scaling in place, each thread on its own elements. Done by the whole block
-// while its first weight loads are in flight: every block normalises the same few rows (L2 hits),
-// which costs less than a kernel of its own in a decode step.
-template <int MR>
-__device__ void normalise_rows(const MatmulArgs &a, float *xn, float *gs) {
-    __shared__ double partial[GEMV_WARPS][MR];
-    __shared__ float rinv[MR];
-    const float *x = (const float *)a.x;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    double ss[MR];
-#pragma unroll 4
-    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x)
-        gs[k] = to_load(a.norm_w, a.norm_dt, k * a.norm_ws0);
+// VEC consecutive elements k.. of a float vector (f32/f16/bf16, unit stride, 16-byte aligned
+// base, k a multiple of VEC) as f32: one 16-byte load for 16-bit values and VEC = 8.
+template <int VEC> __device__ __forceinline__ void load_f32(const char *base, int dtype, int64_t k, float v[VEC]) {
+    if (dtype == TO_F32) {
 #pragma unroll
-    for (int m = 0; m < MR; m++) {
-        ss[m] = 0.0;
-#pragma unroll 4
-        for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
-            float v = m < a.M ? x[m * a.xs0 + k] : 0.0f;
-            xn[m * a.K + k] = v;
-            ss[m] += (double)v * (double)v;
+        for (int q = 0; q < VEC / 4; q++) {
+            float4 t = __ldg((const float4 *)base + k / 4 + q);
+            v[4 * q] = t.x, v[4 * q + 1] = t.y, v[4 * q + 2] = t.z, v[4 * q + 3] = t.w;
         }
+        return;
     }
+    uint32_t raw[VEC / 2];
+    if constexpr (VEC == 8) {
+        uint4 t = __ldg((const uint4 *)base + k / 8);
+        raw[0] = t.x, raw[1] = t.y, raw[2] = t.z, raw[3] = t.w;
+    } else {
+        uint2 t = __ldg((const uint2 *)base + k / 4);
+        raw[0] = t.x, raw[1] = t.y;
+    }
+    const __nv_bfloat16 *b = (const __nv_bfloat16 *)raw;
+    const __half *h = (const __half *)raw;
 #pragma unroll
-    for (int m = 0; m < MR; m++) {
-        double t = to_warp_sum_double(ss[m]);
-        if (lane == 0)
-            partial[warp][m] = t;
-    }
-    __syncthreads();
-    if (threadIdx.x < MR) {
-        double t = 0.0;
-        for (int w = 0; w < GEMV_WARPS; w++)
-            t += partial[w][threadIdx.x];
-        rinv[threadIdx.x] = (float)(1.0 / sqrt(t / (double)a.K + a.norm_eps));
-    }
-    __syncthreads();
-#pragma unroll
-    for (int m = 0; m < MR; m++)
-        for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x)
-            xn[m * a.K + k] = __fmul_rn(__fmul_rn(xn[m * a.K + k], rinv[m]), gs[k]);
-    __syncthreads();
+    for (int i = 0; i < VEC; i++)
+        v[i] = dtype == TO_BF16 ? __bfloat162float(b[i]) : __half2float(h[i]);
 }
 
 template <int MR, typename T, int KSPLIT>
 __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs a) {
     constexpr int VEC = 16 / sizeof(T);          // weights per 16-byte load
     constexpr int ROWS = GEMV_WARPS / KSPLIT;    // weight rows per block
-    __shared__ float partial[GEMV_WARPS][MR];
-    extern __shared__ __align__(16) float xn[];  // norm_w only: the normalised rows [MR][K], the weight [K]
+    __shared__ float partial[GEMV_WARPS][2][MR]; // KSPLIT > 1: each warp's dots and sums of squares
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int part = warp % KSPLIT;
     int64_t n = (int64_t)blockIdx.x * ROWS + warp / KSPLIT;
@@ -374,21 +352,17 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
         for (int i = 0; i < GV_GROUP; i++)
             g[i] = active && j + i * stride < nvec ? __ldg(wrow + j + i * stride) : make_uint4(0, 0, 0, 0);
     };
-    float acc[MR];
+    // With a norm (to_rms_norm_matmul), out = rinv * sum_k w[k] (x[k] g[k]) with rinv from the
+    // sum of squares of x, which the warps of a row gather from the x values they read anyway:
+    // the norm costs no pass of its own and no barrier.
+    const bool norm = a.norm_w != nullptr;
+    float acc[MR], ss[MR];
 #pragma unroll
     for (int m = 0; m < MR; m++)
-        acc[m] = 0.0f;
+        acc[m] = ss[m] = 0.0f;
 
     uint4 cur[GV_GROUP], nxt[GV_GROUP];
     load_group(cur, j0);
-    // x rows as the dot products read them: straight from global memory, or normalised in smem
-    const float *xrows = (const float *)a.x;
-    int64_t xrow_stride = a.xs0;
-    if (a.norm_w) {
-        normalise_rows<MR>(a, xn, xn + MR * a.K);
-        xrows = xn;
-        xrow_stride = a.K;
-    }
     for (int64_t j = j0; j < nvec; j += GV_GROUP * stride) {
         load_group(nxt, j + GV_GROUP * stride);
 #pragma unroll
@@ -396,18 +370,26 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
             int64_t k = (j + i * stride) * VEC;
             if (k >= a.K)
                 break;
-            float wv[VEC];
+            float wv[VEC], gv[VEC];
             unpack16<T>(cur[i], wv);
+            if (norm)
+                load_f32<VEC>(a.norm_w, a.norm_dt, k, gv);
 #pragma unroll
             for (int m = 0; m < MR; m++) {
                 if (m >= a.M)
                     break;
-                const float4 *xr = (const float4 *)(xrows + m * xrow_stride + k);
+                float xv[VEC];
+                load_f32<VEC>(a.x + m * a.xs0 * (int64_t)sizeof(float), TO_F32, k, xv);
+                if (norm) {
 #pragma unroll
-                for (int q = 0; q < VEC / 4; q++) {
-                    float4 xv = xr[q];
-                    acc[m] += wv[4 * q] * xv.x + wv[4 * q + 1] * xv.y + wv[4 * q + 2] * xv.z + wv[4 * q + 3] * xv.w;
+                    for (int e = 0; e < VEC; e++) {
+                        ss[m] += xv[e] * xv[e];
+                        xv[e] *= gv[e];
+                    }
                 }
+#pragma unroll
+                for (int e = 0; e < VEC; e++)
+                    acc[m] += wv[e] * xv[e];
             }
         }
 #pragma unroll
@@ -416,28 +398,31 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
     }
 
 #pragma unroll
-    for (int m = 0; m < MR; m++)
+    for (int m = 0; m < MR; m++) {
         acc[m] = to_warp_sum(acc[m]);
-    if constexpr (KSPLIT == 1) {
-        if (active && lane == 0)
-#pragma unroll
-            for (int m = 0; m < MR; m++)
-                if (m < a.M)
-                    store_out(a, m, n, acc[m]);
-    } else {
+        if (norm)
+            ss[m] = to_warp_sum(ss[m]);
+    }
+    if constexpr (KSPLIT > 1) { // part 0's warp gathers the row's parts
         if (lane == 0)
 #pragma unroll
             for (int m = 0; m < MR; m++)
-                partial[warp][m] = acc[m];
+                partial[warp][0][m] = acc[m], partial[warp][1][m] = ss[m];
         __syncthreads();
-        if (active && part == 0 && lane < a.M) {
-            float s = 0.0f;
+        if (part == 0 && lane == 0)
 #pragma unroll
-            for (int p = 0; p < KSPLIT; p++)
-                s += partial[warp + p][lane];
-            store_out(a, lane, n, s);
-        }
+            for (int m = 0; m < MR; m++) {
+                acc[m] = ss[m] = 0.0f;
+                for (int p = 0; p < KSPLIT; p++)
+                    acc[m] += partial[warp + p][0][m], ss[m] += partial[warp + p][1][m];
+            }
     }
+    if (active && part == 0 && lane == 0)
+#pragma unroll
+        for (int m = 0; m < MR; m++)
+            if (m < a.M)
+                store_out(a, m, n, norm ? acc[m] * (float)(1.0 / sqrt((double)ss[m] / (double)a.K + a.norm_eps))
+                                        : acc[m]);
 }
 
 static int sm_count(int device_index) {
@@ -453,37 +438,28 @@ static int sm_count(int device_index) {
     return cached[device_index];
 }
 
-#define GV_NORM_SMEM_MAX (160 * 1024) // normalised rows and weight in shared memory: (MR + 1) * K * 4 bytes at most
-
-// gemv_stream_kernel<...> with `smem` bytes of dynamic shared memory (its limit raised once).
 template <int MR, typename T, int KSPLIT>
-static void launch_stream(const MatmulArgs &a, size_t smem, cudaStream_t stream) {
-    static bool raised = false;
-    if (smem > 48 * 1024 && !raised) {
-        cudaFuncSetAttribute(gemv_stream_kernel<MR, T, KSPLIT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             GV_NORM_SMEM_MAX);
-        raised = true;
-    }
+static void launch_stream(const MatmulArgs &a, cudaStream_t stream) {
     unsigned blocks = (unsigned)to_ceil_div(a.N, GEMV_WARPS / KSPLIT);
-    to_launch(gemv_stream_kernel<MR, T, KSPLIT>, dim3(blocks), dim3(32 * GEMV_WARPS), smem, stream, a);
+    to_launch(gemv_stream_kernel<MR, T, KSPLIT>, dim3(blocks), dim3(32 * GEMV_WARPS), 0, stream, a);
 }
 
 template <int MR, typename T>
 static void launch_gemv_stream_rows(const MatmulArgs &a, int device_index, cudaStream_t stream) {
-    // Split rows over more warps while N alone gives fewer than ~4 blocks per SM (all of them are
-    // then resident at once, so every weight byte is requested at once) and each lane keeps at
-    // least one 16-byte vector.
+    // Split rows over more warps while N alone gives fewer than ~2 blocks per SM and each lane
+    // keeps at least one 16-byte vector. (Measured on the H200 for the decode shapes: targets of
+    // 1, 2, 4 and 8 blocks per SM; 2 was fastest, up to 1.6x faster than 4: every block reads all
+    // of x, so more blocks means more traffic on the same few L2 lines.)
     constexpr int VEC = 16 / sizeof(T);
-    int64_t want = 4 * (int64_t)sm_count(device_index);
+    int64_t want = 2 * (int64_t)sm_count(device_index);
     int ksplit = 1;
     while (ksplit < GEMV_WARPS && to_ceil_div(a.N * ksplit, GEMV_WARPS) < want && a.K / VEC >= 32 * 2 * ksplit)
         ksplit *= 2;
-    size_t smem = a.norm_w ? (size_t)((MR + 1) * a.K * sizeof(float)) : 0;
     switch (ksplit) {
-    case 1: launch_stream<MR, T, 1>(a, smem, stream); break;
-    case 2: launch_stream<MR, T, 2>(a, smem, stream); break;
-    case 4: launch_stream<MR, T, 4>(a, smem, stream); break;
-    default: launch_stream<MR, T, 8>(a, smem, stream); break;
+    case 1: launch_stream<MR, T, 1>(a, stream); break;
+    case 2: launch_stream<MR, T, 2>(a, stream); break;
+    case 4: launch_stream<MR, T, 4>(a, stream); break;
+    default: launch_stream<MR, T, 8>(a, stream); break;
     }
 }
 
@@ -752,14 +728,13 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
         // kernel finishes each chunk with scalar loads)
         bool aligned16 = (uintptr_t)a.w % 16 == 0 && (a.N == 1 || a.w_row_bytes % 16 == 0);
         bool x_streams = a.x_dt == TO_F32 && a.xs1 == 1 && (uintptr_t)a.x % 16 == 0 && (a.M == 1 || a.xs0 % 4 == 0);
-        int vec = w->dtype == TO_F32 ? 4 : 8, mr = a.M <= 1 ? 1 : a.M <= 2 ? 2 : a.M <= 4 ? 4 : 8;
-        bool norm_fits = (int64_t)(mr + 1) * a.K * (int64_t)sizeof(float) <= GV_NORM_SMEM_MAX;
+        int vec = w->dtype == TO_F32 ? 4 : 8;
+        bool norm_streams = norm_weight && norm_weight->strides[0] == 1 && (uintptr_t)norm_weight->data % 16 == 0;
         bool streams = (w->dtype == TO_F32 || w->dtype == TO_F16 || w->dtype == TO_BF16) && aligned16 &&
                        x_streams && a.K % vec == 0 && a.K / vec <= UINT32_MAX / 16;
-        if (streams && (!norm_weight || norm_fits)) {
+        if (streams && (!norm_weight || norm_streams)) {
             if (norm_weight) {
                 a.norm_w = (const char *)norm_weight->data;
-                a.norm_ws0 = norm_weight->strides[0];
                 a.norm_dt = norm_weight->dtype;
                 a.norm_eps = eps;
             }

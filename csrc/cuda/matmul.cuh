@@ -20,9 +20,8 @@ struct MatmulArgs {
     int64_t bs0;
     int bias_dt;
     bool accumulate;    // out += the product (to_matmul_add)
-    const char *norm_w; // the streaming GEMV only: x rows RMS-normalised with weight norm_w[k]
-    int64_t norm_ws0;   //   (at element k * norm_ws0) and norm_eps first; NULL: no norm
-    int norm_dt;
+    const char *norm_w; // the streaming GEMV only: x rows RMS-normalised first with the weight
+    int norm_dt;        //   norm_w [K] (contiguous, 16-byte aligned) and norm_eps; NULL: no norm
     double norm_eps;
 };
 

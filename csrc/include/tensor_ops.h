@@ -185,9 +185,10 @@ int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, cons
  * once (a residual stream updated by a projection). The sum is formed in f32 and rounded once
  * to out's dtype. */
 int to_matmul_add(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias);
-/* out = rms_norm(x; norm_weight, eps) . w^T (+ bias): to_rms_norm then to_matmul, exactly their
- * values, where a GPU decode product normalises x as it reads it instead of in a kernel of its
- * own; norm_weight [K], arguments otherwise as to_matmul. */
+/* out = rms_norm(x; norm_weight, eps) . w^T (+ bias): to_rms_norm then to_matmul (the same values
+ * on the CPU), where a GPU decode product forms rinv * sum_k w[k] x[k] g[k] as it reads x instead
+ * of normalising in a kernel of its own (other roundings, ~1e-7 relative); norm_weight [K],
+ * arguments otherwise as to_matmul. */
 int to_rms_norm_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *norm_weight, double eps,
                        const to_tensor *w, const to_tensor *bias);
 

@@ -6,10 +6,10 @@ decode step's fused forms, checked against the separate ops they stand for, on t
   to_matmul then to_add / to_rms_norm then to_matmul bit for bit.
 - GPU, few rows: one streaming-GEMV kernel. matmul_add forms acc + bias + old out in f32 and
   rounds once (the separate ops round the product first: equal for an f32 out, within one
-  rounding of out's dtype otherwise). rms_norm_matmul normalises x in the GEMV with the norm
-  kernel's arithmetic, but sums the squares in another order, so rinv may land an ulp apart:
-  relative 1e-6 against the separate GPU ops. Many rows (or other dtypes): the separate GPU
-  kernels, composed inside the op: the same bound.
+  rounding of out's dtype otherwise). rms_norm_matmul computes rinv * sum_k w (x g) with rinv
+  from x's sum of squares gathered in f32 while the dot products read x: the same function as
+  the separate ops with other roundings, relative 1e-6. Many rows (or other dtypes): the
+  separate GPU kernels, composed inside the op: the same bound.
 - Both, against the CPU's separate ops on the same values: f32 accumulation-order bounds; on a
   GPU, more than 8 rows against 16-bit weights take x rounded to that dtype (tensor cores).
 """
