@@ -328,7 +328,7 @@ template <int VEC> __device__ __forceinline__ void load_f32(const char *base, in
         v[i] = dtype == TO_BF16 ? __bfloat162float(b[i]) : __half2float(h[i]);
 }
 
-template <int MR, typename T, int KSPLIT>
+template <int MR, typename T, int KSPLIT, bool NORM>
 __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs a) {
     constexpr int VEC = 16 / sizeof(T);          // weights per 16-byte load
     constexpr int ROWS = GEMV_WARPS / KSPLIT;    // weight rows per block
@@ -352,10 +352,9 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
         for (int i = 0; i < GV_GROUP; i++)
             g[i] = active && j + i * stride < nvec ? __ldg(wrow + j + i * stride) : make_uint4(0, 0, 0, 0);
     };
-    // With a norm (to_rms_norm_matmul), out = rinv * sum_k w[k] (x[k] g[k]) with rinv from the
-    // sum of squares of x, which the warps of a row gather from the x values they read anyway:
-    // the norm costs no pass of its own and no barrier.
-    const bool norm = a.norm_w != nullptr;
+    // NORM (to_rms_norm_matmul): out = rinv * sum_k w[k] (x[k] g[k]) with rinv from the sum of
+    // squares of x, which the warps of a row gather from the x values they read anyway: the norm
+    // costs no pass of its own and no barrier.
     float acc[MR], ss[MR];
 #pragma unroll
     for (int m = 0; m < MR; m++)
@@ -372,24 +371,26 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
                 break;
             float wv[VEC], gv[VEC];
             unpack16<T>(cur[i], wv);
-            if (norm)
+            if constexpr (NORM)
                 load_f32<VEC>(a.norm_w, a.norm_dt, k, gv);
 #pragma unroll
             for (int m = 0; m < MR; m++) {
                 if (m >= a.M)
                     break;
-                float xv[VEC];
-                load_f32<VEC>(a.x + m * a.xs0 * (int64_t)sizeof(float), TO_F32, k, xv);
-                if (norm) {
+                const float4 *xr = (const float4 *)((const float *)a.x + m * a.xs0 + k);
 #pragma unroll
-                    for (int e = 0; e < VEC; e++) {
-                        ss[m] += xv[e] * xv[e];
-                        xv[e] *= gv[e];
+                for (int q = 0; q < VEC / 4; q++) {
+                    float4 x4 = xr[q];
+                    float xv[4] = {x4.x, x4.y, x4.z, x4.w};
+                    if constexpr (NORM) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            ss[m] += xv[e] * xv[e];
+                            xv[e] *= gv[4 * q + e];
+                        }
                     }
+                    acc[m] += wv[4 * q] * xv[0] + wv[4 * q + 1] * xv[1] + wv[4 * q + 2] * xv[2] + wv[4 * q + 3] * xv[3];
                 }
-#pragma unroll
-                for (int e = 0; e < VEC; e++)
-                    acc[m] += wv[e] * xv[e];
             }
         }
 #pragma unroll
@@ -400,7 +401,7 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
 #pragma unroll
     for (int m = 0; m < MR; m++) {
         acc[m] = to_warp_sum(acc[m]);
-        if (norm)
+        if constexpr (NORM)
             ss[m] = to_warp_sum(ss[m]);
     }
     if constexpr (KSPLIT > 1) { // part 0's warp gathers the row's parts
@@ -421,7 +422,7 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
 #pragma unroll
         for (int m = 0; m < MR; m++)
             if (m < a.M)
-                store_out(a, m, n, norm ? acc[m] * (float)(1.0 / sqrt((double)ss[m] / (double)a.K + a.norm_eps))
+                store_out(a, m, n, NORM ? acc[m] * (float)(1.0 / sqrt((double)ss[m] / (double)a.K + a.norm_eps))
                                         : acc[m]);
 }
 
@@ -440,8 +441,11 @@ static int sm_count(int device_index) {
 
 template <int MR, typename T, int KSPLIT>
 static void launch_stream(const MatmulArgs &a, cudaStream_t stream) {
-    unsigned blocks = (unsigned)to_ceil_div(a.N, GEMV_WARPS / KSPLIT);
-    to_launch(gemv_stream_kernel<MR, T, KSPLIT>, dim3(blocks), dim3(32 * GEMV_WARPS), 0, stream, a);
+    dim3 grid((unsigned)to_ceil_div(a.N, GEMV_WARPS / KSPLIT)), block(32 * GEMV_WARPS);
+    if (a.norm_w)
+        to_launch(gemv_stream_kernel<MR, T, KSPLIT, true>, grid, block, 0, stream, a);
+    else
+        to_launch(gemv_stream_kernel<MR, T, KSPLIT, false>, grid, block, 0, stream, a);
 }
 
 template <int MR, typename T>
