@@ -147,7 +147,8 @@ static void rope_tokens(void *arg, int64_t begin, int64_t end) {
     }
     float *cs = inv + half, *sn = cs + half, *vout = sn + half, *v = vout + R, *wf = v + vlen;
     to_load_f32(inv, job->inv_freq->data, TO_F32, half, job->inv_freq->strides[0]);
-    if (w)
+    const int per_head = w && w->ndim == 2; /* [H, D]: each head's own weight row */
+    if (w && !per_head)
         to_load_f32(wf, w->data, w->dtype, D, w->strides[0]);
 
     for (int64_t t = begin; t < end; t++) {
@@ -161,6 +162,8 @@ static void rope_tokens(void *arg, int64_t begin, int64_t end) {
             const char *xr = to_elem_ptr(x->data, x->dtype, t * x->strides[0] + h * x->strides[1]);
             char *orow = to_elem_ptr(out->data, out->dtype, t * out->strides[0] + h * out->strides[1]);
             to_load_f32(v, xr, x->dtype, vlen, sx);
+            if (per_head)
+                to_load_f32(wf, to_elem_ptr(w->data, w->dtype, h * w->strides[0]), w->dtype, D, w->strides[1]);
             if (w)
                 rms_normalize(v, wf, D, job->eps, job->avx2);
             if (job->avx2)

@@ -108,7 +108,8 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
     const int64_t h = (int64_t)blockIdx.y * a.warps + warp;
     if (h >= a.H)
         return; // whole warps leave: the shuffles below always have all 32 lanes
-    const int64_t sx = a.x.strides[2], so = a.out.strides[2], sw = a.weight.strides[0];
+    const int64_t sx = a.x.strides[2], so = a.out.strides[2], sw = a.weight.strides[a.weight.ndim - 1];
+    const int64_t wo = a.weight.ndim == 2 ? h * a.weight.strides[0] : 0; // a per-head weight's row
     const int64_t xo = t * a.x.strides[0] + h * a.x.strides[1];
     const int64_t oo = t * a.out.strides[0] + h * a.out.strides[1];
     // pair i's members: (i, i + R/2) rotate-half, (2i, 2i + 1) interleaved
@@ -138,15 +139,15 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
         const int64_t i = lane + 32 * k, j = a.R + i;
         if (i < half) {
             const int64_t e0 = i * step, e1 = i * step + other;
-            float y0 = __fmul_rn(__fmul_rn(v0[k], rinv), to_load(a.weight.data, a.weight.dtype, e0 * sw));
-            float y1 = __fmul_rn(__fmul_rn(v1[k], rinv), to_load(a.weight.data, a.weight.dtype, e1 * sw));
+            float y0 = __fmul_rn(__fmul_rn(v0[k], rinv), to_load(a.weight.data, a.weight.dtype, wo + e0 * sw));
+            float y1 = __fmul_rn(__fmul_rn(v1[k], rinv), to_load(a.weight.data, a.weight.dtype, wo + e1 * sw));
             float r0 = __fsub_rn(__fmul_rn(y0, cs[i]), __fmul_rn(y1, sn[i]));
             float r1 = __fadd_rn(__fmul_rn(y1, cs[i]), __fmul_rn(y0, sn[i]));
             to_store(a.out.data, a.out.dtype, oo + i * so, r0);
             to_store(a.out.data, a.out.dtype, oo + (i + half) * so, r1);
         }
         if (j < a.D) {
-            float y = __fmul_rn(__fmul_rn(vr[k], rinv), to_load(a.weight.data, a.weight.dtype, j * sw));
+            float y = __fmul_rn(__fmul_rn(vr[k], rinv), to_load(a.weight.data, a.weight.dtype, wo + j * sw));
             to_store(a.out.data, a.out.dtype, oo + j * so, y);
         }
     }

@@ -163,7 +163,8 @@ int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions
             const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling);
 /* Per-head RMSNorm then rotary embedding in one pass (Qwen3's q_norm/k_norm before RoPE):
  * y = x[t, h, :] / sqrt(mean(x[t, h, :]^2) + eps) * weight as to_rms_norm computes it (weight [D],
- * any float dtype), then to_rope's rotation of y; dims >= R are y, not x. The intermediate y is
+ * any float dtype, or [H, D]: a weight per head, so q's and k's heads, adjacent in a stacked qkv
+ * product, take one call), then to_rope's rotation of y; dims >= R are y, not x. The intermediate y is
  * kept in f32, so the result equals to_rms_norm into an f32 tensor followed by to_rope into out,
  * bit for bit on the CPU. Arguments as to_rope's plus weight and eps; out may be x (in place).
  * On a GPU, rotary_dim / 2 and D - rotary_dim are at most 512 each. */

@@ -75,7 +75,20 @@ int to_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *
                      int interleaved, double attention_scaling) {
     const char *op = "to_rms_norm_rope";
     TO_TRY(check_rope_args(op, out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling));
-    TO_TRY(to_check_norm_weight(op, weight, x->shape[2], eps));
+    /* weight [D] for every head, or [H, D]: a weight per head (q's and k's norms in one call) */
+    if (weight && weight->ndim == 2) {
+        if (weight->shape[0] != x->shape[1])
+            return to_fail(TO_ERR_SHAPE, "%s: weight has %lld rows but x has H = %lld heads (a per-head "
+                           "weight is [H, D])", op, (long long)weight->shape[0], (long long)x->shape[1]);
+        to_tensor row = *weight; /* one head's weight, for the checks of a [D] weight */
+        row.ndim = 1;
+        row.shape[0] = weight->shape[1];
+        row.strides[0] = weight->strides[1];
+        TO_TRY(to_check_tensor(weight, op, "weight"));
+        TO_TRY(to_check_norm_weight(op, &row, x->shape[2], eps));
+    } else {
+        TO_TRY(to_check_norm_weight(op, weight, x->shape[2], eps));
+    }
     TO_TRY(to_check_same_device(op, out, weight, (const to_tensor *)NULL));
     TO_TRY(to_check_no_alias(out, weight, 0, op, "out", "weight"));
     if (out->device == TO_CUDA)

@@ -10,7 +10,7 @@ import struct
 
 from . import dtypes, ops
 from .nn import Linear, Module, RMSNorm
-from .tensor import tensor
+from .tensor import Tensor, tensor
 
 
 def _f32(x):
@@ -60,44 +60,58 @@ class Attention(Module):
 
     def fuse_projections(self):
         """Replaces q_proj, k_proj and v_proj by one qkv_proj (their weights stacked), so the
-        three products are one kernel (done on GPUs, where launches are what a decode step costs)."""
+        three products are one kernel (done on GPUs, where launches are what a decode step costs).
+        With q/k norms, their weights are stacked per head too: q's and k's heads, adjacent in
+        the product, are then normalised and rotated by one kernel."""
         fused = Linear.concat([self.q_proj, self.k_proj, self.v_proj])
-        if fused is not None:
-            del self.q_proj, self.k_proj, self.v_proj
-            self.qkv_proj = fused
+        if fused is None:
+            return
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
+        if "q_norm" in self._modules and self.q_norm.eps == self.k_norm.eps:
+            w = self.q_norm.weight
+            heads = Tensor.empty(self.num_heads + self.num_kv_heads, self.head_dim, dtype=w.dtype, device=w.device)
+            ops.copy(heads.narrow(0, 0, self.num_heads), w.expand(self.num_heads, self.head_dim))
+            ops.copy(heads.narrow(0, self.num_heads, self.num_kv_heads),
+                     self.k_norm.weight.expand(self.num_kv_heads, self.head_dim))
+            self.register_buffer("qk_norm_heads", heads)
 
     def project_qkv(self, residual, norm):
-        """q [T, Hq, D], k and v [T, Hkv, D] of the rows norm(residual): one normalising product
-        when the projections are fused (views of its output), else the norm and three products."""
+        """The heads [T, Hq + 2 Hkv, D] of the rows norm(residual): q's heads, then k's, then
+        v's, side by side. One normalising product when the projections are fused, else the norm
+        and three products written into one buffer."""
+        T, D = residual.shape[0], self.head_dim
         if "qkv_proj" in self._modules:
             p = self.qkv_proj
             qkv = ops.rms_norm_matmul(residual, norm.weight, norm.eps, p.weight, p.bias)
-            q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            return (qkv.narrow(1, 0, q_cols).unflatten(1, (self.num_heads, self.head_dim)),
-                    qkv.narrow(1, q_cols, kv_cols).unflatten(1, (self.num_kv_heads, self.head_dim)),
-                    qkv.narrow(1, q_cols + kv_cols, kv_cols).unflatten(1, (self.num_kv_heads, self.head_dim)))
-        x = norm(residual)
-        return tuple(p(x).unflatten(1, (h, self.head_dim)) for p, h in
-                     ((self.q_proj, self.num_heads), (self.k_proj, self.num_kv_heads),
-                      (self.v_proj, self.num_kv_heads)))
+        else:
+            x = norm(residual)
+            qkv = Tensor.empty(T, (self.num_heads + 2 * self.num_kv_heads) * D, device=x.storage.device)
+            col = 0
+            for p in (self.q_proj, self.k_proj, self.v_proj):
+                p(x, out=qkv.narrow(1, col, p.out_features))
+                col += p.out_features
+        return qkv.unflatten(1, (qkv.shape[1] // D, D))
 
     def forward(self, residual, norm, batch):
         """residual += attention over the rows norm(residual) (residual [T, hidden], in place)."""
-        T = residual.shape[0]
-        q, k, v = self.project_qkv(residual, norm)
-        for x, x_norm in ((q, "q_norm"), (k, "k_norm")):
-            if x_norm in self._modules:  # Qwen3: per-head RMSNorm, then the rotation, one pass
-                n = self._modules[x_norm]
-                ops.rms_norm_rope(x, n.weight, n.eps, batch.positions, self.inv_freq,
-                                  interleaved=self.rope_interleaved, out=x)
-            else:
-                ops.rope(x, batch.positions, self.inv_freq, interleaved=self.rope_interleaved, out=x)
+        T, hq, hkv = residual.shape[0], self.num_heads, self.num_kv_heads
+        heads = self.project_qkv(residual, norm)
+        q, k, v = heads.narrow(1, 0, hq), heads.narrow(1, hq, hkv), heads.narrow(1, hq + hkv, hkv)
+        qk = heads.narrow(1, 0, hq + hkv)  # q's and k's heads: rotated alike, in one call
+        rope = dict(interleaved=self.rope_interleaved)
+        if "qk_norm_heads" in self._buffers:  # Qwen3 on a GPU: both norms and the rotation, one kernel
+            ops.rms_norm_rope(qk, self.qk_norm_heads, self.q_norm.eps, batch.positions, self.inv_freq, out=qk, **rope)
+        elif "q_norm" in self._modules:  # Qwen3: per-head RMSNorm then the rotation, one pass each
+            for x, n in ((q, self.q_norm), (k, self.k_norm)):
+                ops.rms_norm_rope(x, n.weight, n.eps, batch.positions, self.inv_freq, out=x, **rope)
+        else:
+            ops.rope(qk, batch.positions, self.inv_freq, out=qk, **rope)
         k_cache, v_cache = batch.kv_cache.layer(self.layer_index)
         ops.kv_cache_store(k_cache, v_cache, k, v, batch.slot_mapping)
         attn = ops.paged_attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
                                    batch.block_tables, self.scale)
-        ops.matmul_add(residual, attn.view(T, self.num_heads * self.head_dim), self.o_proj.weight,
-                       self.o_proj.bias)
+        ops.matmul_add(residual, attn.view(T, hq * self.head_dim), self.o_proj.weight, self.o_proj.bias)
 
 
 class GatedMLP(Module):

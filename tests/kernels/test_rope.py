@@ -462,7 +462,9 @@ def test_rms_norm_rope_errors():
     # the norm's checks
     with pytest.raises(ip.DTypeError, match=f"{op}: weight has dtype int32"):
         c_norm_rope(out, x, ip.Tensor.zeros(D, dtype=ip.int32), 1e-6, pos, inv, D)
-    with pytest.raises(ip.ShapeError, match=rf"{op}: weight \[d\] must have 1 dimensions, got 2"):
+    with pytest.raises(ip.ShapeError, match=rf"{op}: weight \[d\] must have 1 dimensions, got 3"):
+        c_norm_rope(out, x, ip.Tensor.full((1, 1, D), 1.0), 1e-6, pos, inv, D)
+    with pytest.raises(ip.ShapeError, match=rf"{op}: weight has 1 rows but x has H = 2 heads"):
         c_norm_rope(out, x, ip.Tensor.full((1, D), 1.0), 1e-6, pos, inv, D)
     with pytest.raises(ip.ShapeError, match=rf"{op}: weight has shape \[6\] but the last dimension of x is 8"):
         c_norm_rope(out, x, ip.Tensor.full((6,), 1.0), 1e-6, pos, inv, D)
@@ -490,3 +492,27 @@ def test_rms_norm_rope_errors():
     with pytest.raises(ip.DeviceError, match="no GPU with index 63"):
         check(ip.lib.to_rms_norm_rope(*(with_device(t, cuda) for t in (out, x, w)), 1e-6,
                                       *(with_device(t, cuda) for t in (pos, inv)), D, 0, 1.0))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rms_norm_rope_per_head_weight(device, gen, interleaved):
+    """A weight [H, D] normalises each head with its own row: q's and k's heads of a stacked qkv
+    product in one call give what two calls with their own [D] weights give (on the CPU and, with
+    the `device` fixture, on a GPU)."""
+    T, hq, hkv, D = 5, 4, 2, 64
+    qkv = from_torch(torch.randn(T, (hq + 2 * hkv) * D, generator=gen)).to(device)
+    gq = from_torch(torch.randn(D, generator=gen)).to(device)
+    gk = from_torch(torch.randn(D, generator=gen)).to(device)
+    pos = ip.tensor([3, 0, 17, 900, 5], dtype=ip.int32).to(device)
+    inv = ip.tensor([1.0 / 10000 ** (2 * i / D) for i in range(D // 2)]).to(device)
+    heads = qkv.unflatten(1, (hq + 2 * hkv, D))
+    stacked = ip.Tensor.empty(hq + hkv, D, device=device)
+    ops.copy(stacked.narrow(0, 0, hq), gq.expand(hq, D))
+    ops.copy(stacked.narrow(0, hq, hkv), gk.expand(hkv, D))
+    got = ops.rms_norm_rope(heads.narrow(1, 0, hq + hkv), stacked, 1e-6, pos, inv, interleaved=interleaved)
+    want_q = ops.rms_norm_rope(heads.narrow(1, 0, hq), gq, 1e-6, pos, inv, interleaved=interleaved)
+    want_k = ops.rms_norm_rope(heads.narrow(1, hq, hkv), gk, 1e-6, pos, inv, interleaved=interleaved)
+    assert torch.equal(to_torch(got)[:, :hq], to_torch(want_q))
+    assert torch.equal(to_torch(got)[:, hq:], to_torch(want_k))
+    with pytest.raises(ip.ShapeError, match="weight has 5 rows but x has H = 6 heads"):
+        ops.rms_norm_rope(heads.narrow(1, 0, hq + hkv), ip.Tensor.zeros(5, D, device=device), 1e-6, pos, inv)
