@@ -7,8 +7,14 @@
 // head h / G (G = Hq / Hkv); softmax and accumulation in f32.
 //
 // The host never reads the batch's values (they live on the GPU; reading them would
-// synchronise), so the launch sizes are upper bounds from the shapes, and a tiny planning
-// kernel turns the values into a work list on the device:
+// synchronise, and these ops are recorded into CUDA graphs), so every launch size comes from the
+// shapes. Two paths, chosen by shapes alone:
+//
+//  - decode (T <= S: no more query rows than sequences, as in a decode step): decode_kernel, one
+//    block per (sequence, kv head, key segment), no planning kernel; decode_merge_kernel after it
+//    only when segments must be combined. See "decode path" below.
+//  - general (anything else: prefill, chunked prefill, mixed batches, multi-query steps): a tiny
+//    planning kernel turns the values into a work list on the device, then:
 //
 //  1. plan_kernel (one block) gives every sequence its tiles. A tile is up to RB rows of one
 //     (sequence, kv head) pair, a row being (query i, head j of the GQA group), r = i * G + j.
@@ -28,12 +34,25 @@
 //
 // The planning data and the partials live in one workspace from the caching allocator, freed
 // (returned to the cache) right after the launches: every op on this GPU runs on the one stream
-// (to_cuda_stream), so whoever gets the block next uses it only after these kernels are done.
+// (to_cuda_stream), so whoever gets the block next uses it only after these kernels are done (a
+// block freed while a graph is recorded stays reserved for that graph, device.cu).
+//
+// Every kernel is launched with to_launch (programmatic dependent launch, common.cuh): it calls
+// to_pdl_trigger() first, so the next kernel's blocks may become resident early, and
+// to_pdl_wait() in every thread before it touches memory.
 #include "cuda/common.cuh"
 
 #include <math.h>
 
 namespace {
+
+// TO_OK, or the error of a launch that failed (cleared, so that later checks do not see it again)
+int launched(cudaError_t err, const char *op) {
+    if (err == cudaSuccess)
+        return TO_OK;
+    cudaGetLastError();
+    return to_fail(TO_ERR_CUDA, "%s: kernel launch failed: %s (%s)", op, cudaGetErrorString(err), cudaGetErrorName(err));
+}
 
 // ------------------------------------------------------------------------------- kv_cache_store
 
@@ -58,6 +77,8 @@ struct StoreArgs {
 // to_store. Consecutive threads take consecutive d: coalesced cache writes, and coalesced reads
 // whenever k/v rows are contiguous.
 __global__ void __launch_bounds__(kStoreThreads) kv_store_kernel(StoreArgs a) {
+    to_pdl_trigger();
+    to_pdl_wait(); // k and v come from the kernels before
     const int64_t t = blockIdx.x;
     const int64_t slot = to_load_index_dev(a.slots, a.slot_dtype, t * a.slot_stride);
     if (slot < 0)
@@ -113,6 +134,12 @@ struct AttnArgs {
     int2 *slots;    // per partial slot (a split query): its q row t, or -1; its segments
     int n_slots;
     float *part;    // [n_slots][Hq][nsplit_max][D + 2]: acc, then m and l
+                    // (decode path: [T][Hq][splits][D], acc only)
+    // decode path (decode_kernel)
+    int splits;     // key segments per (sequence, kv head): blocks in the grid
+    int merge;      // 1: segments write partials, checked and combined by decode_merge_kernel
+    float2 *ml;     // [T][Hq][splits]: each segment's (m, l)
+    int *batch_ok;  // the checking block's verdict for decode_merge_kernel
 };
 
 // ---- planning ----
@@ -124,19 +151,35 @@ struct SeqPlan {
 // What is wrong with sequence s's part of the batch (a TO_GPU_BATCH_* code, 0 if nothing), and
 // the offending value: the checks the CPU op makes on the host (csrc/ops/attention.c,
 // check_batch), made here so that no tile ever reads out of bounds.
-__device__ int check_sequence(const AttnArgs &a, int s, int64_t *value) {
-    int64_t b = to_load_index_dev(a.cu, a.cu_dtype, (int64_t)s * a.cu_stride);
-    int64_t e = to_load_index_dev(a.cu, a.cu_dtype, (int64_t)(s + 1) * a.cu_stride);
-    int64_t len = to_load_index_dev(a.ctx, a.ctx_dtype, (int64_t)s * a.ctx_stride);
+//
+// SeqMeta and check_sequence_head are the part without the block table's entries: the sequence's
+// rows of q (b .. e), its context and the entries that context needs.
+struct SeqMeta {
+    int64_t b, e, len, blocks;
+};
+
+__device__ __forceinline__ int check_sequence_head(const AttnArgs &a, int s, SeqMeta *m, int64_t *value) {
+    const int64_t b = to_load_index_dev(a.cu, a.cu_dtype, (int64_t)s * a.cu_stride);
+    const int64_t e = to_load_index_dev(a.cu, a.cu_dtype, (int64_t)(s + 1) * a.cu_stride);
+    const int64_t len = to_load_index_dev(a.ctx, a.ctx_dtype, (int64_t)s * a.ctx_stride);
+    *m = SeqMeta{b, e, len, 0};
     *value = e;
     if ((s == 0 && b != 0) || b < 0 || e < b || e > a.T || (s == a.S - 1 && e != a.T))
         return TO_GPU_BATCH_CU;
     *value = len;
     if (len < e - b)
         return TO_GPU_BATCH_CONTEXT;
-    int64_t blocks = len / a.block_size + (len % a.block_size != 0);
-    if (blocks > a.max_blocks || len > INT32_MAX)
+    m->blocks = len / a.block_size + (len % a.block_size != 0);
+    if (m->blocks > a.max_blocks || len > INT32_MAX)
         return TO_GPU_BATCH_TABLE;
+    return 0;
+}
+
+__device__ int check_sequence(const AttnArgs &a, int s, int64_t *value) {
+    SeqMeta m;
+    if (int what = check_sequence_head(a, s, &m, value))
+        return what;
+    const int64_t blocks = m.blocks;
     for (int64_t j = 0; j < blocks; j++) {
         *value = to_load_index_dev(a.bt, a.bt_dtype, (int64_t)s * a.bt_s0 + j * a.bt_s1);
         if (*value < 0 || *value >= a.num_blocks)
@@ -175,6 +218,8 @@ __device__ SeqPlan plan_sequence(const AttnArgs &a, int s) {
 // offsets (first tile, first partial slot), and a second pass writes them out.
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(AttnArgs a) {
     __shared__ int scan_tiles[kPlanThreads], scan_slots[kPlanThreads];
+    to_pdl_trigger();
+    to_pdl_wait();
     const int tid = threadIdx.x;
     const int per = (a.S + kPlanThreads - 1) / kPlanThreads;
     const int s0 = tid * per < a.S ? tid * per : a.S, s1 = s0 + per < a.S ? s0 + per : a.S;
@@ -271,6 +316,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(AttnArgs a) {
 
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int tile = blockIdx.x, g = blockIdx.y;
+    to_pdl_trigger();
+    to_pdl_wait(); // the plan kernel's work list
     if (tile >= *a.total)
         return; // the grid is an upper bound
 
@@ -497,6 +544,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(AttnArgs a) {
 // One warp per (partial slot, q head): the slots of a decode batch are few (one per sequence),
 // so a block per slot looping over the heads left the GPU idle and took ~14 us per call.
 __global__ void __launch_bounds__(32) merge_kernel(AttnArgs a) {
+    to_pdl_trigger();
+    to_pdl_wait();
     const int2 slot = a.slots[blockIdx.x];
     if (slot.x < 0)
         return;
@@ -537,8 +586,7 @@ int launch_attn(const AttnArgs &a, dim3 grid, cudaStream_t stream) {
     if (err != cudaSuccess)
         return to_fail(TO_ERR_CUDA, "to_paged_attention: cannot give the kernel %zu bytes of shared memory: %s",
                        smem, cudaGetErrorString(err));
-    attn_kernel<DMAX, T><<<grid, kThreads, smem, stream>>>(a);
-    return TO_OK;
+    return launched(to_launch(attn_kernel<DMAX, T>, grid, dim3(kThreads), smem, stream, a), "to_paged_attention");
 }
 
 template <int DMAX>
@@ -547,6 +595,492 @@ int launch_attn_dtype(const AttnArgs &a, int cache_dtype, dim3 grid, cudaStream_
     case TO_F32: return launch_attn<DMAX, float>(a, grid, stream);
     case TO_F16: return launch_attn<DMAX, __half>(a, grid, stream);
     case TO_BF16: return launch_attn<DMAX, __nv_bfloat16>(a, grid, stream);
+    }
+    return to_fail(TO_ERR_DTYPE, "to_paged_attention: cache dtype %s has no CUDA kernel", to_dtype_name(cache_dtype));
+}
+
+// ------------------------------------------------------------------------------------ decode path
+//
+// Used when the batch has no more query rows than sequences (T <= S, known from the shapes: one
+// query per sequence in a decode step). No planning kernel: block (sequence s, kv head g, split)
+// takes all nq * G query rows of s that read kv head g, so each K/V row is loaded once and used G
+// times, and walks one segment of the context with them:
+//  - lanes: a group of L lanes holds one key (16 bytes per lane per load), NG = 128 / L groups
+//    take every NG-th key, NK keys per group per step with all their loads issued before any is
+//    used; each lane keeps q and acc for its slice of d of every row in registers, and a group
+//    reduces a score over its lanes with shuffles. Every group keeps its own online softmax over
+//    the keys it saw; the groups are combined once, at the end, through shared memory. No
+//    barrier inside a run of 128 keys.
+//  - the cache rows of 128 keys at a time are looked up in the block table by one thread each
+//    into shared memory; the next 128's entries are loaded while this run is worked on.
+//  - segments: splits (from the host, shapes only: enough blocks for one full wave on the GPU)
+//    cut the context into equal segments of a multiple of kSegMin keys, computed on the device
+//    from the real length, so a short sequence uses few of them and the blocks past its context
+//    exit at once. The first run's table entries are loaded together with the sequence's
+//    lengths, guessing the shortest segment: a short context costs three dependent trips to
+//    memory (lengths and entries, K/V, partials) before the merge.
+//  - checks: "a bad batch writes nothing" needs every sequence checked before any row of out
+//    is written. With one segment per sequence (and few sequences) every block checks the whole
+//    batch before it writes; otherwise the segments write partials (acc, m, l) to a workspace,
+//    one extra block (block 0) checks the batch, and decode_merge_kernel, which runs after them,
+//    writes out only if it passed. The error recorded is check_sequence's for the lowest bad
+//    sequence.
+// Rows of one block beyond RMAX (a sequence with several queries, or G > 8) are done in passes of
+// RMAX rows, each walking the segment again: correct for any batch, fast for decode.
+
+constexpr int kDecThreads = 128;
+constexpr int kDecRun = kDecThreads;  // keys whose cache rows are looked up together
+constexpr int kSegMin = 32;           // keys per segment, at least (and a multiple of)
+constexpr int kMaxSplits = 64;        // segments per sequence, at most (two per lane in the merge)
+constexpr int kDirectMaxSeqs = 64;    // above this, one check block beats every block checking
+
+template <int DMAX, typename T, int RMAX>
+struct DecodeShape {
+    static constexpr int VEC = 16 / (int)sizeof(T); // cache elements per 16-byte load
+    static constexpr int PIECES = DMAX / VEC;       // 16-byte pieces of a (padded) row
+    static constexpr int L = PIECES < 32 ? PIECES : 32; // lanes per key
+    static constexpr int NC = PIECES / L;           // pieces per lane
+    static constexpr int E = NC * VEC;              // elements of d per lane
+    static constexpr int NG = kDecThreads / L;      // key groups per block
+    // keys per group per step, all loaded before any is used: the more, the more bytes in flight
+    // per thread (a long context is streamed at the rate latency allows), but q and acc already
+    // take 2 * RMAX * E registers. Where registers allow, a shortest segment is one step (one
+    // round trip to memory).
+    static constexpr int NK_REG = (RMAX <= 2 ? 8 : RMAX == 4 ? 4 : 2) / NC;
+    static constexpr int NK = NK_REG > 0 ? NK_REG : 1;
+    static_assert(kDecRun % (NG * NK) == 0, "a run is a whole number of steps");
+};
+
+// Entry j of sequence s's row of block_tables, for key position p (-1 past the table's width: the
+// position cannot be inside a valid context then).
+__device__ __forceinline__ int64_t table_entry(const AttnArgs &a, int s, int64_t p) {
+    const int64_t j = p / a.block_size;
+    return j < a.max_blocks ? to_load_index_dev(a.bt, a.bt_dtype, (int64_t)s * a.bt_s0 + j * a.bt_s1) : -1;
+}
+
+// Element offset of key p's row of kv head g in the caches, or -1: past `stop`, or a block id
+// outside the caches (never read; the batch check reports it).
+__device__ __forceinline__ int64_t cache_row(const AttnArgs &a, int64_t entry, int64_t p, int64_t stop, int g) {
+    if (p >= stop || entry < 0 || entry >= a.num_blocks)
+        return -1;
+    return ((entry * a.block_size + p % a.block_size) * a.Hkv + g) * a.D;
+}
+
+// 16 bytes of cache elements from p: one load, or element by element (zeros past `valid`) where
+// rows are not 16-byte pieces.
+template <typename T>
+__device__ __forceinline__ uint4 load16(const T *p, bool vec, int valid) {
+    if (vec)
+        return __ldg(reinterpret_cast<const uint4 *>(p));
+    unsigned w[4] = {0, 0, 0, 0}; // packed by shifts: no type punning of a local
+    if (sizeof(T) == 4) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (i < valid)
+                w[i] = reinterpret_cast<const unsigned *>(p)[i];
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (i < valid)
+                w[i / 2] |= (unsigned)reinterpret_cast<const unsigned short *>(p)[i] << (16 * (i % 2));
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// The lowest sequence that check_sequence finds wrong, or -1; every thread of the block calls it
+// and gets the answer. Runs of kDecThreads sequences: one thread checks a sequence's lengths, a
+// block scan lays out the table entries their contexts need, and all threads check those, several
+// loads in flight each. A batch of S sequences with contexts of n_s blocks costs sum n_s loads.
+__device__ int find_bad_sequence(const AttnArgs &a, long long *scan, int *bad) {
+    constexpr int U = 8; // entry loads in flight per thread
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    __syncthreads(); // scan and bad may still be read by a previous use
+    if (tid == 0)
+        *bad = INT32_MAX;
+    __syncthreads();
+    for (int s0 = 0; s0 < a.S; s0 += kDecThreads) {
+        const int s = s0 + tid;
+        long long n = 0;
+        if (s < a.S) {
+            SeqMeta m;
+            int64_t value;
+            if (check_sequence_head(a, s, &m, &value))
+                atomicMin(bad, s);
+            else
+                n = m.blocks;
+        }
+        // inclusive scan of n: scan[i] = entries of sequences s0 .. s0 + i
+        long long x = n;
+        for (int o = 1; o < 32; o <<= 1) {
+            long long y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o)
+                x += y;
+        }
+        __syncthreads();
+        scan[tid] = x;
+        __syncthreads();
+        long long before = 0;
+        for (int w = 0; w < warp; w++)
+            before += scan[w * 32 + 31];
+        __syncthreads();
+        scan[tid] = x + before;
+        __syncthreads();
+        const long long total = scan[kDecThreads - 1];
+        for (long long base = 0; base < total; base += (long long)kDecThreads * U) {
+            int64_t v[U];
+            int sq[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const long long e = base + (long long)u * kDecThreads + tid;
+                sq[u] = -1;
+                v[u] = 0;
+                if (e < total) {
+                    int lo = 0, hi = kDecThreads - 1; // the first i with scan[i] > e
+                    while (lo < hi) {
+                        int mid = (lo + hi) / 2;
+                        if (scan[mid] > e)
+                            hi = mid;
+                        else
+                            lo = mid + 1;
+                    }
+                    const long long j = e - (lo > 0 ? scan[lo - 1] : 0);
+                    sq[u] = s0 + lo;
+                    v[u] = to_load_index_dev(a.bt, a.bt_dtype, (int64_t)sq[u] * a.bt_s0 + j * a.bt_s1);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (sq[u] >= 0 && (v[u] < 0 || v[u] >= a.num_blocks))
+                    atomicMin(bad, sq[u]);
+        }
+        __syncthreads();
+        if (*bad != INT32_MAX)
+            break; // runs go in order: no lower sequence is bad
+    }
+    const int r = *bad; // read after the loop's last barrier
+    return r == INT32_MAX ? -1 : r;
+}
+
+// Records sequence s's error as the planning kernel does (one thread calls it).
+__device__ void report_bad_sequence(const AttnArgs &a, int s) {
+    int64_t value;
+    if (int what = check_sequence(a, s, &value))
+        to_gpu_error(a.err, TO_GPU_ERR_BATCH, s, what, value);
+}
+
+// Grid: splits * Hkv * S blocks, block index ((s * Hkv + g) * splits + split), plus block 0 (the
+// batch check) in front when merging. DMAX: D rounded up to 64, 128 or 256; T: the cache
+// element; RMAX: query rows per pass (G rounded up to a power of two, at most 8).
+template <int DMAX, typename T, int RMAX>
+__global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(AttnArgs a) {
+    using Sh = DecodeShape<DMAX, T, RMAX>;
+    constexpr int L = Sh::L, NC = Sh::NC, VEC = Sh::VEC, E = Sh::E, NG = Sh::NG, NK = Sh::NK;
+    __shared__ int64_t sRow[2][kDecRun];             // cache rows of the current and next run
+    __shared__ __align__(16) float sAcc[NG][RMAX][DMAX]; // the groups' acc, m and l at the end
+    __shared__ float sM[NG][RMAX], sL[NG][RMAX], sRowL[RMAX];
+    __shared__ long long sScan[kDecThreads];
+    __shared__ int sBad;
+
+    to_pdl_trigger(); // the next kernel's blocks may take free SM room and prefetch its weights
+    const int tid = threadIdx.x, li = tid % L, gi = tid / L;
+    const int id = (int)blockIdx.x - a.merge; // the host keeps the grid below 2^31 blocks
+    const int split = id % a.splits, g = id / a.splits % a.Hkv, s = id / a.splits / a.Hkv;
+    const int G = a.G, D = a.D;
+    to_pdl_wait(); // q, the cache and the batch are written by earlier work
+    if (id < 0) { // block 0 when merging: the batch check, its verdict for the merge
+        const int bad = find_bad_sequence(a, sScan, &sBad);
+        if (tid == 0) {
+            *a.batch_ok = bad < 0;
+            if (bad >= 0)
+                report_bad_sequence(a, bad);
+        }
+        return;
+    }
+
+    // The first run's table entries, guessing the shortest segment (right whenever the context is
+    // at most splits * kSegMin keys), loaded together with the sequence's lengths.
+    const int64_t guess0 = (int64_t)split * kSegMin;
+    int64_t entry = table_entry(a, s, guess0 + tid);
+    SeqMeta sm;
+    int64_t value;
+    if (check_sequence_head(a, s, &sm, &value)) { // nothing of s may be read
+        if (!a.merge) {
+            const int bad = find_bad_sequence(a, sScan, &sBad);
+            if (tid == 0 && bad >= 0)
+                report_bad_sequence(a, bad);
+        }
+        return;
+    }
+    const int64_t nq = sm.e - sm.b, len = sm.len, b = sm.b;
+    if (nq == 0)
+        return;
+    if (!a.merge && find_bad_sequence(a, sScan, &sBad) >= 0) {
+        if (tid == 0)
+            report_bad_sequence(a, sBad);
+        return;
+    }
+
+    // this block's segment of the context
+    const int64_t per = (len + a.splits - 1) / a.splits;
+    const int64_t seglen = per <= kSegMin ? kSegMin : (per + kSegMin - 1) / kSegMin * kSegMin;
+    const int64_t k_begin = split * seglen, k_end = len < k_begin + seglen ? len : k_begin + seglen;
+    const int rows = (int)(nq * G); // the host bounds T * Hq by INT32_MAX
+    if (k_begin >= len) { // past the context: an empty partial for the merge
+        for (int i = tid; i < rows; i += kDecThreads) {
+            const int64_t t = b + i / G, h = (int64_t)g * G + i % G;
+            a.ml[(t * a.Hq + h) * a.splits + split] = make_float2(-INFINITY, 0.0f);
+        }
+        return;
+    }
+    const int64_t pos0 = len - nq; // position of the first query
+    const T *kc = static_cast<const T *>(a.k_cache), *vc = static_cast<const T *>(a.v_cache);
+    const bool vec = a.vec;
+
+    for (int r0 = 0; r0 < rows; r0 += RMAX) {
+        const int nr = rows - r0 < RMAX ? rows - r0 : RMAX;
+        // this lane's slice of q (times scale * log2 e) for each row, zero past D and past nr
+        float q[RMAX][E];
+        int pos[RMAX]; // -1 for a padding row: it sees no key
+#pragma unroll
+        for (int r = 0; r < RMAX; r++) {
+            const int rr = r0 + r;
+            const int64_t t = b + rr / G, h = (int64_t)g * G + rr % G;
+            pos[r] = r < nr ? (int)(pos0 + rr / G) : -1;
+#pragma unroll
+            for (int c = 0; c < NC; c++)
+#pragma unroll
+                for (int e = 0; e < VEC; e++) {
+                    const int d = (c * L + li) * VEC + e;
+                    q[r][c * VEC + e] = r < nr && d < D
+                        ? to_load(a.q, a.q_dtype, t * a.qs0 + h * a.qs1 + d * a.qs2) * a.qscale : 0.0f;
+                }
+        }
+        // keys past the pass's last position are masked for all its rows
+        const int64_t last = pos0 + (r0 + nr - 1) / G + 1;
+        const int64_t k_stop = k_end < last ? k_end : last;
+
+        float m[RMAX], l[RMAX], acc[RMAX][E];
+#pragma unroll
+        for (int r = 0; r < RMAX; r++) {
+            m[r] = -INFINITY;
+            l[r] = 0.0f;
+#pragma unroll
+            for (int e = 0; e < E; e++)
+                acc[r][e] = 0.0f;
+        }
+
+        if (k_stop > k_begin) {
+            if (!(r0 == 0 && k_begin == guess0))
+                entry = table_entry(a, s, k_begin + tid);
+            __syncthreads(); // sRow is no longer read by the previous pass
+            sRow[0][tid] = cache_row(a, entry, k_begin + tid, k_stop, g);
+            __syncthreads();
+            int buf = 0;
+            for (int64_t c0 = k_begin; c0 < k_stop; c0 += kDecRun) {
+                const int64_t c1 = c0 + kDecRun;
+                if (c1 < k_stop) // the next run's entry, in flight while this one is worked on
+                    entry = table_entry(a, s, c1 + tid);
+                const int n = (int)(k_stop - c0 < kDecRun ? k_stop - c0 : kDecRun);
+#pragma unroll 1
+                for (int kb = 0; kb < n; kb += NG * NK) {
+                    // keys kb + gi + NG k of the run: all their loads first, then the math
+                    int64_t roff[NK];
+                    uint4 kr[NK][NC], vr[NK][NC];
+#pragma unroll
+                    for (int k = 0; k < NK; k++)
+                        roff[k] = sRow[buf][kb + gi + NG * k];
+#pragma unroll
+                    for (int k = 0; k < NK; k++)
+#pragma unroll
+                        for (int c = 0; c < NC; c++) {
+                            const int d0 = (c * L + li) * VEC;
+                            kr[k][c] = vr[k][c] = make_uint4(0, 0, 0, 0); // zero past D and k_stop
+                            if (roff[k] >= 0 && d0 < D) {
+                                kr[k][c] = load16(kc + roff[k] + d0, vec, D - d0);
+                                vr[k][c] = load16(vc + roff[k] + d0, vec, D - d0);
+                            }
+                        }
+                    // scores (base 2), reduced over the group's lanes; masked ones -inf
+                    float sc[NK][RMAX];
+#pragma unroll
+                    for (int k = 0; k < NK; k++) {
+                        float kf[E];
+#pragma unroll
+                        for (int c = 0; c < NC; c++)
+                            widen16<T>(kr[k][c], kf + c * VEC);
+                        const int64_t key = c0 + kb + gi + NG * k;
+#pragma unroll
+                        for (int r = 0; r < RMAX; r++) {
+                            float x = 0.0f;
+#pragma unroll
+                            for (int e = 0; e < E; e++)
+                                x += q[r][e] * kf[e];
+#pragma unroll
+                            for (int o = L / 2; o > 0; o >>= 1)
+                                x += __shfl_xor_sync(0xffffffffu, x, o);
+                            sc[k][r] = roff[k] >= 0 && key <= pos[r] ? x : -INFINITY;
+                        }
+                    }
+                    // online softmax: the group's max moves to m_new, what it had is rescaled
+#pragma unroll
+                    for (int r = 0; r < RMAX; r++) {
+                        float mx = m[r];
+#pragma unroll
+                        for (int k = 0; k < NK; k++)
+                            mx = fmaxf(mx, sc[k][r]);
+                        // nothing seen yet: any finite reference gives weights 0
+                        const float ref = mx == -INFINITY ? 0.0f : mx;
+                        const float alpha = exp2f(m[r] - ref);
+                        l[r] *= alpha;
+#pragma unroll
+                        for (int e = 0; e < E; e++)
+                            acc[r][e] *= alpha;
+#pragma unroll
+                        for (int k = 0; k < NK; k++) {
+                            sc[k][r] = exp2f(sc[k][r] - ref);
+                            l[r] += sc[k][r];
+                        }
+                        m[r] = mx;
+                    }
+#pragma unroll
+                    for (int k = 0; k < NK; k++) {
+                        float vf[E];
+#pragma unroll
+                        for (int c = 0; c < NC; c++)
+                            widen16<T>(vr[k][c], vf + c * VEC);
+#pragma unroll
+                        for (int r = 0; r < RMAX; r++)
+#pragma unroll
+                            for (int e = 0; e < E; e++)
+                                acc[r][e] += sc[k][r] * vf[e];
+                    }
+                }
+                if (c1 < k_stop)
+                    sRow[buf ^ 1][tid] = cache_row(a, entry, c1 + tid, k_stop, g);
+                __syncthreads();
+                buf ^= 1;
+            }
+        }
+
+        // combine the groups: M = max m_g, w_g = 2^(m_g - M), acc = sum w_g acc_g, l = sum w_g l_g
+        // (a group that saw no key has w_g = 0; a row no group saw keeps M = -inf, an empty partial)
+        __syncthreads(); // sAcc, sM may still be read by the previous pass
+        if (li == 0)
+#pragma unroll
+            for (int r = 0; r < RMAX; r++) {
+                sM[gi][r] = m[r];
+                sL[gi][r] = l[r];
+            }
+#pragma unroll
+        for (int r = 0; r < RMAX; r++)
+#pragma unroll
+            for (int c = 0; c < NC; c++)
+#pragma unroll
+                for (int e = 0; e < VEC; e += 4)
+                    *reinterpret_cast<float4 *>(&sAcc[gi][r][(c * L + li) * VEC + e]) =
+                        make_float4(acc[r][c * VEC + e], acc[r][c * VEC + e + 1], acc[r][c * VEC + e + 2],
+                                    acc[r][c * VEC + e + 3]);
+        __syncthreads();
+        if (tid < nr) {
+            float mx = -INFINITY;
+            for (int j = 0; j < NG; j++)
+                mx = fmaxf(mx, sM[j][tid]);
+            float lsum = 0.0f;
+            for (int j = 0; j < NG; j++) {
+                const float w = mx == -INFINITY ? 0.0f : exp2f(sM[j][tid] - mx);
+                lsum += w * sL[j][tid];
+                sL[j][tid] = w; // now the group's weight
+            }
+            sM[0][tid] = mx;
+            sRowL[tid] = lsum;
+        }
+        __syncthreads();
+        for (int i = tid; i < nr * D; i += kDecThreads) {
+            const int r = i / D, d = i % D, rr = r0 + r;
+            float x = 0.0f;
+            for (int j = 0; j < NG; j++)
+                x += sL[j][r] * sAcc[j][r][d];
+            const int64_t t = b + rr / G, h = (int64_t)g * G + rr % G;
+            if (!a.merge) { // l >= 1: the row's own position is among its keys
+                to_store(a.out, a.out_dtype, t * a.os0 + h * a.os1 + d * a.os2, x * (1.0f / sRowL[r]));
+            } else {
+                const int64_t at = (t * a.Hq + h) * a.splits + split;
+                a.part[at * D + d] = x;
+                if (d == 0)
+                    a.ml[at] = make_float2(sM[0][r], sRowL[r]);
+            }
+        }
+    }
+}
+
+// One warp per (query row t, q head h): out = sum_i w_i acc_i / sum_i w_i l_i over the segments,
+// w_i = 2^(m_i - max m), in segment order (deterministic). Empty segments (m = -inf) weigh 0 and
+// are not read; segment 0 holds key 0, so max m is finite. Writes nothing if the check failed.
+__global__ void __launch_bounds__(128) decode_merge_kernel(AttnArgs a) {
+    to_pdl_trigger();
+    to_pdl_wait(); // decode_kernel's partials and verdict
+    const int lane = threadIdx.x % 32;
+    const int64_t pair = (int64_t)blockIdx.x * 4 + threadIdx.x / 32;
+    if (pair >= a.T * a.Hq || !*a.batch_ok)
+        return;
+    const int ns = a.splits, D = a.D;
+    const float2 *ml = a.ml + pair * ns;
+    const float2 none = make_float2(-INFINITY, 0.0f);
+    const float2 x0 = lane < ns ? ml[lane] : none, x1 = lane + 32 < ns ? ml[lane + 32] : none;
+    const float mx = to_warp_max(fmaxf(x0.x, x1.x));
+    const float w0 = x0.x == -INFINITY ? 0.0f : exp2f(x0.x - mx);
+    const float w1 = x1.x == -INFINITY ? 0.0f : exp2f(x1.x - mx);
+    const float inv = 1.0f / to_warp_sum(w0 * x0.y + w1 * x1.y);
+    const float *part = a.part + pair * ns * D;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; // d = lane + 32 c, D <= 256
+    constexpr int U = 4;                     // segments whose loads are in flight together
+    for (int i0 = 0; i0 < ns; i0 += U) {
+        float w[U], v[U][8];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = i0 + u;
+            w[u] = __shfl_sync(0xffffffffu, i < 32 ? w0 : w1, i % 32);
+            w[u] = i < ns ? w[u] : 0.0f;
+#pragma unroll
+            for (int c = 0; c < 8; c++) {
+                const int d = lane + 32 * c;
+                v[u][c] = w[u] != 0.0f && d < D ? part[(int64_t)i * D + d] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int c = 0; c < 8; c++)
+                acc[c] += w[u] * v[u][c];
+    }
+    const int64_t t = pair / a.Hq, h = pair % a.Hq;
+#pragma unroll
+    for (int c = 0; c < 8; c++) {
+        const int d = lane + 32 * c;
+        if (d < D)
+            to_store(a.out, a.out_dtype, t * a.os0 + h * a.os1 + d * a.os2, acc[c] * inv);
+    }
+}
+
+template <int DMAX, typename T>
+int launch_decode_rows(const AttnArgs &a, unsigned blocks, cudaStream_t stream) {
+    const dim3 grid(blocks), block(kDecThreads);
+    cudaError_t err;
+    switch (a.G == 1 ? 1 : a.G == 2 ? 2 : a.G <= 4 ? 4 : 8) {
+    case 1: err = to_launch(decode_kernel<DMAX, T, 1>, grid, block, 0, stream, a); break;
+    case 2: err = to_launch(decode_kernel<DMAX, T, 2>, grid, block, 0, stream, a); break;
+    case 4: err = to_launch(decode_kernel<DMAX, T, 4>, grid, block, 0, stream, a); break;
+    default: err = to_launch(decode_kernel<DMAX, T, 8>, grid, block, 0, stream, a); break;
+    }
+    return launched(err, "to_paged_attention");
+}
+
+template <int DMAX>
+int launch_decode(const AttnArgs &a, int cache_dtype, unsigned blocks, cudaStream_t stream) {
+    switch (cache_dtype) {
+    case TO_F32: return launch_decode_rows<DMAX, float>(a, blocks, stream);
+    case TO_F16: return launch_decode_rows<DMAX, __half>(a, blocks, stream);
+    case TO_BF16: return launch_decode_rows<DMAX, __nv_bfloat16>(a, blocks, stream);
     }
     return to_fail(TO_ERR_DTYPE, "to_paged_attention: cache dtype %s has no CUDA kernel", to_dtype_name(cache_dtype));
 }
@@ -581,7 +1115,8 @@ int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, c
     a.num_slots = k_cache->shape[0] * k_cache->shape[1];
     if (!(a.err = to_cuda_error_word(k_cache->device_index)))
         return TO_ERR_CUDA;
-    kv_store_kernel<<<(unsigned)T, kStoreThreads, 0, stream>>>(a);
+    TO_TRY(launched(to_launch(kv_store_kernel, dim3((unsigned)T), dim3(kStoreThreads), 0, stream, a),
+                    "to_kv_cache_store"));
     return to_cuda_check_launch("to_kv_cache_store");
 }
 
@@ -601,14 +1136,88 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
     cudaStream_t stream = to_cuda_stream(dev);
     if (!stream)
         return TO_ERR_CUDA;
-
-    // Segments per split sequence: enough (sequence, kv head, segment) blocks for about four per
-    // multiprocessor when the batch alone has fewer, never more segments than SEG_MIN-key pieces
-    // of the longest possible context.
     int sms = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1)
         sms = 132;
-    const int64_t max_len = max_blocks * bs;
+    const int64_t max_len = max_blocks * bs; // the longest context block_tables can describe
+
+    AttnArgs a = {};
+    a.q = (const char *)q->data;
+    a.q_dtype = q->dtype;
+    a.qs0 = q->strides[0], a.qs1 = q->strides[1], a.qs2 = q->strides[2];
+    a.out = (char *)out->data;
+    a.out_dtype = out->dtype;
+    a.os0 = out->strides[0], a.os1 = out->strides[1], a.os2 = out->strides[2];
+    a.k_cache = k_cache->data;
+    a.v_cache = v_cache->data;
+    a.cu = (const char *)cu_seqlens_q->data;
+    a.ctx = (const char *)context_lens->data;
+    a.bt = (const char *)block_tables->data;
+    a.cu_dtype = cu_seqlens_q->dtype;
+    a.ctx_dtype = context_lens->dtype;
+    a.bt_dtype = block_tables->dtype;
+    a.cu_stride = cu_seqlens_q->strides[0];
+    a.ctx_stride = context_lens->strides[0];
+    a.bt_s0 = block_tables->strides[0];
+    a.bt_s1 = block_tables->strides[1];
+    a.T = T, a.num_blocks = k_cache->shape[0], a.max_blocks = max_blocks;
+    if (!(a.err = to_cuda_error_word(dev)))
+        return TO_ERR_CUDA;
+    a.qscale = (float)scale * kLog2e;
+    const int64_t esz = to_dtype_size(k_cache->dtype);
+    a.vec = (D * esz) % 16 == 0 && (uintptr_t)k_cache->data % 16 == 0 && (uintptr_t)v_cache->data % 16 == 0;
+
+    // ---- decode path: no more query rows than sequences (decided from shapes alone) ----
+    // Segments per (sequence, kv head): as many as keep the blocks within one wave of what the
+    // GPU holds at once (decode_kernel's launch bounds: 3 blocks per multiprocessor, 2 for G > 4),
+    // so that a long context is streamed by every multiprocessor; never more than kMaxSplits, nor
+    // more than kSegMin-key pieces of the longest context the table can hold. (Short contexts use
+    // only the first segments: the device cuts the real length, in pieces of at least kSegMin.)
+    if (T <= S && T * Hq <= INT32_MAX && S <= INT32_MAX && Hkv <= INT32_MAX) {
+        const int64_t resident = (G > 4 ? 2 : 3) * (int64_t)sms;
+        int64_t splits = 1;
+        if (2 * S * Hkv <= resident) {
+            splits = resident / (S * Hkv);
+            int64_t cap = to_ceil_div(max_len, kSegMin);
+            cap = cap < kMaxSplits ? cap : kMaxSplits;
+            splits = splits < cap ? splits : cap;
+            splits = splits > 1 ? splits : 1;
+        }
+        const bool merge = splits > 1 || S > kDirectMaxSeqs;
+        const int64_t blocks = S * Hkv * splits + (merge ? 1 : 0);
+        if (blocks <= INT32_MAX) {
+            a.S = (int)S, a.Hq = (int)Hq, a.Hkv = (int)Hkv, a.G = (int)G, a.D = (int)D, a.block_size = (int)bs;
+            a.splits = (int)splits;
+            a.merge = merge;
+            // workspace (merging only): acc [T][Hq][splits][D], (m, l) [T][Hq][splits], the verdict
+            void *ws = nullptr;
+            if (merge) {
+                const size_t n = (size_t)T * Hq * splits;
+                const size_t ml_off = (n * D * sizeof(float) + 15) / 16 * 16, ok_off = ml_off + n * sizeof(float2);
+                TO_TRY(to_cuda_alloc(dev, (int64_t)(ok_off + 16), &ws));
+                a.part = (float *)ws;
+                a.ml = (float2 *)((char *)ws + ml_off);
+                a.batch_ok = (int *)((char *)ws + ok_off);
+            }
+            int status = D <= 64 ? launch_decode<64>(a, k_cache->dtype, (unsigned)blocks, stream)
+                       : D <= 128 ? launch_decode<128>(a, k_cache->dtype, (unsigned)blocks, stream)
+                                  : launch_decode<256>(a, k_cache->dtype, (unsigned)blocks, stream);
+            if (status == TO_OK && merge)
+                status = launched(to_launch(decode_merge_kernel, dim3((unsigned)to_ceil_div(T * Hq, 4)), dim3(128),
+                                            0, stream, a), "to_paged_attention");
+            // back to the cache: the next user of this block is ordered after these kernels on the
+            // stream (and one freed while a graph is recorded stays the graph's)
+            if (ws)
+                to_cuda_free(dev, ws);
+            TO_TRY(status);
+            return to_cuda_check_launch("to_paged_attention");
+        }
+    }
+
+    // ---- general path: plan, tiles, merge ----
+    // Segments per split sequence: enough (sequence, kv head, segment) blocks for about four per
+    // multiprocessor when the batch alone has fewer, never more segments than SEG_MIN-key pieces
+    // of the longest possible context.
     int64_t nsplit_max = to_ceil_div(4 * (int64_t)sms, S * Hkv);
     int64_t cap = to_ceil_div(max_len, SEG_MIN);
     cap = cap < MAX_SPLITS ? cap : MAX_SPLITS;
@@ -632,46 +1241,23 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
     void *ws = nullptr;
     TO_TRY(to_cuda_alloc(dev, (int64_t)ws_bytes, &ws));
 
-    AttnArgs a;
-    a.q = (const char *)q->data;
-    a.q_dtype = q->dtype;
-    a.qs0 = q->strides[0], a.qs1 = q->strides[1], a.qs2 = q->strides[2];
-    a.out = (char *)out->data;
-    a.out_dtype = out->dtype;
-    a.os0 = out->strides[0], a.os1 = out->strides[1], a.os2 = out->strides[2];
-    a.k_cache = k_cache->data;
-    a.v_cache = v_cache->data;
-    a.cu = (const char *)cu_seqlens_q->data;
-    a.ctx = (const char *)context_lens->data;
-    a.bt = (const char *)block_tables->data;
-    a.cu_dtype = cu_seqlens_q->dtype;
-    a.ctx_dtype = context_lens->dtype;
-    a.bt_dtype = block_tables->dtype;
-    a.cu_stride = cu_seqlens_q->strides[0];
-    a.ctx_stride = context_lens->strides[0];
-    a.bt_s0 = block_tables->strides[0];
-    a.bt_s1 = block_tables->strides[1];
     a.S = (int)S, a.Hq = (int)Hq, a.Hkv = (int)Hkv, a.G = (int)G, a.D = (int)D, a.block_size = (int)bs;
-    a.T = T, a.num_blocks = k_cache->shape[0], a.max_blocks = max_blocks;
-    if (!(a.err = to_cuda_error_word(dev)))
-        return TO_ERR_CUDA;
-    a.qscale = (float)scale * kLog2e;
     a.nsplit_max = (int)nsplit_max;
-    const int64_t esz = to_dtype_size(k_cache->dtype);
-    a.vec = (D * esz) % 16 == 0 && (uintptr_t)k_cache->data % 16 == 0 && (uintptr_t)v_cache->data % 16 == 0;
     a.seq_info = (int4 *)ws;
     a.total = (int *)((char *)ws + total_off);
     a.slots = (int2 *)((char *)ws + slots_off);
     a.n_slots = (int)n_slots;
     a.part = (float *)((char *)ws + part_off);
 
-    plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
+    int status = launched(to_launch(plan_kernel, dim3(1), dim3(kPlanThreads), 0, stream, a), "to_paged_attention");
     dim3 grid((unsigned)tile_bound, (unsigned)Hkv);
-    int status = D <= 64 ? launch_attn_dtype<64>(a, k_cache->dtype, grid, stream)
+    if (status == TO_OK)
+        status = D <= 64 ? launch_attn_dtype<64>(a, k_cache->dtype, grid, stream)
                : D <= 128 ? launch_attn_dtype<128>(a, k_cache->dtype, grid, stream)
                           : launch_attn_dtype<256>(a, k_cache->dtype, grid, stream);
     if (status == TO_OK && n_slots > 0)
-        merge_kernel<<<dim3((unsigned)n_slots, (unsigned)Hq), 32, 0, stream>>>(a);
+        status = launched(to_launch(merge_kernel, dim3((unsigned)n_slots, (unsigned)Hq), dim3(32), 0, stream, a),
+                          "to_paged_attention");
     // back to the cache: the next user of this block is ordered after these kernels on the stream
     to_cuda_free(dev, ws);
     TO_TRY(status);

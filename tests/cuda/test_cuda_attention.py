@@ -87,25 +87,24 @@ class Batch:
     def reference(self):
         """(ref, tol before the out rounding), float64 [T, Hq, D]."""
         T, Hq, D = self.q64.shape
-        G = self.Hq // self.Hkv
+        Hkv, G = self.Hkv, self.Hq // self.Hkv
         ref, tol = torch.zeros(T, Hq, D, dtype=torch.float64), torch.zeros(T, Hq, D, dtype=torch.float64)
         for s, (n, L) in enumerate(self.seqs):
             if n == 0:
                 continue
             pos = torch.arange(L)
             blocks, rows = self.bt[s][pos // self.bs], pos % self.bs
-            K = self.kc64[blocks, rows].repeat_interleave(G, 1)  # [L, Hq, D]
-            V = self.vc64[blocks, rows].repeat_interleave(G, 1)
-            Q = self.q64[self.cu[s]:self.cu[s + 1]]  # [n, Hq, D]
-            hidden = pos[None, :] > torch.arange(L - n, L)[:, None]  # [n, L]: key past the query
-            scores = torch.einsum("nhd,lhd->nhl", Q, K) * self.scale
-            w = scores.masked_fill(hidden[:, None, :], float("-inf")).softmax(-1)
-            absdot = (torch.einsum("nhd,lhd->nhl", Q.abs(), K.abs()) * abs(self.scale)).masked_fill(
-                hidden[:, None, :], 0)
+            K = self.kc64[blocks, rows]  # [L, Hkv, D]; query head k * G + g reads kv head k
+            V = self.vc64[blocks, rows]
+            Q = self.q64[self.cu[s]:self.cu[s + 1]].reshape(n, Hkv, G, D)
+            hidden = (pos[None, :] > torch.arange(L - n, L)[:, None])[:, None, None, :]  # key past the query
+            scores = torch.einsum("nkgd,lkd->nkgl", Q, K) * self.scale
+            w = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+            absdot = (torch.einsum("nkgd,lkd->nkgl", Q.abs(), K.abs()) * abs(self.scale)).masked_fill(hidden, 0)
             e_s = (D + 2) * U32 * absdot.amax(-1, keepdim=True)
-            mag = torch.einsum("nhl,lhd->nhd", w, V.abs())
-            ref[self.cu[s]:self.cu[s + 1]] = torch.einsum("nhl,lhd->nhd", w, V)
-            tol[self.cu[s]:self.cu[s + 1]] = (2 * e_s + (2 * L + 120) * U32) * mag
+            mag = torch.einsum("nkgl,lkd->nkgd", w, V.abs())
+            ref[self.cu[s]:self.cu[s + 1]] = torch.einsum("nkgl,lkd->nkgd", w, V).reshape(n, Hq, D)
+            tol[self.cu[s]:self.cu[s + 1]] = ((2 * e_s + (2 * L + 120) * U32) * mag).reshape(n, Hq, D)
         return ref, tol
 
     def check(self, out, against_cpu=True):
@@ -156,6 +155,164 @@ def test_decode_large_batch(gen):
     lens = [int(x) for x in torch.randint(1, 400, (300,), generator=gen)]
     b = Batch(gen, [(1, L) for L in lens], 8, 2, 128, 16, cache_dtype=ip.bfloat16, q_dtype=ip.bfloat16)
     b.check(b.run(), against_cpu=False)
+
+
+# ======================================================== paged_attention: the decode path
+# A batch with no more query rows than sequences (T <= S: decode steps) takes decode_kernel: a block
+# per (sequence, kv head, key segment) holding the whole GQA group. The host picks, from shapes
+# alone (the H200 has 132 multiprocessors, 3 blocks each for G <= 4): S * Hkv <= 198 -> the context
+# is cut into segments and decode_merge_kernel combines them ("split"); else S > 64 -> one segment,
+# still merged ("many"); else every block writes its own rows after checking the whole batch
+# ("direct"). The cases below reach all three; each is checked against the float64 oracle and
+# against our CPU op.
+
+DECODE_S = {1: 2, 3: 4, 32: 8}  # S -> Hkv: split, split, direct
+
+
+def decode_lens(gen, S):
+    """Contexts of very different lengths: short ones, the 32-key segment edges, long ones cut into
+    many segments longer than the shortest."""
+    if S == 1:
+        return [int(torch.randint(3000, 5001, (1,), generator=gen))]
+    if S == 3:
+        return [1, 700, 5000]
+    lens = [int(x) for x in torch.randint(1, 400, (S,), generator=gen)]
+    lens[:6] = [1, 31, 32, 33, 2113, 4999]
+    return lens
+
+
+@pytest.mark.parametrize("S", sorted(DECODE_S))
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_path(gen, S, G, D):
+    """One query per sequence, every GQA ratio and both common head sizes; block size, cache dtype
+    and q dtype vary with the case (every combination of them appears across the cases)."""
+    i = sorted(DECODE_S).index(S) + [1, 2, 4, 8].index(G) + D // 64
+    bs = (1, 16, 32)[i % 3]
+    cache_dtype, q_dtype = FLOAT_DTYPES[(i // 3) % 3], FLOAT_DTYPES[(i + 1) % 3]
+    Hkv = DECODE_S[S]
+    b = Batch(gen, [(1, L) for L in decode_lens(gen, S)], Hkv * G, Hkv, D, bs,
+              cache_dtype=cache_dtype, q_dtype=q_dtype)
+    out = b.run()
+    assert out.dtype == q_dtype
+    b.check(out)
+
+
+@pytest.mark.parametrize("L", [1, 31, 32, 33, 127, 128, 129, 1568, 1569, 8191])
+def test_decode_segment_edges(gen, L):
+    """Batch of one (on the H200: 49 segments of at least 32 keys for 8 kv heads): contexts at the
+    edges of a segment, of a 128-key run of table lookups, and of the shortest segments covering
+    it all (1568 = 49 * 32: one more key makes every segment 64 long, and the table entries the
+    blocks load before they know the length are the wrong ones)."""
+    b = Batch(gen, [(1, L)], 16, 8, 128, 16, cache_dtype=ip.bfloat16, q_dtype=ip.bfloat16)
+    b.check(b.run())
+
+
+@pytest.mark.parametrize("Hq,Hkv,D", [(32, 2, 128), (9, 3, 64), (4, 4, 64)], ids=["g16", "g3", "g1"])
+def test_decode_path_several_queries(gen, Hq, Hkv, D):
+    """T <= S does not mean one query each: sequences without queries and some with several (the
+    rows of a block are then done in passes, each query seeing its own causal prefix); G = 16 needs
+    two passes per query."""
+    seqs = [(0, 10), (3, 200), (0, 7), (1, 1), (0, 0), (2, 3000), (0, 64)]
+    b = Batch(gen, seqs, Hq, Hkv, D, 16, cache_dtype=ip.bfloat16)
+    b.check(b.run())
+
+
+@pytest.mark.parametrize("D", [8, 36, 40, 80, 96, 256])
+@pytest.mark.parametrize("cache_dtype", [ip.float32, ip.bfloat16], ids=NAMES.get)
+def test_decode_path_head_sizes(gen, D, cache_dtype):
+    """Head sizes padded inside 64/128/256, rows that are no whole 16-byte pieces (36 bf16: loaded
+    element by element), and 256 (two 16-byte pieces per lane for f32)."""
+    b = Batch(gen, [(1, 50), (1, 700), (1, 3)], 8, 2, D, 16, cache_dtype=cache_dtype)
+    b.check(b.run())
+
+
+@pytest.mark.parametrize("kind", ["q_head_slice", "q_transposed", "out_strided", "out_f32"])
+def test_decode_path_layouts(gen, kind):
+    """As test_layouts, on the decode path."""
+    b = Batch(gen, [(1, 9), (1, 300), (1, 30)], 8, 2, 64, 16, q_dtype=ip.bfloat16)
+    T, Hq, D = b.q64.shape
+    q_host, q, out = b.host[0], None, None
+    if kind == "q_head_slice":
+        qkv = ip.Tensor.zeros(T, 2 * Hq, D, dtype=ip.bfloat16)
+        qkv[:, :Hq, :] = q_host
+        q = qkv.to("cuda")[:, :Hq, :]
+    elif kind == "q_transposed":
+        q = q_host.to("cuda").transpose(1, 2).contiguous().transpose(1, 2)
+    elif kind == "out_strided":
+        out = ip.Tensor.zeros(T, Hq, 2 * D, dtype=ip.bfloat16, device="cuda")[:, :, ::2]
+    else:
+        out = ip.Tensor.zeros(T, Hq, D, dtype=ip.float32, device="cuda")
+    got = b.run(q=q, out=out)
+    b.check(got, against_cpu=kind != "out_f32")
+
+
+def test_decode_path_deterministic(gen):
+    """Same bits twice: segments merged in order, groups combined in order, no atomics."""
+    for seqs, Hkv in (([(1, 3000)], 4), ([(1, L) for L in range(100, 4100, 100)], 8)):
+        b = Batch(gen, seqs, 4 * Hkv, Hkv, 128, 16, cache_dtype=ip.bfloat16)
+        assert torch.equal(to_torch(b.run()), to_torch(b.run()))
+
+
+@pytest.mark.parametrize("mode,S,Hkv", [("split", 3, 2), ("direct", 40, 8), ("many", 70, 4)])
+@pytest.mark.parametrize("field,message", [
+    ("block", "block_tables holds a block outside"),
+    ("short", "context_lens is less than its queries"),
+    ("long", "context_lens needs more blocks than block_tables has"),
+    ("cu", "cu_seqlens_q is not non-decreasing from 0 to T"),
+])
+def test_decode_path_bad_batch_writes_nothing(gen, mode, S, Hkv, field, message):
+    """Bad metadata on the decode path: reported as before (the lowest bad sequence, at the next
+    synchronisation), and not one row of out written, in each of the three modes; the GPU works on."""
+    b = Batch(gen, [(1, 50 + 7 * s) for s in range(S)], 2 * Hkv, Hkv, 64, 16)
+    q, kc, vc = b.dev[:3]
+    cu, ctx, bt = b.cu.clone(), b.ctx.clone(), b.bt.clone()
+    bad = S // 2
+    if field == "block":
+        bt[bad, 1] = kc.shape[0]
+        bt[S - 1, 0] = -1  # a later bad sequence: not the one named
+    elif field == "short":
+        ctx[bad] = 0
+        ctx[S - 1] = 0
+    elif field == "long":
+        ctx[bad] = bt.shape[1] * b.bs + 1
+    else:
+        cu[bad + 1] = cu[bad] - 1
+    out = from_torch(torch.full(tuple(b.q64.shape), 7.0), "cuda")
+    ops.paged_attention(q, kc, vc, from_torch(cu, "cuda"), from_torch(ctx, "cuda"), from_torch(bt, "cuda"),
+                        b.scale, out=out)
+    with pytest.raises(ip.BoundsError, match=f"to_paged_attention: sequence {bad}: {message}"):
+        out.cpu()
+    assert torch.equal(to_torch(out), torch.full(tuple(b.q64.shape), 7.0))
+    b.check(b.run(), against_cpu=False)
+
+
+def test_decode_path_in_cuda_graph(gen):
+    """Recorded once in a CUDA graph, replayed with other context lengths and block tables of the
+    same shapes (as the engine does with a table as wide as the longest context it allows): what
+    the host decided from shapes holds for any values, and the workspace stays the graph's."""
+    from inference_pio.graph import CudaGraph
+
+    S, Hq, Hkv, D, bs, width = 3, 16, 8, 128, 16, 320
+    nb = S * width
+    kc = torch.randn(nb, bs, Hkv, D, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+    vc = torch.randn(nb, bs, Hkv, D, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+    q = torch.randn(S, Hq, D, generator=gen, dtype=torch.float64).float()
+    cu = torch.arange(S + 1, dtype=torch.int32)
+    host = [from_torch(t) for t in (q, kc, vc, cu)]
+    dev = [t.to("cuda") for t in host]
+    ctx_d = from_torch(torch.ones(S, dtype=torch.int32), "cuda")
+    bt_d = from_torch(torch.zeros(S, width, dtype=torch.int32), "cuda")
+
+    graph = CudaGraph.capture(lambda: ops.paged_attention(*dev, ctx_d, bt_d, 1 / math.sqrt(D)))
+    for lens in ([5, 300, 1], [5000, 2, 700], [33, 1056, 1057], [1, 1, 1]):
+        ctx = torch.tensor(lens, dtype=torch.int32)
+        bt = torch.randperm(nb, generator=gen)[:S * width].reshape(S, width).to(torch.int32)
+        ctx_d.copy_(from_torch(ctx))
+        bt_d.copy_(from_torch(bt))
+        got = to_torch(graph.replay().cpu()).double()
+        want = to_torch(ops.paged_attention(*host, from_torch(ctx), from_torch(bt), 1 / math.sqrt(D))).double()
+        assert_within(got, want, 1e-5 + 1e-5 * want.abs())
 
 
 # ===================================================================== paged_attention: prefill
