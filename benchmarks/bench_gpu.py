@@ -19,8 +19,9 @@ What is measured and how
   * Quantized decode: the same checkpoint quantized on load to q8_0 and q4_k (on the CPU, then
     copied), beside each one's own roofline.
   * transformers: the same checkpoint, bf16, eager attention, generate(min_new_tokens=new) with
-    its dynamic cache; with --compile also cache_implementation="static", with which generate
-    compiles the forward itself (slow to compile).
+    its dynamic cache, batch 1 and (eager only) the same 32 prompts at once; with --compile also
+    cache_implementation="static", with which generate compiles the forward itself (slow to
+    compile).
   * GEMM: ops.matmul at prefill shapes (M = 2048) in bf16 beside torch.matmul, TFLOP/s.
 """
 import argparse
@@ -136,9 +137,18 @@ def run_transformers(folder, new, compiled):
         stamps = _Stamps()
         model.generate(ids, streamer=stamps, **kw)
     t = stamps.times  # t[0]: the prompt, t[1]: the first new token, ..., t[-1]: the last
+    out = {"decode_tok_s": (len(t) - 2) / (t[-1] - t[1])}
+    if not compiled:  # batch 32: the same 32 prompts as ours, generated tokens per second
+        batch = torch.tensor([prompt(PROMPT, seed) for seed in range(32)], device="cuda")
+        with torch.inference_mode():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            gen = model.generate(batch, attention_mask=torch.ones_like(batch), **kw)
+            torch.cuda.synchronize()
+        out["batch32_tok_s"] = (gen.shape[1] - PROMPT) * 32 / (time.perf_counter() - t0)
     del model
     torch.cuda.empty_cache()
-    return {"decode_tok_s": (len(t) - 2) / (t[-1] - t[1])}
+    return out
 
 
 def bench_gemm(shapes):
@@ -212,11 +222,14 @@ def main():
             key = "transformers_compiled" if compiled else "transformers_eager"
             try:
                 r[key] = run_transformers(folder, args.new, compiled)
-                print(f"Qwen3-{name} {key}: decode {r[key]['decode_tok_s']:.0f} tok/s", flush=True)
+                extra = f", batch 32 {r[key]['batch32_tok_s']:.0f} tok/s" if "batch32_tok_s" in r[key] else ""
+                print(f"Qwen3-{name} {key}: decode {r[key]['decode_tok_s']:.0f} tok/s{extra}", flush=True)
             except Exception as e:
                 print(f"{name} {key} failed: {e}", flush=True)
     if not args.no_gemm:
-        res["gemm"] = bench_gemm([(2048, 3072, 1024), (2048, 1024, 3072), (2048, 9728, 2560), (2048, 2560, 9728)])
+        res["gemm"] = bench_gemm([(2048, 4096, 1024), (2048, 1024, 2048), (2048, 6144, 1024), (2048, 1024, 3072),
+                              (2048, 6144, 2560), (2048, 2560, 4096), (2048, 19456, 2560), (2048, 2560, 9728),
+                              (2048, 151936, 1024)])
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 
