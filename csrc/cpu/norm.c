@@ -37,6 +37,10 @@ TO_TARGET_AVX2 static double sumsq_avx2(const float *v, int64_t n) {
     return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + sumsq_scalar(v + i, n - i);
 }
 
+double to_cpu_sumsq(const float *v, int64_t n, int avx2) {
+    return avx2 ? sumsq_avx2(v, n) : sumsq_scalar(v, n);
+}
+
 /* o = (v * rinv) * w: two f32 roundings, in this order on both paths (HF multiplies x by the
  * rsqrt first, then by the weight) */
 static void scale_scalar(float *o, const float *v, const float *w, float rinv, int64_t n) {
@@ -89,7 +93,7 @@ static void norm_rows(void *arg, int64_t begin, int64_t end) {
             } else {
                 to_load_f32(fv, xr + i * sx * xsz, x->dtype, c, sx);
             }
-            ss += job->avx2 ? sumsq_avx2(fv, c) : sumsq_scalar(fv, c);
+            ss += to_cpu_sumsq(fv, c, job->avx2);
         }
         float rinv = (float)(1.0 / sqrt(ss / (double)d + job->eps));
 

@@ -16,6 +16,10 @@
 int to_cpu_rms_norm(const to_tensor *out, const to_tensor *residual, const to_tensor *x,
                     const to_tensor *weight, double eps);
 
+/* sum of v[i]^2 in double, in the order every CPU norm uses (to_rms_norm_rope too, so the two
+ * give the same rinv): avx2 selects the vector path, whose order differs from the scalar one. */
+double to_cpu_sumsq(const float *v, int64_t n, int avx2);
+
 #pragma GCC visibility pop
 
 #endif

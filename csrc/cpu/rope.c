@@ -24,6 +24,7 @@
  * bit for bit, on either SIMD path.
  */
 #include "cpu/rope.h"
+#include "cpu/norm.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -74,29 +75,6 @@ TO_TARGET_AVX2 static void rotate_avx2(float *o, const float *v, const float *c,
     rotate_scalar(o, v, c, s, half, interleaved, i);
 }
 
-/* The sum of squares exactly as csrc/cpu/norm.c's sumsq_scalar / sumsq_avx2 (copies: the fused
- * op must add in the same order to give to_rms_norm's bits). */
-static double sumsq_scalar(const float *v, int64_t n) {
-    double s = 0.0;
-    for (int64_t i = 0; i < n; i++)
-        s += (double)v[i] * v[i];
-    return s;
-}
-
-TO_TARGET_AVX2 static double sumsq_avx2(const float *v, int64_t n) {
-    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(v + i);
-        __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
-        s0 = _mm256_fmadd_pd(lo, lo, s0); /* the square is exact in double, so FMA changes nothing */
-        s1 = _mm256_fmadd_pd(hi, hi, s1);
-    }
-    double lanes[4];
-    _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
-    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + sumsq_scalar(v + i, n - i);
-}
-
 /* v = (v * rinv) * w: two f32 roundings per element, the same bits on both paths */
 static void scale_scalar(float *v, const float *w, float rinv, int64_t n) {
     for (int64_t i = 0; i < n; i++)
@@ -116,7 +94,7 @@ static void rms_normalize(float *v, const float *w, int64_t d, double eps, int a
     double ss = 0.0;
     for (int64_t i = 0; i < d; i += CHUNK) {
         int64_t c = d - i < CHUNK ? d - i : CHUNK;
-        ss += avx2 ? sumsq_avx2(v + i, c) : sumsq_scalar(v + i, c);
+        ss += to_cpu_sumsq(v + i, c, avx2);
     }
     float rinv = (float)(1.0 / sqrt(ss / (double)d + eps));
     if (avx2)
