@@ -60,7 +60,9 @@ test-gpu:
 # The GPU benchmarks (BENCHMARKS.md, CUDA section), on the same machine.
 bench-gpu:
 	$(INSTALL_GPU)
-	$(PYTHON) benchmarks/bench_gpu.py --json $(or $(OUT),.)/gpu.json
+	$(PYTHON) benchmarks/bench_gpu_kernels.py --model 0.6b
+	$(PYTHON) benchmarks/bench_gpu_kernels.py --model 4b
+	$(PYTHON) benchmarks/bench_gpu.py --compile --json $(or $(OUT),.)/gpu.json
 
 bench: install-test
 	$(PYTHON) benchmarks/bench_kernels.py --threads 2 --json benchmarks/results/kernels-cpu.json
