@@ -102,8 +102,14 @@ unsigned long long *to_cuda_error_word(int device_index) {
 // Copies between pageable host memory and a GPU go through a pinned staging buffer per GPU, in
 // chunks: a copy from or to pageable memory cost ~0.4 ms of host time each on the lent H200's
 // sandbox (a decode step makes several), and large transfers run at pinned speed.
+// Copies to the GPU do not wait: the source is in the staging buffer when the call returns, and
+// the GPU reads it in stream order. The buffer is filled front to back (staging_used[] bytes
+// are in flight) and only when the next chunk does not fit is the stream waited for and the
+// buffer started again, so a decode step's handful of small uploads costs no synchronisation.
+// A copy to the host waits (its caller reads the result), after which nothing is in flight.
 constexpr size_t kStagingBytes = 8u << 20;
 char *staging[kMaxDevices];
+size_t staging_used[kMaxDevices];
 std::mutex staging_lock; // one copy through a GPU's buffer at a time
 
 static cudaError_t copy_through_staging(int device_index, cudaStream_t stream, void *dst, const void *src,
@@ -115,21 +121,34 @@ static cudaError_t copy_through_staging(int device_index, cudaStream_t stream, v
             staging[device_index] = nullptr;
             return err;
         }
+        staging_used[device_index] = 0;
     }
-    char *stage = staging[device_index];
+    size_t &used = staging_used[device_index];
     for (int64_t off = 0; off < nbytes; off += (int64_t)kStagingBytes) {
         size_t n = (size_t)(nbytes - off < (int64_t)kStagingBytes ? nbytes - off : (int64_t)kStagingBytes);
+        size_t at = (used + 15) / 16 * 16;
+        if (!to_device || at + n > kStagingBytes) { // reuse from the start once the GPU is done with it
+            cudaError_t err = cudaStreamSynchronize(stream);
+            if (err != cudaSuccess)
+                return err;
+            at = 0;
+        }
+        char *stage = staging[device_index] + at;
         if (to_device)
             memcpy(stage, (const char *)src + off, n);
         cudaError_t err = cudaMemcpyAsync(to_device ? (char *)dst + off : stage,
                                           to_device ? stage : (const char *)src + off, n,
                                           to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost, stream);
-        if (err == cudaSuccess)
+        if (err == cudaSuccess && !to_device)
             err = cudaStreamSynchronize(stream);
         if (err != cudaSuccess)
             return err;
-        if (!to_device)
+        if (to_device) {
+            used = at + n;
+        } else {
             memcpy((char *)dst + off, stage, n);
+            used = 0;
+        }
     }
     return cudaSuccess;
 }
@@ -263,8 +282,9 @@ int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes,
     TO_TRY(check_device(device_index, "to_copy"));
     if (kind < 0 || kind > 2)
         return to_fail(TO_ERR_INVALID_ARGUMENT, "to_copy: bad copy kind %d", kind);
-    // On the GPU's stream, after the kernels queued there, and finished before returning: the
-    // host buffer may be reused (or read) as soon as we return.
+    // On the GPU's stream, after the kernels queued there. The host buffer may be reused (or
+    // read) as soon as we return: a copy to the host has finished, one from it sits in the
+    // staging buffer until the GPU takes it.
     cudaStream_t stream = to_cuda_stream(device_index);
     if (!stream)
         return TO_ERR_CUDA;
