@@ -10,9 +10,11 @@
 // synchronise, and these ops are recorded into CUDA graphs), so every launch size comes from the
 // shapes. Two paths, chosen by shapes alone:
 //
-//  - decode (T <= S: no more query rows than sequences, as in a decode step): decode_kernel, one
-//    block per (sequence, kv head, key segment), no planning kernel; decode_merge_kernel after it
-//    only when segments must be combined. See "decode path" below.
+//  - decode (T <= S: no more query rows than sequences, as in a decode step): decode_kernel alone,
+//    one block per (sequence, kv head, key segment), no planning kernel and no merge kernel: when
+//    segments must be combined, the last segment of each (sequence, kv head) to finish combines
+//    them ("last block done": per-pair arrival counters that every launch leaves at zero, and a
+//    batch verdict from one checking block). See "decode path" below.
 //  - general (anything else: prefill, chunked prefill, mixed batches, multi-query steps): a tiny
 //    planning kernel turns the values into a work list on the device, then:
 //
@@ -35,7 +37,9 @@
 // The planning data and the partials live in one workspace from the caching allocator, freed
 // (returned to the cache) right after the launches: every op on this GPU runs on the one stream
 // (to_cuda_stream), so whoever gets the block next uses it only after these kernels are done (a
-// block freed while a graph is recorded stays reserved for that graph, device.cu).
+// block freed while a graph is recorded stays reserved for that graph, device.cu). The decode
+// path's arrival counters are the exception: one array per GPU that lives as long as the process
+// (decode_arrivals below).
 //
 // Every kernel is launched with to_launch (programmatic dependent launch, common.cuh): it calls
 // to_pdl_trigger() first, so the next kernel's blocks may become resident early, and
@@ -43,6 +47,8 @@
 #include "cuda/common.cuh"
 
 #include <math.h>
+
+#include <mutex>
 
 namespace {
 
@@ -137,9 +143,10 @@ struct AttnArgs {
                     // (decode path: [T][Hq][splits][D], acc only)
     // decode path (decode_kernel)
     int splits;     // key segments per (sequence, kv head): blocks in the grid
-    int merge;      // 1: segments write partials, checked and combined by decode_merge_kernel
+    int merge;      // 1: segments write partials; the last of each pair merges them, if the batch is good
     float2 *ml;     // [T][Hq][splits]: each segment's (m, l)
-    int *batch_ok;  // the checking block's verdict for decode_merge_kernel
+    int *batch_ok;  // the checking block's verdict (workspace: written before it is announced)
+    unsigned *arrivals; // [S][Hkv]: segments (and the checking block) done, zero between launches
 };
 
 // ---- planning ----
@@ -620,11 +627,27 @@ int launch_attn_dtype(const AttnArgs &a, int cache_dtype, dim3 grid, cudaStream_
 //    lengths, guessing the shortest segment: a short context costs three dependent trips to
 //    memory (lengths and entries, K/V, partials) before the merge.
 //  - checks: "a bad batch writes nothing" needs every sequence checked before any row of out
-//    is written. With one segment per sequence (and few sequences) every block checks the whole
-//    batch before it writes; otherwise the segments write partials (acc, m, l) to a workspace,
-//    one extra block (block 0) checks the batch, and decode_merge_kernel, which runs after them,
-//    writes out only if it passed. The error recorded is check_sequence's for the lowest bad
-//    sequence.
+//    is written. With one segment per sequence (and few sequences: "direct") every block checks
+//    the whole batch before it writes its rows of out. Otherwise ("merge") the segments write
+//    partials (acc, m, l) to a workspace, one extra block (block 0) checks the batch, and the
+//    partials are merged in the same launch, see below. The error recorded is check_sequence's
+//    for the lowest bad sequence, by the checking block alone.
+//  - merge, "last block done": a (sequence s, kv head g) pair has splits + 1 parties, its
+//    segments and the checking block, and one counter in a per-GPU array (decode_arrivals). A
+//    segment writes its partials, then (after a __threadfence, so that whoever sees its count sees
+//    them) adds 1; the checking block writes its verdict, then (after a fence) adds
+//    kCheckerArrived to every pair's counter. The segment that brings the count of segments to
+//    splits is the last one: after a fence it reads every segment's partials and merges them in
+//    segment order, the very arithmetic of the merge kernel this replaced (deterministic, and
+//    independent of which block happens to be last). It writes out only for a good batch: if the
+//    checking block has arrived, its verdict says; if not (it is still busy: a batch of many
+//    sequences), the merging block checks the batch itself (the same data, so the same answer)
+//    rather than wait for it, since a block that waits for another may wait for one never
+//    scheduled. (That costs a batch check in the blocks that finish first, where checking the
+//    batch takes longer than a segment: many sequences with short contexts.) Whichever party
+//    arrives last (the merging block or the checking block) sets the counter back to 0, so
+//    every launch, and every replay of a graph, starts from zero: no memset per launch, and the
+//    counters' array only needs zeroing once, when it is made.
 // Rows of one block beyond RMAX (a sequence with several queries, or G > 8) are done in passes of
 // RMAX rows, each walking the segment again: correct for any batch, fast for decode.
 
@@ -768,34 +791,28 @@ __device__ void report_bad_sequence(const AttnArgs &a, int s) {
         to_gpu_error(a.err, TO_GPU_ERR_BATCH, s, what, value);
 }
 
-// Grid: splits * Hkv * S blocks, block index ((s * Hkv + g) * splits + split), plus block 0 (the
-// batch check) in front when merging. DMAX: D rounded up to 64, 128 or 256; T: the cache
-// element; RMAX: query rows per pass (G rounded up to a power of two, at most 8).
+// What decode_segment tells the merge, in shared memory (nothing held in registers across it).
+struct SegmentRows {
+    int64_t first; // s's first query row
+    int rows;      // its rows that read kv head g (nq * G, maybe 0); -1: s's own lengths are wrong
+};
+
+// This block's segment (sequence s, kv head g, segment split, from blockIdx.x): with merging, its
+// partials (acc, m, l) for every row of s that reads g; otherwise, once the whole batch checked
+// good, those rows of out. Every thread of the block calls it; thread 0 fills *rows_out.
 template <int DMAX, typename T, int RMAX>
-__global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(AttnArgs a) {
+__device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sScan, int *sBad, SegmentRows *rows_out) {
     using Sh = DecodeShape<DMAX, T, RMAX>;
     constexpr int L = Sh::L, NC = Sh::NC, VEC = Sh::VEC, E = Sh::E, NG = Sh::NG, NK = Sh::NK;
     __shared__ int64_t sRow[2][kDecRun];             // cache rows of the current and next run
     __shared__ __align__(16) float sAcc[NG][RMAX][DMAX]; // the groups' acc, m and l at the end
     __shared__ float sM[NG][RMAX], sL[NG][RMAX], sRowL[RMAX];
-    __shared__ long long sScan[kDecThreads];
-    __shared__ int sBad;
-
-    to_pdl_trigger(); // the next kernel's blocks may take free SM room and prefetch its weights
     const int tid = threadIdx.x, li = tid % L, gi = tid / L;
+    const int G = a.G, D = a.D;
+    // (computed here, not in the kernel and passed in: that way ptxas spilled more registers
+    // in the cases held to 168 of them, G = 2 and 4)
     const int id = (int)blockIdx.x - a.merge; // the host keeps the grid below 2^31 blocks
     const int split = id % a.splits, g = id / a.splits % a.Hkv, s = id / a.splits / a.Hkv;
-    const int G = a.G, D = a.D;
-    to_pdl_wait(); // q, the cache and the batch are written by earlier work
-    if (id < 0) { // block 0 when merging: the batch check, its verdict for the merge
-        const int bad = find_bad_sequence(a, sScan, &sBad);
-        if (tid == 0) {
-            *a.batch_ok = bad < 0;
-            if (bad >= 0)
-                report_bad_sequence(a, bad);
-        }
-        return;
-    }
 
     // The first run's table entries, guessing the shortest segment (right whenever the context is
     // at most splits * kSegMin keys), loaded together with the sequence's lengths.
@@ -803,9 +820,12 @@ __global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(
     int64_t entry = table_entry(a, s, guess0 + tid);
     SeqMeta sm;
     int64_t value;
-    if (check_sequence_head(a, s, &sm, &value)) { // nothing of s may be read
+    const bool head_bad = check_sequence_head(a, s, &sm, &value) != 0;
+    if (tid == 0)
+        *rows_out = SegmentRows{sm.b, head_bad ? -1 : (int)((sm.e - sm.b) * G)};
+    if (head_bad) { // nothing of s may be read
         if (!a.merge) {
-            const int bad = find_bad_sequence(a, sScan, &sBad);
+            const int bad = find_bad_sequence(a, sScan, sBad);
             if (tid == 0 && bad >= 0)
                 report_bad_sequence(a, bad);
         }
@@ -814,9 +834,9 @@ __global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(
     const int64_t nq = sm.e - sm.b, len = sm.len, b = sm.b;
     if (nq == 0)
         return;
-    if (!a.merge && find_bad_sequence(a, sScan, &sBad) >= 0) {
+    if (!a.merge && find_bad_sequence(a, sScan, sBad) >= 0) {
         if (tid == 0)
-            report_bad_sequence(a, sBad);
+            report_bad_sequence(a, *sBad);
         return;
     }
 
@@ -1013,20 +1033,22 @@ __global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(
     }
 }
 
-// One warp per (query row t, q head h): out = sum_i w_i acc_i / sum_i w_i l_i over the segments,
-// w_i = 2^(m_i - max m), in segment order (deterministic). Empty segments (m = -inf) weigh 0 and
-// are not read; segment 0 holds key 0, so max m is finite. Writes nothing if the check failed.
-__global__ void __launch_bounds__(128) decode_merge_kernel(AttnArgs a) {
-    to_pdl_trigger();
-    to_pdl_wait(); // decode_kernel's partials and verdict
+// One warp, for query row t and q head h: out = sum_i w_i acc_i / sum_i w_i l_i over the
+// segments, w_i = 2^(m_i - max m), in segment order (deterministic). Empty segments (m = -inf)
+// weigh 0 and are not read; segment 0 holds key 0, so max m is finite. (The arithmetic of the
+// separate merge kernel this replaced, unchanged: the same bits.) The other segments' partials
+// were written by other blocks in this launch: read through L2 (__ldcg), after the acquiring
+// fence of the arrival. With `verdict` the checking block's verdict decides whether out is
+// written (loaded with the first partials, used only at the stores); without it the caller
+// knows the batch is good.
+__device__ __forceinline__ void merge_row(const AttnArgs &a, int64_t t, int64_t h, bool verdict) {
     const int lane = threadIdx.x % 32;
-    const int64_t pair = (int64_t)blockIdx.x * 4 + threadIdx.x / 32;
-    if (pair >= a.T * a.Hq || !*a.batch_ok)
-        return;
+    const bool ok = !verdict || *(volatile const int *)a.batch_ok;
+    const int64_t pair = t * a.Hq + h;
     const int ns = a.splits, D = a.D;
     const float2 *ml = a.ml + pair * ns;
     const float2 none = make_float2(-INFINITY, 0.0f);
-    const float2 x0 = lane < ns ? ml[lane] : none, x1 = lane + 32 < ns ? ml[lane + 32] : none;
+    const float2 x0 = lane < ns ? __ldcg(ml + lane) : none, x1 = lane + 32 < ns ? __ldcg(ml + lane + 32) : none;
     const float mx = to_warp_max(fmaxf(x0.x, x1.x));
     const float w0 = x0.x == -INFINITY ? 0.0f : exp2f(x0.x - mx);
     const float w1 = x1.x == -INFINITY ? 0.0f : exp2f(x1.x - mx);
@@ -1044,7 +1066,7 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(AttnArgs a) {
 #pragma unroll
             for (int c = 0; c < 8; c++) {
                 const int d = lane + 32 * c;
-                v[u][c] = w[u] != 0.0f && d < D ? part[(int64_t)i * D + d] : 0.0f;
+                v[u][c] = w[u] != 0.0f && d < D ? __ldcg(part + (int64_t)i * D + d) : 0.0f;
             }
         }
 #pragma unroll
@@ -1053,13 +1075,160 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(AttnArgs a) {
             for (int c = 0; c < 8; c++)
                 acc[c] += w[u] * v[u][c];
     }
-    const int64_t t = pair / a.Hq, h = pair % a.Hq;
+    if (!ok)
+        return; // a bad batch: nothing written
 #pragma unroll
     for (int c = 0; c < 8; c++) {
         const int d = lane + 32 * c;
         if (d < D)
             to_store(a.out, a.out_dtype, t * a.os0 + h * a.os1 + d * a.os2, acc[c] * inv);
     }
+}
+
+// Arrival counts (a.arrivals): a segment adds 1, the checking block kCheckerArrived; the low bits
+// count segments (at most kMaxSplits).
+constexpr unsigned kCheckerArrived = 1u << 16, kSegmentsArrived = kCheckerArrived - 1;
+
+// Block 0 when merging, once it has checked the whole batch (bad: its lowest bad sequence, or -1):
+// records the error, publishes the verdict, then arrives at every (sequence, kv head) pair. Where
+// it is the last party of a pair (every segment came before it: that pair's merging block checked
+// the batch itself), it sets the pair's counter back to 0.
+__device__ void announce_verdict(const AttnArgs &a, int bad) {
+    if (threadIdx.x == 0) {
+        *a.batch_ok = bad < 0;
+        if (bad >= 0)
+            report_bad_sequence(a, bad);
+    }
+    __syncthreads();
+    __threadfence(); // the verdict is visible to whoever sees one of the counts below
+    constexpr int U = 8; // arrivals in flight per thread (a batch of many sequences has many pairs)
+    const int pairs = a.S * a.Hkv; // the host keeps S * Hkv * splits below 2^31
+    for (int i0 = 0; i0 < pairs; i0 += kDecThreads * U) {
+        unsigned before[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = i0 + u * kDecThreads + (int)threadIdx.x;
+            before[u] = i < pairs ? atomicAdd(a.arrivals + i, kCheckerArrived) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = i0 + u * kDecThreads + (int)threadIdx.x;
+            if (i < pairs && (before[u] & kSegmentsArrived) == (unsigned)a.splits)
+                atomicExch(a.arrivals + i, 0u);
+        }
+    }
+}
+
+// Grid: splits * Hkv * S blocks, block index ((s * Hkv + g) * splits + split), plus block 0 (the
+// batch check) in front when merging. DMAX: D rounded up to 64, 128 or 256; T: the cache
+// element; RMAX: query rows per pass (G rounded up to a power of two, at most 8).
+template <int DMAX, typename T, int RMAX>
+__global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(AttnArgs a) {
+    __shared__ long long sScan[kDecThreads];
+    __shared__ int sBad;
+    __shared__ SegmentRows sRows;
+    __shared__ unsigned sBefore;
+    __shared__ int sPair;
+
+    to_pdl_trigger(); // the next kernel's blocks may take free SM room and prefetch its weights
+    const int tid = threadIdx.x;
+    to_pdl_wait(); // q, the cache and the batch are written by earlier work (and the counters
+                   // used by the launch before this one)
+    if (a.merge && blockIdx.x == 0) { // the checking block
+        announce_verdict(a, find_bad_sequence(a, sScan, &sBad));
+        return;
+    }
+    decode_segment<DMAX, T, RMAX>(a, sScan, &sBad, &sRows);
+    if (!a.merge)
+        return;
+
+    // This segment arrives (whatever it wrote, even nothing: every party of the pair must count).
+    // The pattern of cooperative groups' grid sync: a barrier, so that every thread's partials
+    // are written; a fence by the thread that counts (release); after the count, another fence
+    // (acquire) before the block reads what the others wrote. (What the merge needs is read from
+    // shared memory or recomputed: no register is held across decode_segment.)
+    __syncthreads();
+    if (tid == 0) {
+        const int pair = ((int)blockIdx.x - 1) / a.splits; // s * Hkv + g
+        unsigned *count = a.arrivals + pair;
+        __threadfence();
+        const unsigned before = atomicAdd(count, 1u);
+        if ((before & kSegmentsArrived) == (unsigned)a.splits - 1) { // the last segment
+            __threadfence();
+            if (before & kCheckerArrived) // and the last party: zero for the next launch
+                atomicExch(count, 0u);
+        }
+        sBefore = before;
+        sPair = pair;
+    }
+    __syncthreads();
+    if ((sBefore & kSegmentsArrived) != (unsigned)a.splits - 1 || sRows.rows <= 0)
+        return; // another segment merges; or s has no rows (< 0: s is bad, nothing is written)
+    // The checking block has not arrived yet (still checking a batch of many sequences): the same
+    // check here, rather than wait for it. Only the checking block records the error.
+    if (!(sBefore & kCheckerArrived) && find_bad_sequence(a, sScan, &sBad) >= 0)
+        return; // a bad batch: nothing written
+    const bool verdict = sBefore & kCheckerArrived;
+    const int rows = sRows.rows;
+    const int64_t b = sRows.first, g0 = (int64_t)(sPair % a.Hkv) * a.G; // first row, first q head
+    for (int r = tid / 32; r < rows; r += kDecThreads / 32)
+        merge_row(a, b + r / a.G, g0 + r % a.G, verdict);
+}
+
+// The arrival counters of merging decode launches on GPU `dev` (decode_kernel): at least n
+// unsigneds, all zero between launches. One array per GPU serves every launch, since they run one
+// after another on the GPU's stream (to_cuda_stream; a launch's blocks touch the counters only
+// after to_pdl_wait, so after the launch before has finished), and each launch leaves every
+// counter it used at zero. So the array only needs zeroing once, when it is made; it is never
+// freed, nor shrunk: a graph recorded with it keeps using it. When a launch needs more, a larger
+// one is made (the old one stays, for the graphs that use it).
+//
+// Made with cudaMalloc rather than to_cuda_alloc, and zeroed at once on a stream of its own, with
+// the host waiting: growing may happen while a graph is recorded (the engine records a decode
+// step without running it first), where a memset on the GPU's stream would only become a node of
+// the graph, run when the graph is (every replay, and not before the first one), so the launches
+// in between (eager ones, or other graphs' replays) would see whatever the memory held. Off the
+// GPU's stream, a block from the caching allocator could still be in use by work queued there
+// (blocks are handed back as soon as their kernels are queued); fresh memory is not. Recording is
+// relaxed (device.cu), and this thread is put in relaxed mode for the calls, so neither the
+// allocation nor the wait on the private stream breaks the recording.
+constexpr int kMaxGpus = 64;
+
+int decode_arrivals(int dev, int64_t n, unsigned **out) {
+    static std::mutex lock;
+    static unsigned *arrays[kMaxGpus];
+    static int64_t sizes[kMaxGpus];
+    static cudaStream_t zeroing[kMaxGpus];
+    if (dev < 0 || dev >= kMaxGpus)
+        return to_fail(TO_ERR_DEVICE, "to_paged_attention: no GPU with index %d", dev);
+    std::lock_guard<std::mutex> guard(lock);
+    if (sizes[dev] < n) {
+        int64_t grown = 2 * sizes[dev] > n ? 2 * sizes[dev] : n;
+        grown = grown > 4096 ? grown : 4096;
+        const size_t bytes = (size_t)grown * sizeof(unsigned);
+        cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+        cudaThreadExchangeStreamCaptureMode(&mode);
+        void *p = nullptr;
+        cudaError_t err = cudaMalloc(&p, bytes);
+        if (err == cudaSuccess && !zeroing[dev])
+            err = cudaStreamCreateWithFlags(&zeroing[dev], cudaStreamNonBlocking);
+        if (err == cudaSuccess)
+            err = cudaMemsetAsync(p, 0, bytes, zeroing[dev]);
+        if (err == cudaSuccess)
+            err = cudaStreamSynchronize(zeroing[dev]);
+        cudaThreadExchangeStreamCaptureMode(&mode);
+        if (err != cudaSuccess) { // (a block made before the failure is not freed: that could
+                                  // break a recording, for a few bytes)
+            cudaGetLastError();
+            return to_fail(err == cudaErrorMemoryAllocation ? TO_ERR_OUT_OF_MEMORY : TO_ERR_CUDA,
+                           "to_paged_attention: cannot make %lld arrival counters on cuda:%d: %s",
+                           (long long)grown, dev, cudaGetErrorString(err));
+        }
+        arrays[dev] = static_cast<unsigned *>(p);
+        sizes[dev] = grown;
+    }
+    *out = arrays[dev];
+    return TO_OK;
 }
 
 template <int DMAX, typename T>
@@ -1189,9 +1358,11 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
             a.S = (int)S, a.Hq = (int)Hq, a.Hkv = (int)Hkv, a.G = (int)G, a.D = (int)D, a.block_size = (int)bs;
             a.splits = (int)splits;
             a.merge = merge;
-            // workspace (merging only): acc [T][Hq][splits][D], (m, l) [T][Hq][splits], the verdict
+            // merging only: the arrival counters (S * Hkv, per GPU, kept), and a workspace of acc
+            // [T][Hq][splits][D], (m, l) [T][Hq][splits] and the verdict
             void *ws = nullptr;
             if (merge) {
+                TO_TRY(decode_arrivals(dev, S * Hkv, &a.arrivals));
                 const size_t n = (size_t)T * Hq * splits;
                 const size_t ml_off = (n * D * sizeof(float) + 15) / 16 * 16, ok_off = ml_off + n * sizeof(float2);
                 TO_TRY(to_cuda_alloc(dev, (int64_t)(ok_off + 16), &ws));
@@ -1202,10 +1373,7 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
             int status = D <= 64 ? launch_decode<64>(a, k_cache->dtype, (unsigned)blocks, stream)
                        : D <= 128 ? launch_decode<128>(a, k_cache->dtype, (unsigned)blocks, stream)
                                   : launch_decode<256>(a, k_cache->dtype, (unsigned)blocks, stream);
-            if (status == TO_OK && merge)
-                status = launched(to_launch(decode_merge_kernel, dim3((unsigned)to_ceil_div(T * Hq, 4)), dim3(128),
-                                            0, stream, a), "to_paged_attention");
-            // back to the cache: the next user of this block is ordered after these kernels on the
+            // back to the cache: the next user of this block is ordered after the kernel on the
             // stream (and one freed while a graph is recorded stays the graph's)
             if (ws)
                 to_cuda_free(dev, ws);

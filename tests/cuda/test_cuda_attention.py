@@ -39,15 +39,17 @@ NAMES = {ip.float32: "f32", ip.float16: "f16", ip.bfloat16: "bf16"}
 
 class Batch:
     """A paged cache and a batch of sequences seqs = [(queries, context), ...], on the host
-    (ours and float64 torch) and on the GPU."""
+    (ours and float64 torch) and on the GPU. block_tables has one padding column past the longest
+    context, or `width` columns if that is more (as the engine's, sized for the longest context
+    it allows: the decode path cuts as many segments as that could need)."""
 
     def __init__(self, gen, seqs, Hq, Hkv, D, bs, cache_dtype=ip.float32, q_dtype=ip.float32,
-                 index_dtype=torch.int64, spare=2, scale=None):
+                 index_dtype=torch.int64, spare=2, scale=None, width=0):
         self.seqs, self.Hq, self.Hkv, self.D, self.bs = seqs, Hq, Hkv, D, bs
         self.scale = 1.0 / math.sqrt(D) if scale is None else scale
         per_seq = [-(-L // bs) for _, L in seqs]
         num_blocks = sum(per_seq) + spare
-        max_blocks = max(per_seq, default=0) + 1
+        max_blocks = max(max(per_seq, default=0) + 1, width)
         perm = torch.randperm(num_blocks, generator=gen)  # shuffled, non-contiguous block tables
         bt = torch.full((len(seqs), max_blocks), -1, dtype=torch.int64)
         bt[:, -1] = 10 ** 6
@@ -137,7 +139,8 @@ def test_decode_batch(gen, cache_dtype, Hq, Hkv, D):
 
 @pytest.mark.parametrize("L", [1, 33, 128, 129, 1000, 4097])
 def test_decode_single_sequence(gen, L):
-    """Batch of one: the context split into as many segments as fill the GPU (merge kernel)."""
+    """Batch of one: the context split into as many segments as fill the GPU (merged by the last
+    segment to finish)."""
     b = Batch(gen, [(1, L)], 32, 8, 128, 16, cache_dtype=ip.bfloat16, q_dtype=ip.bfloat16)
     b.check(b.run())
 
@@ -161,10 +164,12 @@ def test_decode_large_batch(gen):
 # A batch with no more query rows than sequences (T <= S: decode steps) takes decode_kernel: a block
 # per (sequence, kv head, key segment) holding the whole GQA group. The host picks, from shapes
 # alone (the H200 has 132 multiprocessors, 3 blocks each for G <= 4): S * Hkv <= 198 -> the context
-# is cut into segments and decode_merge_kernel combines them ("split"); else S > 64 -> one segment,
-# still merged ("many"); else every block writes its own rows after checking the whole batch
-# ("direct"). The cases below reach all three; each is checked against the float64 oracle and
-# against our CPU op.
+# is cut into segments, and the last segment of each (sequence, kv head) to finish merges them, in
+# the same launch ("split"); else S > 64 -> one segment, still merged that way ("many"); else every
+# block writes its own rows after checking the whole batch ("direct"). Merging launches count
+# arrivals in counters that each launch must leave at zero: the tests that run one twice in a row,
+# or replay a graph, would see a counter left over. The cases below reach all three modes; each is
+# checked against the float64 oracle and against our CPU op.
 
 DECODE_S = {1: 2, 3: 4, 32: 8}  # S -> Hkv: split, split, direct
 
@@ -248,13 +253,14 @@ def test_decode_path_layouts(gen, kind):
 
 
 def test_decode_path_deterministic(gen):
-    """Same bits twice: segments merged in order, groups combined in order, no atomics."""
+    """Same bits twice: segments merged in order (whichever block is the last to finish), groups
+    combined in order."""
     for seqs, Hkv in (([(1, 3000)], 4), ([(1, L) for L in range(100, 4100, 100)], 8)):
         b = Batch(gen, seqs, 4 * Hkv, Hkv, 128, 16, cache_dtype=ip.bfloat16)
         assert torch.equal(to_torch(b.run()), to_torch(b.run()))
 
 
-@pytest.mark.parametrize("mode,S,Hkv", [("split", 3, 2), ("direct", 40, 8), ("many", 70, 4)])
+@pytest.mark.parametrize("mode,S,Hkv", [("split", 3, 2), ("direct", 40, 8), ("many", 70, 4), ("late", 1000, 1)])
 @pytest.mark.parametrize("field,message", [
     ("block", "block_tables holds a block outside"),
     ("short", "context_lens is less than its queries"),
@@ -263,8 +269,11 @@ def test_decode_path_deterministic(gen):
 ])
 def test_decode_path_bad_batch_writes_nothing(gen, mode, S, Hkv, field, message):
     """Bad metadata on the decode path: reported as before (the lowest bad sequence, at the next
-    synchronisation), and not one row of out written, in each of the three modes; the GPU works on."""
-    b = Batch(gen, [(1, 50 + 7 * s) for s in range(S)], 2 * Hkv, Hkv, 64, 16)
+    synchronisation), and not one row of out written, in each of the three modes, and in the
+    merging one where most segments finish before the checking block ("late": they check the
+    batch themselves); the GPU works on."""
+    length = (lambda s: 1 + (7 * s) % 40) if mode == "late" else (lambda s: 50 + 7 * s)
+    b = Batch(gen, [(1, length(s)) for s in range(S)], 2 * Hkv, Hkv, 64, 16)
     q, kc, vc = b.dev[:3]
     cu, ctx, bt = b.cu.clone(), b.ctx.clone(), b.bt.clone()
     bad = S // 2
@@ -285,6 +294,8 @@ def test_decode_path_bad_batch_writes_nothing(gen, mode, S, Hkv, field, message)
         out.cpu()
     assert torch.equal(to_torch(out), torch.full(tuple(b.q64.shape), 7.0))
     b.check(b.run(), against_cpu=False)
+    # and twice in a row (the bad launch left its counters at zero too)
+    b.check(b.run(), against_cpu=False)
 
 
 def test_decode_path_in_cuda_graph(gen):
@@ -304,15 +315,93 @@ def test_decode_path_in_cuda_graph(gen):
     ctx_d = from_torch(torch.ones(S, dtype=torch.int32), "cuda")
     bt_d = from_torch(torch.zeros(S, width, dtype=torch.int32), "cuda")
 
-    graph = CudaGraph.capture(lambda: ops.paged_attention(*dev, ctx_d, bt_d, 1 / math.sqrt(D)))
-    for lens in ([5, 300, 1], [5000, 2, 700], [33, 1056, 1057], [1, 1, 1]):
+    # two launches in the graph, back to back: the second starts from the counters the first left
+    graph = CudaGraph.capture(lambda: (ops.paged_attention(*dev, ctx_d, bt_d, 1 / math.sqrt(D)),
+                                       ops.paged_attention(*dev, ctx_d, bt_d, 1 / math.sqrt(D))))
+    for lens in ([5, 300, 1], [5000, 2, 700], [33, 1056, 1057], [1, 1, 1], [140, 141, 139]):
         ctx = torch.tensor(lens, dtype=torch.int32)
         bt = torch.randperm(nb, generator=gen)[:S * width].reshape(S, width).to(torch.int32)
         ctx_d.copy_(from_torch(ctx))
         bt_d.copy_(from_torch(bt))
-        got = to_torch(graph.replay().cpu()).double()
+        first, second = (to_torch(t.cpu()) for t in graph.replay())
         want = to_torch(ops.paged_attention(*host, from_torch(ctx), from_torch(bt), 1 / math.sqrt(D))).double()
-        assert_within(got, want, 1e-5 + 1e-5 * want.abs())
+        assert_within(first.double(), want, 1e-5 + 1e-5 * want.abs())
+        assert torch.equal(first, second)
+
+
+# The merging modes, each with a batch that lands there on the H200: "split" is Qwen3-0.6B's decode
+# step (batch 1, Hq 16, Hkv 8, D 128, bf16, a context of ~140: 49 segments, 5 of them used);
+# "many" has one segment per sequence; "late" has so many sequences with short contexts that the
+# checking block is still busy when most segments finish, so they check the batch themselves.
+MERGE_MODES = {
+    "split": dict(seqs=[(1, 141)], Hq=16, Hkv=8, D=128, width=256),
+    "split3": dict(seqs=[(1, 140), (1, 3000), (1, 7)], Hq=16, Hkv=8, D=128),
+    "many": dict(seqs=[(1, 20 + 13 * s) for s in range(70)], Hq=8, Hkv=4, D=64),
+    "late": dict(seqs=[(1, 1 + (7 * s) % 40) for s in range(1000)], Hq=2, Hkv=1, D=64),
+}
+
+
+def fill(t, value):
+    """Every element of the GPU tensor t set to value (through a host copy)."""
+    t.copy_(from_torch(torch.full(tuple(t.shape), value, dtype=TORCH_DTYPES[t.dtype])))
+
+
+@pytest.mark.parametrize("mode", sorted(MERGE_MODES))
+def test_decode_merge_repeats_bits(gen, mode):
+    """The same merging decode three times in a row (launches queued back to back, each into an
+    out filled with NaN), then recorded in a graph and replayed 3 times (out refilled with NaN
+    before each), then once more eagerly: the same bits every time, and right. Counters left
+    nonzero by one launch would leave the next one's rows unmerged (NaN) or merged too early."""
+    from inference_pio.graph import CudaGraph
+
+    m = MERGE_MODES[mode]
+    b = Batch(gen, m["seqs"], m["Hq"], m["Hkv"], m["D"], 16, cache_dtype=ip.bfloat16, q_dtype=ip.bfloat16,
+              width=m.get("width", 0))
+    q, kc, vc, cu, ctx, bt = b.dev
+    shape = tuple(b.q64.shape)
+    outs = [ip.Tensor.zeros(*shape, dtype=ip.bfloat16, device="cuda") for _ in range(3)]
+    for out in outs:
+        fill(out, float("nan"))
+    for out in outs:  # no synchronisation in between
+        ops.paged_attention(q, kc, vc, cu, ctx, bt, b.scale, out=out)
+    first = to_torch(outs[0].cpu())
+    for out in outs[1:]:
+        assert torch.equal(to_torch(out.cpu()), first)
+    b.check(outs[0], against_cpu=mode != "late")
+
+    graph_out = outs[1]
+    graph = CudaGraph.capture(lambda: ops.paged_attention(q, kc, vc, cu, ctx, bt, b.scale, out=graph_out))
+    for _ in range(3):
+        fill(graph_out, float("nan"))
+        graph.replay()
+        assert torch.equal(to_torch(graph_out.cpu()), first)
+    # and an eager launch after the replays
+    fill(outs[2], float("nan"))
+    ops.paged_attention(q, kc, vc, cu, ctx, bt, b.scale, out=outs[2])
+    assert torch.equal(to_torch(outs[2].cpu()), first)
+
+
+def test_decode_merge_counters_grow_while_recording(gen):
+    """A graph whose merging launch needs more arrival counters than any launch before it in this
+    process (600 sequences x 16 kv heads = 9600 pairs; the first array holds 4096): they are made
+    while the graph is recorded, zeroed at once (not by a node of the graph), and every replay,
+    and an eager launch after, gives the same, right bits."""
+    from inference_pio.graph import CudaGraph
+
+    lens = [int(x) for x in torch.randint(1, 31, (600,), generator=gen)]
+    b = Batch(gen, [(1, L) for L in lens], 16, 16, 16, 32)
+    q, kc, vc, cu, ctx, bt = b.dev
+    out = ip.Tensor.zeros(*tuple(b.q64.shape), dtype=ip.float32, device="cuda")
+    graph = CudaGraph.capture(lambda: ops.paged_attention(q, kc, vc, cu, ctx, bt, b.scale, out=out))
+    results = []
+    for _ in range(3):
+        fill(out, float("nan"))
+        graph.replay()
+        results.append(to_torch(out.cpu()))
+    b.check(out)
+    eager = b.run()
+    for r in results:
+        assert torch.equal(r, to_torch(eager))
 
 
 # ===================================================================== paged_attention: prefill
