@@ -122,6 +122,14 @@ __device__ __forceinline__ int64_t to_load_index_dev(const char *base, int dtype
 
 // ---- reductions ----
 
+// silu(z) = z / (1 + e^-z) with e = e^-|z| <= 1 so no step overflows (the CPU's formula):
+// z >= 0: z / (1 + e);  z < 0: z e / (1 + e). NaN for NaN and for z = -inf (-inf * 0).
+__device__ __forceinline__ float to_silu(float z) {
+    float e = expf(-fabsf(z));
+    float num = z >= 0.0f ? z : __fmul_rn(z, e);
+    return __fdiv_rn(num, __fadd_rn(1.0f, e));
+}
+
 __device__ __forceinline__ float to_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1)
         v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -59,10 +59,12 @@ int to_cuda_topk(const to_tensor *values, const to_tensor *indices, const to_ten
 /* ---- matmul.cu ---- */
 /* out[M, N] = x[M, K] . w[N, K]^T (+ bias), w float (f32/f16/bf16) or block-quantized (Q8_0,
  * Q4_0, Q4_1, Q4_K, Q6_K; the X8 layouts are CPU-only and never reach here), f32 accumulation. */
+enum { TO_MM_STORE = 0, TO_MM_ADD = 1, TO_MM_SWIGLU = 2 };
 int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias,
-                   const to_tensor *norm_weight, double eps, int accumulate);
+                   const to_tensor *norm_weight, double eps, int epilogue);
 /* With norm_weight (not NULL): x's rows are first normalised as to_rms_norm does (to_rms_norm_matmul).
- * accumulate: out += the product instead of out = (to_matmul_add). */
+ * epilogue: TO_MM_STORE out = the product; TO_MM_ADD out += it (to_matmul_add); TO_MM_SWIGLU
+ * (w's rows interleave gate and up, out is [M, N / 2]) out = silu(gate) * up (to_rms_norm_swiglu). */
 
 /* ---- attention.cu ---- */
 int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,

@@ -20,14 +20,6 @@ constexpr int64_t kMaxBlocks = 1 << 16; // grid-stride loops cover the rest
 
 int blocks_for(int64_t n) { return (int)(to_ceil_div(n, kThreads) < kMaxBlocks ? to_ceil_div(n, kThreads) : kMaxBlocks); }
 
-// silu(z) = z / (1 + e^-z) with e = e^-|z| <= 1 so no step overflows (the CPU's formula):
-// z >= 0: z / (1 + e);  z < 0: z e / (1 + e). NaN for NaN and for z = -inf (-inf * 0).
-__device__ __forceinline__ float silu(float z) {
-    float e = expf(-fabsf(z));
-    float num = z >= 0.0f ? z : __fmul_rn(z, e);
-    return __fdiv_rn(num, __fadd_rn(1.0f, e));
-}
-
 // ---- add / mul / scale / silu_mul ----
 
 // b.data is NULL for scale. The op switch depends only on arguments: every thread takes the same
@@ -42,7 +34,7 @@ __global__ void elementwise_kernel(TensorView out, TensorView a, TensorView b, i
         float r;
         switch (op) {
         case TO_EW_ADD: r = __fadd_rn(x, y); break;
-        case TO_EW_SILU_MUL: r = __fmul_rn(silu(x), y); break;
+        case TO_EW_SILU_MUL: r = __fmul_rn(to_silu(x), y); break;
         default: r = __fmul_rn(x, y); break; // mul, scale
         }
         to_store(out.data, out.dtype, kContiguous ? i : to_offset(out, i), r);

@@ -277,17 +277,24 @@ static void launch_gemv_float(const MatmulArgs &a, bool aligned16, cudaStream_t 
 // multiple of the 16-byte vector, x f32 with unit stride and 16-byte aligned rows (the model's
 // activations). Differences from gemv_kernel above, all aimed at having as many weight bytes in
 // flight as early as possible, which is what a small GEMV's time is made of:
-//  - before waiting for the previous kernel, each warp asks the L2 to prefetch its row range
-//    (safe whatever that kernel writes: the L2 is coherent), so the DRAM latency overlaps the
-//    previous kernel's tail;
-//  - each lane keeps 2 x GV_GROUP 16-byte weight loads in flight (double-buffered groups);
+//  - before waiting for the previous kernel, each warp asks the L2 to prefetch its rows (safe
+//    whatever that kernel writes: the L2 is coherent), so the DRAM latency overlaps its tail;
+//  - a warp owns GV_ROWS consecutive rows and each lane issues GV_GROUP 16-byte loads of each
+//    before using any (8 in flight per lane), and every x value it reads serves GV_ROWS rows;
 //  - x is read straight from global memory (L1/L2 hits after the first warp), so there is no
 //    staging pass and no barrier;
-//  - KSPLIT warps share one row (interleaved 16-byte columns) when N alone gives too few blocks
-//    to cover the GPU, their partial sums meeting in shared memory.
+//  - KSPLIT warps share a row pair (interleaved 16-byte columns) when N alone gives too few
+//    blocks to cover the GPU, their partial sums meeting in shared memory.
+// (Measured on the H200 over Qwen3-0.6B/4B layer shapes streamed from DRAM, benchmarks/
+// gemv_lab.cu: 1, 2, 4, 8 rows per warp with 1-8 loads per row in flight; 2 x 4 was fastest or
+// within 5 % of it everywhere, 4-29 % faster per layer than one row per warp with double-buffered
+// groups of 4.)
+// The epilogue is store_out, or with a.swiglu (rows interleaved gate, up, gate, up, ...) the
+// SwiGLU activation of each row pair: out[m, n / 2] = silu(gate) * up.
 // ---------------------------------------------------------------------------------------------
 
-#define GV_GROUP 4 // 16-byte loads per lane per group
+#define GV_ROWS 2  // weight rows per warp
+#define GV_GROUP 4 // 16-byte loads per row per lane in flight
 
 __device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -330,49 +337,58 @@ template <int VEC> __device__ __forceinline__ void load_f32(const char *base, in
 
 template <int MR, typename T, int KSPLIT, bool NORM>
 __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs a) {
-    constexpr int VEC = 16 / sizeof(T);          // weights per 16-byte load
-    constexpr int ROWS = GEMV_WARPS / KSPLIT;    // weight rows per block
-    __shared__ float partial[GEMV_WARPS][2][MR]; // KSPLIT > 1: each warp's dots and sums of squares
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int part = warp % KSPLIT;
-    int64_t n = (int64_t)blockIdx.x * ROWS + warp / KSPLIT;
-    bool active = n < a.N;
-    const uint4 *wrow = (const uint4 *)(a.w + (active ? n : 0) * a.w_row_bytes);
-    int64_t nvec = a.K / VEC;                    // 16-byte vectors per row
-    if (active && lane == 0 && part == 0)
-        prefetch_l2(wrow, (uint32_t)(nvec * 16));
+    constexpr int VEC = 16 / sizeof(T);            // weights per 16-byte load
+    constexpr int R = GV_ROWS, G = GV_GROUP;
+    constexpr int UNITS = GEMV_WARPS / KSPLIT;     // row groups per block
+    __shared__ float partial[GEMV_WARPS][MR][R + 1]; // KSPLIT > 1: each warp's dots and sum of squares
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % KSPLIT;
+    const int64_t n0 = ((int64_t)blockIdx.x * UNITS + warp / KSPLIT) * R;
+    const int64_t nvec = a.K / VEC;                // 16-byte vectors per row
+    const uint4 *rows[R];
+    bool ok[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        ok[r] = n0 + r < a.N;
+        rows[r] = (const uint4 *)(a.w + (ok[r] ? n0 + r : 0) * a.w_row_bytes);
+    }
+    if (part == 0 && lane < R && n0 + lane < a.N)
+        prefetch_l2(a.w + (n0 + lane) * a.w_row_bytes, (uint32_t)(nvec * 16));
 
     to_pdl_wait();
     to_pdl_trigger();
 
-    // This lane's vectors: j = j0, j0 + stride, ...; the warps of a row interleave by 32 vectors.
-    const int64_t stride = 32 * KSPLIT, j0 = part * 32 + lane;
-    auto load_group = [&](uint4 g[GV_GROUP], int64_t j) {
-#pragma unroll
-        for (int i = 0; i < GV_GROUP; i++)
-            g[i] = active && j + i * stride < nvec ? __ldg(wrow + j + i * stride) : make_uint4(0, 0, 0, 0);
-    };
     // NORM (to_rms_norm_matmul): out = rinv * sum_k w[k] (x[k] g[k]) with rinv from the sum of
-    // squares of x, which the warps of a row gather from the x values they read anyway: the norm
-    // costs no pass of its own and no barrier.
-    float acc[MR], ss[MR];
+    // squares of x, which the warps of a row group gather from the x values they read anyway: the
+    // norm costs no pass of its own and no barrier.
+    float acc[MR][R], ss[MR];
 #pragma unroll
-    for (int m = 0; m < MR; m++)
-        acc[m] = ss[m] = 0.0f;
-
-    uint4 cur[GV_GROUP], nxt[GV_GROUP];
-    load_group(cur, j0);
-    for (int64_t j = j0; j < nvec; j += GV_GROUP * stride) {
-        load_group(nxt, j + GV_GROUP * stride);
+    for (int m = 0; m < MR; m++) {
+        ss[m] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < GV_GROUP; i++) {
-            int64_t k = (j + i * stride) * VEC;
+        for (int r = 0; r < R; r++)
+            acc[m][r] = 0.0f;
+    }
+    // This lane's vectors: j, j + stride, ...; the warps of a row group interleave by 32 vectors.
+    const int64_t stride = 32 * KSPLIT;
+    for (int64_t j = part * 32 + lane; j < nvec; j += G * stride) {
+        uint4 wv[G][R];
+#pragma unroll
+        for (int g = 0; g < G; g++)
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                wv[g][r] = ok[r] && j + g * stride < nvec ? __ldg(rows[r] + j + g * stride) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            const int64_t k = (j + g * stride) * VEC;
             if (k >= a.K)
                 break;
-            float wv[VEC], gv[VEC];
-            unpack16<T>(cur[i], wv);
+            float gv[VEC];
             if constexpr (NORM)
                 load_f32<VEC>(a.norm_w, a.norm_dt, k, gv);
+            float wf[R][VEC];
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                unpack16<T>(wv[g][r], wf[r]);
 #pragma unroll
             for (int m = 0; m < MR; m++) {
                 if (m >= a.M)
@@ -389,41 +405,64 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
                             xv[e] *= gv[4 * q + e];
                         }
                     }
-                    acc[m] += wv[4 * q] * xv[0] + wv[4 * q + 1] * xv[1] + wv[4 * q + 2] * xv[2] + wv[4 * q + 3] * xv[3];
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        acc[m][r] += wf[r][4 * q] * xv[0] + wf[r][4 * q + 1] * xv[1] + wf[r][4 * q + 2] * xv[2] +
+                                     wf[r][4 * q + 3] * xv[3];
                 }
             }
         }
-#pragma unroll
-        for (int i = 0; i < GV_GROUP; i++)
-            cur[i] = nxt[i];
     }
 
 #pragma unroll
     for (int m = 0; m < MR; m++) {
-        acc[m] = to_warp_sum(acc[m]);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            acc[m][r] = to_warp_sum(acc[m][r]);
         if constexpr (NORM)
             ss[m] = to_warp_sum(ss[m]);
     }
-    if constexpr (KSPLIT > 1) { // part 0's warp gathers the row's parts
+    if constexpr (KSPLIT > 1) { // part 0's warp gathers the row group's parts
         if (lane == 0)
 #pragma unroll
-            for (int m = 0; m < MR; m++)
-                partial[warp][0][m] = acc[m], partial[warp][1][m] = ss[m];
+            for (int m = 0; m < MR; m++) {
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    partial[warp][m][r] = acc[m][r];
+                partial[warp][m][R] = ss[m];
+            }
         __syncthreads();
         if (part == 0 && lane == 0)
 #pragma unroll
             for (int m = 0; m < MR; m++) {
-                acc[m] = ss[m] = 0.0f;
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    acc[m][r] = 0.0f;
+                    for (int p = 0; p < KSPLIT; p++)
+                        acc[m][r] += partial[warp + p][m][r];
+                }
+                ss[m] = 0.0f;
                 for (int p = 0; p < KSPLIT; p++)
-                    acc[m] += partial[warp + p][0][m], ss[m] += partial[warp + p][1][m];
+                    ss[m] += partial[warp + p][m][R];
             }
     }
-    if (active && part == 0 && lane == 0)
+    if (part != 0 || lane != 0)
+        return;
 #pragma unroll
-        for (int m = 0; m < MR; m++)
-            if (m < a.M)
-                store_out(a, m, n, NORM ? acc[m] * (float)(1.0 / sqrt((double)ss[m] / (double)a.K + a.norm_eps))
-                                        : acc[m]);
+    for (int m = 0; m < MR; m++) {
+        if (m >= a.M)
+            break;
+        const float rinv = NORM ? (float)(1.0 / sqrt((double)ss[m] / (double)a.K + a.norm_eps)) : 1.0f;
+        if (a.swiglu) { // rows n0, n0 + 1 are gate and up of output column n0 / 2 (N is even)
+            if (ok[0])
+                store_swiglu(a, m, n0, acc[m][0] * rinv, acc[m][1] * rinv);
+            continue;
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (ok[r])
+                store_out(a, m, n0 + r, acc[m][r] * rinv);
+    }
 }
 
 static int sm_count(int device_index) {
@@ -441,7 +480,8 @@ static int sm_count(int device_index) {
 
 template <int MR, typename T, int KSPLIT>
 static void launch_stream(const MatmulArgs &a, cudaStream_t stream) {
-    dim3 grid((unsigned)to_ceil_div(a.N, GEMV_WARPS / KSPLIT)), block(32 * GEMV_WARPS);
+    const int64_t groups = to_ceil_div(a.N, GV_ROWS);
+    dim3 grid((unsigned)to_ceil_div(groups * KSPLIT, GEMV_WARPS)), block(32 * GEMV_WARPS);
     if (a.norm_w)
         to_launch(gemv_stream_kernel<MR, T, KSPLIT, true>, grid, block, 0, stream, a);
     else
@@ -450,14 +490,16 @@ static void launch_stream(const MatmulArgs &a, cudaStream_t stream) {
 
 template <int MR, typename T>
 static void launch_gemv_stream_rows(const MatmulArgs &a, int device_index, cudaStream_t stream) {
-    // Split rows over more warps while N alone gives fewer than ~2 blocks per SM and each lane
-    // keeps at least one 16-byte vector. (Measured on the H200 for the decode shapes: targets of
-    // 1, 2, 4 and 8 blocks per SM; 2 was fastest, up to 1.6x faster than 4: every block reads all
-    // of x, so more blocks means more traffic on the same few L2 lines.)
+    // Split row groups over more warps while N alone gives fewer than ~2 blocks per SM (4 for rows
+    // longer than 4096: more bytes in flight) and each lane keeps a whole group of loads. (H200,
+    // decode shapes: 2 per SM was up to 1.6x faster than 4 for short rows, every block reading all
+    // of x; for K = 9728, 4 per SM was 1.3x faster than 2.)
     constexpr int VEC = 16 / sizeof(T);
-    int64_t want = 2 * (int64_t)sm_count(device_index);
+    const int64_t want = (a.K > 4096 ? 4 : 2) * (int64_t)sm_count(device_index);
+    const int64_t groups = to_ceil_div(a.N, GV_ROWS);
     int ksplit = 1;
-    while (ksplit < GEMV_WARPS && to_ceil_div(a.N * ksplit, GEMV_WARPS) < want && a.K / VEC >= 32 * 2 * ksplit)
+    while (ksplit < GEMV_WARPS && to_ceil_div(groups * ksplit, GEMV_WARPS) < want &&
+           a.K / VEC >= 32 * GV_GROUP * ksplit)
         ksplit *= 2;
     switch (ksplit) {
     case 1: launch_stream<MR, T, 1>(a, stream); break;
@@ -659,14 +701,32 @@ static int gpu_temp(to_tensor *t, int device_index, int dtype, int64_t rows, int
 // to_rms_norm_matmul (many rows, or x or w not in the streaming GEMV's form). For many rows and
 // 16-bit weights the intermediate is in the weights' dtype, as the tensor cores take it.
 static int norm_then_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias,
-                            const to_tensor *norm_weight, double eps, int accumulate) {
+                            const to_tensor *norm_weight, double eps, int epilogue) {
     bool tc = x->shape[0] > GEMV_MAX_ROWS && (w->dtype == TO_BF16 || w->dtype == TO_F16);
     to_tensor normed;
     TO_TRY(gpu_temp(&normed, out->device_index, tc ? w->dtype : TO_F32, x->shape[0], x->shape[1]));
     int status = to_cuda_rms_norm(&normed, NULL, x, norm_weight, eps);
     if (status == TO_OK)
-        status = to_cuda_matmul(out, &normed, w, bias, NULL, 0.0, accumulate);
+        status = to_cuda_matmul(out, &normed, w, bias, NULL, 0.0, epilogue);
     to_cuda_free(out->device_index, normed.data);
+    return status;
+}
+
+// The SwiGLU form where the GEMV's epilogue does not apply: the product of every row into an f32
+// intermediate, then to_silu_mul of its even (gate) and odd (up) columns.
+static int swiglu_through_temp(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias,
+                               const to_tensor *norm_weight, double eps) {
+    to_tensor prod;
+    TO_TRY(gpu_temp(&prod, out->device_index, TO_F32, x->shape[0], w->shape[0]));
+    int status = to_cuda_matmul(&prod, x, w, bias, norm_weight, eps, TO_MM_STORE);
+    if (status == TO_OK) {
+        to_tensor gate = prod, up = prod;
+        gate.shape[1] = up.shape[1] = w->shape[0] / 2;
+        gate.strides[1] = up.strides[1] = 2;
+        up.data = (char *)prod.data + sizeof(float);
+        status = to_cuda_elementwise(out, &gate, &up, TO_EW_SILU_MUL, 1.0f);
+    }
+    to_cuda_free(out->device_index, prod.data);
     return status;
 }
 
@@ -675,7 +735,7 @@ static int norm_then_matmul(const to_tensor *out, const to_tensor *x, const to_t
 // so a product added into out (to_matmul_add) is formed in an f32 intermediate and added after
 // (the same two roundings as the CPU's composition). Returns -1 when neither applies.
 static int tensor_core_forms(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias,
-                             int accumulate) {
+                             bool accumulate) {
     if (x->shape[0] <= GEMV_MAX_ROWS || (w->dtype != TO_BF16 && w->dtype != TO_F16))
         return -1;
     to_tensor t;
@@ -684,10 +744,10 @@ static int tensor_core_forms(const to_tensor *out, const to_tensor *x, const to_
         TO_TRY(gpu_temp(&t, out->device_index, w->dtype, x->shape[0], x->shape[1]));
         status = to_cuda_copy(&t, x);
         if (status == TO_OK)
-            status = to_cuda_matmul(out, &t, w, bias, NULL, 0.0, accumulate);
+            status = to_cuda_matmul(out, &t, w, bias, NULL, 0.0, accumulate ? TO_MM_ADD : TO_MM_STORE);
     } else if (accumulate) {
         TO_TRY(gpu_temp(&t, out->device_index, TO_F32, x->shape[0], w->shape[0]));
-        status = to_cuda_matmul(&t, x, w, bias, NULL, 0.0, 0);
+        status = to_cuda_matmul(&t, x, w, bias, NULL, 0.0, TO_MM_STORE);
         if (status == TO_OK)
             status = to_cuda_elementwise(out, out, &t, TO_EW_ADD, 1.0f);
     } else {
@@ -699,7 +759,7 @@ static int tensor_core_forms(const to_tensor *out, const to_tensor *x, const to_
 
 extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w,
                               const to_tensor *bias, const to_tensor *norm_weight, double eps,
-                              int accumulate) {
+                              int epilogue) {
     MatmulArgs a = {};
     a.M = x->shape[0];
     a.K = x->shape[1];
@@ -724,8 +784,10 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
     a.bias = bias ? (const char *)bias->data : nullptr;
     a.bs0 = bias ? bias->strides[0] : 0;
     a.bias_dt = bias ? bias->dtype : TO_F32;
-    a.accumulate = accumulate != 0;
-    const char *op = norm_weight ? "to_rms_norm_matmul" : accumulate ? "to_matmul_add" : "to_matmul";
+    a.accumulate = epilogue == TO_MM_ADD;
+    a.swiglu = epilogue == TO_MM_SWIGLU;
+    const char *op = a.swiglu ? "to_rms_norm_swiglu" : norm_weight ? "to_rms_norm_matmul"
+                   : a.accumulate ? "to_matmul_add" : "to_matmul";
 
     if (a.M <= GEMV_MAX_ROWS) {
         // 16-byte loads need every row start 16-byte aligned (K itself may be anything: the
@@ -750,9 +812,11 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
             return to_cuda_check_launch(op);
         }
     }
+    if (a.swiglu)
+        return swiglu_through_temp(out, x, w, bias, norm_weight, eps);
     if (norm_weight)
-        return norm_then_matmul(out, x, w, bias, norm_weight, eps, accumulate);
-    int status = tensor_core_forms(out, x, w, bias, accumulate);
+        return norm_then_matmul(out, x, w, bias, norm_weight, eps, epilogue);
+    int status = tensor_core_forms(out, x, w, bias, a.accumulate);
     if (status >= 0)
         return status;
 

@@ -20,6 +20,7 @@ struct MatmulArgs {
     int64_t bs0;
     int bias_dt;
     bool accumulate;    // out += the product (to_matmul_add)
+    bool swiglu;        // rows interleave gate and up: out[m, n / 2] = silu(gate) * up (to_rms_norm_swiglu)
     const char *norm_w; // the streaming GEMV only: x rows RMS-normalised first with the weight
     int norm_dt;        //   norm_w [K] (contiguous, 16-byte aligned) and norm_eps; NULL: no norm
     double norm_eps;
@@ -33,6 +34,16 @@ __device__ __forceinline__ void store_out(const MatmulArgs &a, int64_t m, int64_
     if (a.accumulate)
         acc = to_load(a.out, a.out_dt, at) + acc;
     to_store(a.out, a.out_dt, at, acc);
+}
+
+// The SwiGLU epilogue of a row pair (gate row n, up row n + 1, n even): each dot gets its bias
+// as store_out gives it, then out[m, n / 2] = silu(gate) * up, the arithmetic of to_silu_mul.
+__device__ __forceinline__ void store_swiglu(const MatmulArgs &a, int64_t m, int64_t n, float gate, float up) {
+    if (a.bias) {
+        gate += to_load(a.bias, a.bias_dt, n * a.bs0);
+        up += to_load(a.bias, a.bias_dt, (n + 1) * a.bs0);
+    }
+    to_store(a.out, a.out_dt, m * a.os0 + n / 2, __fmul_rn(to_silu(gate), up));
 }
 
 // The Hopper GEMM (gemm_sm90.cu): x and w both bf16 or both f16, out overwritten (a.accumulate

@@ -192,6 +192,12 @@ int to_matmul_add(const to_tensor *out, const to_tensor *x, const to_tensor *w, 
  * arguments otherwise as to_matmul. */
 int to_rms_norm_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *norm_weight, double eps,
                        const to_tensor *w, const to_tensor *bias);
+/* The gated MLP's first half: with p = rms_norm(x; norm_weight, eps) . w^T (+ bias) as
+ * to_rms_norm_matmul computes it (in f32), whose columns interleave gate and up (w's rows: gate
+ * row i at 2i, up row i at 2i + 1; N even), out[M, N / 2] = silu(p[:, 2i]) * p[:, 2i + 1], the
+ * arithmetic of to_silu_mul. One kernel on a GPU for few rows. */
+int to_rms_norm_swiglu(const to_tensor *out, const to_tensor *x, const to_tensor *norm_weight, double eps,
+                       const to_tensor *w, const to_tensor *bias);
 
 /* ---- lookups and reductions ----
  * Index values on a GPU (embedding ids, to_kv_cache_store's slots, to_paged_attention's batch)

@@ -1,6 +1,7 @@
-/* matmul.c - to_matmul, to_matmul_add and to_rms_norm_matmul: validation and device dispatch.
+/* matmul.c - to_matmul, to_matmul_add, to_rms_norm_matmul and to_rms_norm_swiglu: validation and
+ * device dispatch.
  * Everything about the arguments is checked here, so the kernels in cpu/matmul.c may trust
- * shapes, strides and dtypes. The two fused forms exist for the GPU, where each is one kernel
+ * shapes, strides and dtypes. The fused forms exist for the GPU, where each is one kernel
  * in the decode step (csrc/cuda/matmul.cu); the CPU composes them from its kernels through an
  * f32 intermediate, which gives the same values as the separate ops. */
 #include "internal.h"
@@ -13,8 +14,9 @@
 
 #include <string.h>
 
+/* swiglu: w's rows interleave gate and up (N even) and out is [M, N / 2] (to_rms_norm_swiglu). */
 static int check_matmul(const char *op, const to_tensor *out, const to_tensor *x, const to_tensor *w,
-                        const to_tensor *bias) {
+                        const to_tensor *bias, int swiglu) {
     TO_TRY(to_check_tensor(out, op, "out"));
     TO_TRY(to_check_tensor(x, op, "x"));
     TO_TRY(to_check_tensor(w, op, "w"));
@@ -47,9 +49,14 @@ static int check_matmul(const char *op, const to_tensor *out, const to_tensor *x
         return to_fail(TO_ERR_SHAPE, "%s: x is [%lld, %lld] but w is [%lld, %lld]: the inner "
                        "dimensions (K) differ (w is [N, K] = [out_features, in_features])", op,
                        (long long)M, (long long)K, (long long)N, (long long)w->shape[1]);
-    if (out->shape[0] != M || out->shape[1] != N)
-        return to_fail(TO_ERR_SHAPE, "%s: out has shape [%lld, %lld], expected [M, N] = [%lld, %lld]", op,
-                       (long long)out->shape[0], (long long)out->shape[1], (long long)M, (long long)N);
+    if (swiglu && N % 2)
+        return to_fail(TO_ERR_SHAPE, "%s: w has N = %lld rows, but its rows must pair gate and up (N even)",
+                       op, (long long)N);
+    const int64_t cols = swiglu ? N / 2 : N;
+    if (out->shape[0] != M || out->shape[1] != cols)
+        return to_fail(TO_ERR_SHAPE, "%s: out has shape [%lld, %lld], expected [M, %s] = [%lld, %lld]", op,
+                       (long long)out->shape[0], (long long)out->shape[1], swiglu ? "N / 2" : "N",
+                       (long long)M, (long long)cols);
     if (bias && bias->shape[0] != N)
         return to_fail(TO_ERR_SHAPE, "%s: bias has shape [%lld], expected [N] = [%lld]", op,
                        (long long)bias->shape[0], (long long)N);
@@ -66,13 +73,13 @@ static int check_matmul(const char *op, const to_tensor *out, const to_tensor *x
     if (K > 1 && w->strides[1] != 1)
         return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: w must have unit stride in its last dimension, "
                        "got stride %lld (make it contiguous first)", op, (long long)w->strides[1]);
-    if (N > 1 && out->strides[1] != 1)
+    if (cols > 1 && out->strides[1] != 1)
         return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: out must have unit stride in its last "
                        "dimension, got stride %lld", op, (long long)out->strides[1]);
     /* Threads write different rows at once; rows that share elements would race. */
-    if (M > 1 && N > 0 && out->strides[0] < N)
-        return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: out rows overlap (row stride %lld < N = %lld)", op,
-                       (long long)out->strides[0], (long long)N);
+    if (M > 1 && cols > 0 && out->strides[0] < cols)
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: out rows overlap (row stride %lld < %lld columns)", op,
+                       (long long)out->strides[0], (long long)cols);
     /* out is written while x, w and bias are still being read: no shared memory at all */
     TO_TRY(to_check_no_alias(out, x, 0, op, "out", "x"));
     TO_TRY(to_check_no_alias(out, w, 0, op, "out", "w"));
@@ -109,17 +116,17 @@ static int cpu_temp(to_tensor *t, int64_t rows, int64_t cols, const char *op) {
 
 int to_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias) {
     const char *op = "to_matmul";
-    TO_TRY(check_matmul(op, out, x, w, bias));
+    TO_TRY(check_matmul(op, out, x, w, bias, 0));
     if (out->device == TO_CUDA)
-        return to_cuda_matmul(out, x, w, bias, NULL, 0.0, 0);
+        return to_cuda_matmul(out, x, w, bias, NULL, 0.0, TO_MM_STORE);
     return cpu_matmul(out, x, w, bias);
 }
 
 int to_matmul_add(const to_tensor *out, const to_tensor *x, const to_tensor *w, const to_tensor *bias) {
     const char *op = "to_matmul_add";
-    TO_TRY(check_matmul(op, out, x, w, bias));
+    TO_TRY(check_matmul(op, out, x, w, bias, 0));
     if (out->device == TO_CUDA)
-        return to_cuda_matmul(out, x, w, bias, NULL, 0.0, 1);
+        return to_cuda_matmul(out, x, w, bias, NULL, 0.0, TO_MM_ADD);
     to_tensor prod;
     TO_TRY(cpu_temp(&prod, out->shape[0], out->shape[1], op));
     int status = cpu_matmul(&prod, x, w, bias);
@@ -129,20 +136,55 @@ int to_matmul_add(const to_tensor *out, const to_tensor *x, const to_tensor *w, 
     return status;
 }
 
-int to_rms_norm_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *norm_weight, double eps,
-                       const to_tensor *w, const to_tensor *bias) {
-    const char *op = "to_rms_norm_matmul";
-    TO_TRY(check_matmul(op, out, x, w, bias));
+/* The norm's checks, shared by the two normalising forms. */
+static int check_norm(const char *op, const to_tensor *out, const to_tensor *x, const to_tensor *norm_weight,
+                      double eps) {
     TO_TRY(to_check_norm_weight(op, norm_weight, x->shape[1], eps));
     TO_TRY(to_check_same_device(op, out, norm_weight, (const to_tensor *)NULL));
-    TO_TRY(to_check_no_alias(out, norm_weight, 0, op, "out", "norm_weight"));
-    if (out->device == TO_CUDA)
-        return to_cuda_matmul(out, x, w, bias, norm_weight, eps, 0);
+    return to_check_no_alias(out, norm_weight, 0, op, "out", "norm_weight");
+}
+
+/* rms_norm(x) into a CPU f32 intermediate, then its product with w into `prod` (out's own
+ * arguments when prod is out). */
+static int cpu_norm_matmul(const char *op, const to_tensor *prod, const to_tensor *x,
+                           const to_tensor *norm_weight, double eps, const to_tensor *w,
+                           const to_tensor *bias) {
     to_tensor normed;
     TO_TRY(cpu_temp(&normed, x->shape[0], x->shape[1], op));
     int status = to_cpu_rms_norm(&normed, NULL, x, norm_weight, eps);
     if (status == TO_OK)
-        status = cpu_matmul(out, &normed, w, bias);
+        status = cpu_matmul(prod, &normed, w, bias);
     to_host_free(normed.data);
+    return status;
+}
+
+int to_rms_norm_matmul(const to_tensor *out, const to_tensor *x, const to_tensor *norm_weight, double eps,
+                       const to_tensor *w, const to_tensor *bias) {
+    const char *op = "to_rms_norm_matmul";
+    TO_TRY(check_matmul(op, out, x, w, bias, 0));
+    TO_TRY(check_norm(op, out, x, norm_weight, eps));
+    if (out->device == TO_CUDA)
+        return to_cuda_matmul(out, x, w, bias, norm_weight, eps, TO_MM_STORE);
+    return cpu_norm_matmul(op, out, x, norm_weight, eps, w, bias);
+}
+
+int to_rms_norm_swiglu(const to_tensor *out, const to_tensor *x, const to_tensor *norm_weight, double eps,
+                       const to_tensor *w, const to_tensor *bias) {
+    const char *op = "to_rms_norm_swiglu";
+    TO_TRY(check_matmul(op, out, x, w, bias, 1));
+    TO_TRY(check_norm(op, out, x, norm_weight, eps));
+    if (out->device == TO_CUDA)
+        return to_cuda_matmul(out, x, w, bias, norm_weight, eps, TO_MM_SWIGLU);
+    to_tensor prod;
+    TO_TRY(cpu_temp(&prod, x->shape[0], w->shape[0], op));
+    int status = cpu_norm_matmul(op, &prod, x, norm_weight, eps, w, bias);
+    if (status == TO_OK) { /* gate: the even columns, up: the odd ones */
+        to_tensor gate = prod, up = prod;
+        gate.shape[1] = up.shape[1] = w->shape[0] / 2;
+        gate.strides[1] = up.strides[1] = 2;
+        up.data = (char *)prod.data + sizeof(float);
+        status = to_cpu_elementwise(out, &gate, &up, TO_EW_SILU_MUL, 1.0f);
+    }
+    to_host_free(prod.data);
     return status;
 }

@@ -171,13 +171,9 @@ class Linear(Module):
         """One Linear whose output is the outputs of `parts` side by side (their weights stacked
         by rows): one product instead of several over the same input. None when the parts
         differ in input size, dtype, device or having a bias."""
-        first = parts[0]
-        w = first.weight
-        if any(p.in_features != first.in_features or p.weight.dtype != w.dtype or p.weight.device != w.device
-               or (p.bias is None) != (first.bias is None) for p in parts):
+        fused = cls._fused_like(parts)
+        if fused is None:
             return None
-        fused = cls(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
-                    dtype=w.dtype, device=w.device)
         row = 0
         for p in parts:
             ops.copy(fused.weight.narrow(0, row, p.out_features), p.weight)
@@ -185,6 +181,32 @@ class Linear(Module):
                 ops.copy(fused.bias.narrow(0, row, p.out_features), p.bias)
             row += p.out_features
         return fused
+
+    @classmethod
+    def interleave(cls, parts):
+        """Like concat, with the parts' rows interleaved instead (row r of part i at r * len(parts)
+        + i), so the output columns alternate between the parts (the layout of
+        ops.rms_norm_swiglu's gate and up). None also when out_features differ."""
+        fused = cls._fused_like(parts)
+        if fused is None or len({p.out_features for p in parts}) != 1:
+            return None
+        n, k = parts[0].out_features, len(parts)
+        for i, p in enumerate(parts):
+            ops.copy(fused.weight.unflatten(0, (n, k)).narrow(1, i, 1), p.weight.unflatten(0, (n, 1)))
+            if p.bias is not None:
+                ops.copy(fused.bias.unflatten(0, (n, k)).narrow(1, i, 1), p.bias.unflatten(0, (n, 1)))
+        return fused
+
+    @classmethod
+    def _fused_like(cls, parts):
+        """An empty Linear with the parts' outputs together, or None when they cannot be fused."""
+        first = parts[0]
+        w = first.weight
+        if any(p.in_features != first.in_features or p.weight.dtype != w.dtype or p.weight.device != w.device
+               or (p.bias is None) != (first.bias is None) for p in parts):
+            return None
+        return cls(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                   dtype=w.dtype, device=w.device)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, dtype={self.weight.dtype}"

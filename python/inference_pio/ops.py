@@ -174,6 +174,16 @@ def rms_norm_matmul(x, norm_weight, eps, w, bias=None, out=None):
     return out
 
 
+def rms_norm_swiglu(x, norm_weight, eps, w, bias=None, out=None):
+    """silu(gate) * up of the product p = rms_norm(x, norm_weight, eps) [M, K] @ w[N, K]^T (+ bias),
+    whose columns interleave gate and up (gate at 2i, up at 2i + 1) -> [M, N / 2]; on a GPU one
+    kernel for few rows."""
+    out = _out(out, (x.shape[0], w.shape[0] // 2), x.dtype, x)
+    check(lib.to_rms_norm_swiglu(out._desc, x._desc, norm_weight._desc, float(eps), w._desc,
+                                 bias._desc if bias is not None else _NULL))
+    return out
+
+
 def embedding(table, ids, out=None):
     """Rows of table [V, D] picked by ids (int32/int64, any shape) -> ids.shape + [D]."""
     flat = ids.reshape(-1)

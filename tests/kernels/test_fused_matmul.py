@@ -1,5 +1,6 @@
-"""to_matmul_add (out += x . w^T + bias) and to_rms_norm_matmul (rms_norm(x) . w^T + bias): the
-decode step's fused forms, checked against the separate ops they stand for, on the CPU and (the
+"""to_matmul_add (out += x . w^T + bias), to_rms_norm_matmul (rms_norm(x) . w^T + bias) and
+to_rms_norm_swiglu (silu(gate) * up of that product, gate and up interleaved): the decode step's
+fused forms, checked against the separate ops they stand for, on the CPU and (the
 `device` fixture) on a GPU.
 
 - CPU: both are composed from the plain kernels through an f32 intermediate, so they equal
@@ -10,7 +11,11 @@ decode step's fused forms, checked against the separate ops they stand for, on t
   from x's sum of squares gathered in f32 while the dot products read x: the same function as
   the separate ops with other roundings, relative 1e-6. Many rows (or other dtypes): the
   separate GPU kernels, composed inside the op: the same bound.
-- Both, against the CPU's separate ops on the same values: f32 accumulation-order bounds; on a
+- rms_norm_swiglu: the CPU and the GPU's many-row path compose rms_norm_matmul into an f32
+  intermediate and silu_mul of its even and odd columns: bit for bit the separate ops. The GPU's
+  few-row path applies the activation in the GEMV's epilogue to the f32 dots rms_norm_matmul's
+  kernel forms (the same arithmetic as silu_mul): within rms_norm_matmul's bound.
+- All, against the CPU's separate ops on the same values: f32 accumulation-order bounds; on a
   GPU, more than 8 rows against 16-bit weights take x rounded to that dtype (tensor cores).
 """
 import pytest
@@ -89,6 +94,54 @@ def test_rms_norm_matmul_strided_rows_and_bias(device, gen):
     assert rel(out, want) <= 2 ** -8
 
 
+def swiglu_reference(x, g, eps, w, b=None):
+    """rms_norm_matmul, then silu_mul of the even (gate) and odd (up) columns."""
+    p = ops.rms_norm_matmul(x, g, eps, w, b)
+    half = p.shape[1] // 2
+    pairs = p.unflatten(1, (half, 2))  # [M, half, 2]: gate at [:, i, 0], up at [:, i, 1]
+    return ops.silu_mul(pairs.narrow(2, 0, 1).reshape(p.shape[0], half), pairs.narrow(2, 1, 1).reshape(p.shape[0], half))
+
+
+@pytest.mark.parametrize("M", [1, 2, 7, 9, 20])
+@pytest.mark.parametrize("wdtype", [ip.float32, ip.bfloat16, ip.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rms_norm_swiglu_equals_the_separate_ops(device, gen, M, wdtype, bias):
+    K, N = 520, 2 * 77  # odd number of row pairs; K a multiple of 8 but not of 256
+    x, _ = randn(M, K, gen=gen, scale=2.0)
+    g, _ = randn(K, dtype=ip.bfloat16, gen=gen)
+    w, _ = randn(N, K, dtype=wdtype, gen=gen)
+    b = randn(N, gen=gen)[0].to(device) if bias else None
+    x, g, w = x.to(device), g.to(device), w.to(device)
+    got = ops.rms_norm_swiglu(x, g, 1e-6, w, b)
+    want = swiglu_reference(x, g, 1e-6, w, b)
+    assert got.shape == (M, N // 2) and got.dtype == ip.float32
+    if device == "cpu" or M > 8:
+        assert to_torch(got).equal(to_torch(want))
+    else:
+        assert rel(got, want) <= 1e-6
+    cpu = swiglu_reference(x.cpu(), g.cpu(), 1e-6, w.cpu(), b.cpu() if b is not None else None)
+    assert rel(got, cpu) <= cpu_bound(device, M, wdtype, 1e-5)
+
+
+def test_rms_norm_swiglu_bf16_out_and_interleaved_linear(device, gen):
+    """Linear.interleave builds the fused weight from gate and up; out may be bf16."""
+    M, K, I = 2, 256, 48
+    x, _ = randn(M, K, gen=gen)
+    g, _ = randn(K, gen=gen)
+    gate, up = ip.nn.Linear(K, I, dtype=ip.bfloat16), ip.nn.Linear(K, I, dtype=ip.bfloat16)
+    gate.weight, up.weight = randn(I, K, dtype=ip.bfloat16, gen=gen)[0], randn(I, K, dtype=ip.bfloat16, gen=gen)[0]
+    if device != "cpu":
+        gate, up = gate.to(device), up.to(device)
+    fused = ip.nn.Linear.interleave([gate, up])
+    assert to_torch(fused.weight)[0::2].equal(to_torch(gate.weight)) and to_torch(fused.weight)[1::2].equal(to_torch(up.weight))
+    x, g = x.to(device), g.to(device)
+    out = ip.Tensor.empty(M, I, dtype=ip.bfloat16, device=device)
+    ops.rms_norm_swiglu(x, g, 1e-5, fused.weight, out=out)
+    normed = ops.rms_norm(x, g, 1e-5)
+    want = ops.silu_mul(ops.matmul(normed, gate.weight), ops.matmul(normed, up.weight))
+    assert rel(out, want) <= 2 ** -8
+
+
 def test_errors_are_clear(device, gen):
     x = ip.Tensor.zeros(2, 8, device=device)
     w = ip.Tensor.zeros(4, 8, device=device)
@@ -100,3 +153,8 @@ def test_errors_are_clear(device, gen):
         ops.matmul_add(ip.Tensor.zeros(2, 5, device=device), x, w)
     with pytest.raises(ip.ShapeError, match="to_matmul_add: x is \\[2, 8\\] but w is \\[4, 9\\]"):
         ops.matmul_add(ip.Tensor.zeros(2, 4, device=device), x, ip.Tensor.zeros(4, 9, device=device))
+    g = ip.Tensor.zeros(8, device=device)
+    with pytest.raises(ip.ShapeError, match="to_rms_norm_swiglu: w has N = 5 rows, but its rows must pair"):
+        ops.rms_norm_swiglu(x, g, 1e-6, ip.Tensor.zeros(5, 8, device=device), out=ip.Tensor.zeros(2, 2, device=device))
+    with pytest.raises(ip.ShapeError, match="to_rms_norm_swiglu: out has shape \\[2, 4\\], expected \\[M, N / 2\\]"):
+        ops.rms_norm_swiglu(x, g, 1e-6, w, out=ip.Tensor.zeros(2, 4, device=device))
