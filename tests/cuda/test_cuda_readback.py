@@ -48,7 +48,7 @@ def test_later_work_does_not_change_the_read(gen):
     x.fill_(7)
     a = random_tensor((512, 512), ip.float32, gen)
     for _ in range(8):
-        a = ops.scale(ops.matmul(a, a), 1e-3)
+        a = ops.scale(ops.matmul(a, a), 1e-4)  # shrinks: no overflow
     assert read.result() == expected
     assert x.tolist() == [7] * 257
 
