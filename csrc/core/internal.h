@@ -152,6 +152,13 @@ int to_cuda_count(int *out);
 int to_cuda_sync(int device_index);
 /* Copies nbytes between contiguous buffers; kind: 0 host->device, 1 device->host, 2 device->device. */
 int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes, int kind);
+/* Asynchronous device->host reads behind to_readback_* (arguments checked by csrc/ops/readback.c):
+ * start queues the copy of nbytes at src on the GPU's stream and hands back an opaque read;
+ * wait blocks on that read alone, copies its bytes to dst, reports an error the GPU recorded
+ * before it, and gives the read back; release gives it back unread. */
+int to_cuda_readback_start(int device_index, const void *src, int64_t nbytes, void **out);
+int to_cuda_readback_wait(void *read, void *dst, int64_t nbytes);
+void to_cuda_readback_release(void *read);
 int to_cuda_compiled(void);
 
 #ifdef __cplusplus

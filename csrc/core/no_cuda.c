@@ -35,6 +35,19 @@ int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes,
     return no_cuda("to_copy");
 }
 
+int to_cuda_readback_start(int device_index, const void *src, int64_t nbytes, void **out) {
+    (void)device_index, (void)src, (void)nbytes;
+    *out = NULL;
+    return no_cuda("to_readback_start");
+}
+
+int to_cuda_readback_wait(void *read, void *dst, int64_t nbytes) {
+    (void)read, (void)dst, (void)nbytes;
+    return no_cuda("to_readback_wait");
+}
+
+void to_cuda_readback_release(void *read) { (void)read; }
+
 /* ---- the op kernels (csrc/cuda/cuda_ops.h); csrc/ops never reaches these without a GPU
  * tensor, which this build cannot make, but they must link ---- */
 

@@ -153,18 +153,14 @@ static cudaError_t copy_through_staging(int device_index, cudaStream_t stream, v
     return cudaSuccess;
 }
 
-// Reads (and clears) the error word of a GPU after its stream has finished; an index error a
-// kernel recorded becomes this call's error.
-static int take_error(int device_index, cudaStream_t stream) {
-    unsigned long long *word = to_cuda_error_word(device_index), w[4];
-    if (!word)
-        return TO_ERR_CUDA;
-    cudaError_t err = copy_through_staging(device_index, stream, w, word, sizeof w, false);
-    if (err != cudaSuccess)
-        return cuda_fail(err, "reading the GPU's error word");
-    if (w[0] == TO_GPU_ERR_NONE)
-        return TO_OK;
-    cudaMemsetAsync(word, 0, sizeof w, stream);
+// Times each GPU's error word was cleared (by take_error or a readback's wait). A readback
+// copies the word along with its bytes; when its wait finds an error there but the word has been
+// cleared since the read started, the clearing call has already reported that error (a recorded
+// error stays in the word until cleared: the first one is kept), so it is not raised twice.
+static std::atomic<unsigned long long> error_clears[kMaxDevices];
+
+// The error a GPU recorded, w = the error word's 4 values (code, a, b, c), as this call's error.
+static int gpu_error(const unsigned long long w[4]) {
     long long a = (long long)w[1], b = (long long)w[2], c = (long long)w[3];
     const char *pre = "a GPU op found a bad index (reported at the next synchronisation)";
     switch (w[0]) {
@@ -190,6 +186,22 @@ static int take_error(int device_index, cudaStream_t stream) {
     }
     }
     return to_fail(TO_ERR_INTERNAL, "%s: unknown GPU error code %llu", pre, w[0]);
+}
+
+// Reads (and clears) the error word of a GPU after its stream has finished; an index error a
+// kernel recorded becomes this call's error.
+static int take_error(int device_index, cudaStream_t stream) {
+    unsigned long long *word = to_cuda_error_word(device_index), w[4];
+    if (!word)
+        return TO_ERR_CUDA;
+    cudaError_t err = copy_through_staging(device_index, stream, w, word, sizeof w, false);
+    if (err != cudaSuccess)
+        return cuda_fail(err, "reading the GPU's error word");
+    if (w[0] == TO_GPU_ERR_NONE)
+        return TO_OK;
+    cudaMemsetAsync(word, 0, sizeof w, stream);
+    error_clears[device_index]++;
+    return gpu_error(w);
 }
 
 int to_cuda_check_launch(const char *op) {
@@ -379,5 +391,144 @@ int to_cuda_graph_destroy(void *graph) {
     delete g;
     return TO_OK;
 }
+
+}  // extern "C"
+
+// ---- asynchronous reads (to_readback_*) ----
+// A read owns pinned host memory (the bytes, then a copy of the error word) and an event recorded
+// on the GPU's stream behind both copies. Its wait blocks on that event alone, so the work queued
+// after the start (the next decode step) keeps the GPU busy meanwhile. The memory is its own, not
+// the staging buffer's: uploads queued while the read is in flight refill that buffer from the
+// front. Reads that are done go back to a per-GPU pool, so steady decoding neither allocates
+// pinned memory (slow, and it synchronises) nor creates events.
+namespace {
+
+constexpr size_t kWordBytes = 4 * sizeof(unsigned long long);
+
+struct Readback {
+    int device_index;
+    cudaEvent_t done;
+    char *pinned;              // [capacity]: the bytes, then the error word's copy at word_at
+    size_t capacity, word_at;
+    unsigned long long clears; // error_clears[device_index] when the read started
+};
+
+std::mutex readback_lock;
+std::vector<Readback *> readback_pool[kMaxDevices];
+
+Readback *pooled_read(int device_index) {
+    std::lock_guard<std::mutex> guard(readback_lock);
+    std::vector<Readback *> &pool = readback_pool[device_index];
+    if (pool.empty())
+        return new Readback{device_index, nullptr, nullptr, 0, 0, 0};
+    Readback *rb = pool.back();
+    pool.pop_back();
+    return rb;
+}
+
+// A read given back may still be landing (released unread): the next start queues its copies
+// behind it on the same stream, and growing its memory waits for it first.
+void give_back(Readback *rb) {
+    std::lock_guard<std::mutex> guard(readback_lock);
+    readback_pool[rb->device_index].push_back(rb);
+}
+
+// Room for nbytes and the error word in rb's pinned memory.
+cudaError_t reserve(Readback *rb, int64_t nbytes) {
+    rb->word_at = ((size_t)nbytes + 15) / 16 * 16;
+    size_t need = rb->word_at + kWordBytes;
+    if (rb->capacity >= need)
+        return cudaSuccess;
+    if (rb->pinned) {
+        cudaEventSynchronize(rb->done);
+        cudaFreeHost(rb->pinned);
+        rb->pinned = nullptr;
+        rb->capacity = 0;
+    }
+    size_t cap = need < 4096 ? 4096 : need;
+    cudaError_t err = cudaHostAlloc((void **)&rb->pinned, cap, cudaHostAllocDefault);
+    if (err != cudaSuccess) {
+        rb->pinned = nullptr;
+        return err;
+    }
+    rb->capacity = cap;
+    return cudaSuccess;
+}
+
+// The error in a finished read's copy of the error word, raised unless the word was cleared
+// since the read started (whoever cleared it reported it). Clearing it here is queued behind the
+// work started since the read: that work found the word set, so it recorded nothing (the first
+// error is kept) and nothing is lost.
+int read_error(const Readback *rb) {
+    const unsigned long long *w = (const unsigned long long *)(rb->pinned + rb->word_at);
+    if (w[0] == TO_GPU_ERR_NONE)
+        return TO_OK;
+    unsigned long long seen = rb->clears;
+    if (!error_clears[rb->device_index].compare_exchange_strong(seen, seen + 1))
+        return TO_OK;
+    cudaStream_t stream = to_cuda_stream(rb->device_index);
+    unsigned long long *word = to_cuda_error_word(rb->device_index);
+    if (stream && word)
+        cudaMemsetAsync(word, 0, kWordBytes, stream);
+    unsigned long long copy[4] = {w[0], w[1], w[2], w[3]};
+    return gpu_error(copy);
+}
+
+}  // namespace
+
+extern "C" {
+
+int to_cuda_readback_start(int device_index, const void *src, int64_t nbytes, void **out) {
+    *out = nullptr;
+    TO_TRY(check_device(device_index, "to_readback_start"));
+    cudaStream_t stream = to_cuda_stream(device_index);
+    unsigned long long *word = to_cuda_error_word(device_index);
+    if (!stream || !word)
+        return TO_ERR_CUDA;
+    {
+        std::lock_guard<std::mutex> guard(cache_lock);
+        if (caches[device_index].recording)
+            return to_fail(TO_ERR_INVALID_ARGUMENT, "to_readback_start: cuda:%d is recording a graph "
+                           "(read its results after launching it)", device_index);
+    }
+    Readback *rb = pooled_read(device_index);
+    cudaError_t err = rb->done ? cudaSuccess : cudaEventCreateWithFlags(&rb->done, cudaEventDisableTiming);
+    if (err == cudaSuccess)
+        err = reserve(rb, nbytes);
+    // counted before the copy of the word is queued: a clear queued between the two would then
+    // only defer an error in the copy to the next read, never report it twice
+    rb->clears = error_clears[device_index].load();
+    if (err == cudaSuccess && nbytes > 0)
+        err = cudaMemcpyAsync(rb->pinned, src, (size_t)nbytes, cudaMemcpyDeviceToHost, stream);
+    if (err == cudaSuccess)
+        err = cudaMemcpyAsync(rb->pinned + rb->word_at, word, kWordBytes, cudaMemcpyDeviceToHost, stream);
+    if (err == cudaSuccess)
+        err = cudaEventRecord(rb->done, stream);
+    if (err != cudaSuccess) {
+        give_back(rb);
+        return cuda_fail(err, "to_readback_start");
+    }
+    *out = rb;
+    return TO_OK;
+}
+
+int to_cuda_readback_wait(void *read, void *dst, int64_t nbytes) {
+    Readback *rb = static_cast<Readback *>(read);
+    int status = check_device(rb->device_index, "to_readback_wait");
+    if (status == TO_OK) {
+        cudaError_t err = cudaEventSynchronize(rb->done);
+        if (err != cudaSuccess) {
+            status = cuda_fail(err, "to_readback_wait");
+        } else {
+            if (nbytes > 0)
+                memcpy(dst, rb->pinned, (size_t)nbytes);
+            status = read_error(rb);
+        }
+    }
+    give_back(rb);
+    return status;
+}
+
+void to_cuda_readback_release(void *read) { give_back(static_cast<Readback *>(read)); }
 
 }  // extern "C"

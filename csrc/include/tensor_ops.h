@@ -127,6 +127,22 @@ int to_cuda_graph_begin(int device_index);
 int to_cuda_graph_end(int device_index, void **graph);
 int to_cuda_graph_launch(void *graph);
 int to_cuda_graph_destroy(void *graph);
+/* Reading a small result (a decode step's sampled ids) back without waiting for the GPU to go
+ * idle. to_readback_start queues a copy of src's bytes (any dtype, contiguous) to pinned host
+ * memory on its GPU's stream, behind the work queued there, and returns a handle at once; the
+ * caller may then queue more work (the next step). to_readback_wait(handle, dst, nbytes) blocks
+ * until that copy alone has landed (not the work queued after it), copies the bytes to dst
+ * (nbytes must be src's size in bytes, the handle stays live if it is not) and releases the
+ * handle. An error a GPU kernel recorded before the copy (a bad index, a bad logits row in
+ * to_sample: see "lookups and reductions") is returned by that wait, with dst filled all the
+ * same; one recorded after it, by a later wait or synchronising call; each error once.
+ * to_readback_release gives a handle back unread (NULL: nothing to do). A CPU src is copied by
+ * the start call, and its wait returns at once. A handle is used once: waiting on or releasing a
+ * handle that is not live is TO_ERR_INVALID_ARGUMENT, not a crash (as far as a freed address is
+ * not reused by a later handle). No start while src's GPU records a graph. Thread-safe. */
+int to_readback_start(const to_tensor *src, void **handle);
+int to_readback_wait(void *handle, void *dst, int64_t nbytes);
+int to_readback_release(void *handle);
 
 /* ---- copies and element-wise ops ---- */
 /* out = x converted to out's dtype; any strides; x and out may be on different devices

@@ -19,7 +19,8 @@ tensor = importlib.import_module(".tensor", __package__)
 # Calls that manage memory or report state, not compute: they run during capture but are not
 # part of the replayed step (the memory they hand out stays owned by the graph).
 _NOT_RECORDED = {"to_alloc", "to_free", "to_last_error", "to_status_name", "to_dtype_name",
-                 "to_dtype_size", "to_num_threads", "to_simd_active"}
+                 "to_dtype_size", "to_num_threads", "to_simd_active", "to_readback_start",
+                 "to_readback_wait", "to_readback_release"}
 
 
 _CALLERS = (ops, tensor)  # the modules that call the library on a forward's behalf

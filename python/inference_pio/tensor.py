@@ -420,6 +420,15 @@ class Tensor(BufferBase):
             return _empty_nested(t.shape)
         return memoryview(t).tolist()
 
+    def tolist_async(self):
+        """Starts reading the values back to the host without waiting for the GPU to finish
+        what is queued after (to_readback_start); returns a Readback whose result() is what
+        tolist() gives now. On the CPU the values are read at once."""
+        t = self
+        if t.dtype in (dtypes.bfloat16, dtypes.float16) or t.dtype.is_quantized:  # no buffer format
+            t = t.to(dtype=dtypes.float32)
+        return Readback(t.contiguous())
+
     def item(self):
         if self.numel() != 1:
             raise ValueError(f"item() needs exactly one element, the tensor has {self.numel()}")
@@ -436,6 +445,47 @@ class Tensor(BufferBase):
 
     __radd__ = __add__
     __rmul__ = __mul__
+
+
+class Readback:
+    """A tensor's values on their way to the host (Tensor.tolist_async). result() waits for this
+    copy only (not for the work queued on the GPU after it), returns the values as tolist()
+    would, and raises an error the GPU recorded before the copy (a bad index or logits row)."""
+
+    __slots__ = ("_src", "_handle", "_result", "_error")
+
+    def __init__(self, src):
+        handle = ffi.new("void **")
+        check(lib.to_readback_start(src._desc, handle))
+        # src: the dtype and shape of the result (on a GPU its memory may be reused meanwhile:
+        # a later write to it is queued after the copy)
+        self._src, self._handle, self._result, self._error = src, handle[0], None, None
+
+    def result(self):
+        if self._handle is not None:
+            handle, self._handle = self._handle, None  # the wait gives it back, even on an error
+            buf = bytearray(self._src.nbytes)
+            try:
+                check(lib.to_readback_wait(handle, ffi.from_buffer(buf), len(buf)))
+            except Exception as e:
+                self._error = e
+            else:
+                self._result = Tensor.frombuffer(buf, self._src.dtype, self._src.shape).tolist()
+            self._src = None
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def release(self):
+        """Gives the read back unread (an error it would have raised stays for a later wait)."""
+        if self._handle is not None:
+            handle, self._handle, self._src = self._handle, None, None
+            check(lib.to_readback_release(handle))
+
+    def __del__(self):
+        if self._handle is not None:
+            lib.to_readback_release(self._handle)
+            self._handle = None
 
 
 def _norm_shape_allow_neg(shape):

@@ -161,12 +161,43 @@ static void test_thread_local_error(void) {
     EXPECT(strcmp(before, to_last_error()) == 0, "message changed by another thread");
 }
 
+/* Reads of a CPU tensor through the asynchronous read-back calls: the bytes as they were at the
+ * start, handles used once, stale handles refused. Run under ASan (--sanitize) for leaks. */
+static void test_readback(void) {
+    int64_t shape[1] = {7};
+    int64_t src[7], dst[7];
+    for (int i = 0; i < 7; i++)
+        src[i] = (int64_t)rand() << 20 ^ rand();
+    to_tensor t = make(src, TO_I64, 1, shape);
+    void *h = NULL, *h2 = NULL;
+    EXPECT(to_readback_start(&t, &h) == TO_OK && h, "readback start");
+    EXPECT(to_readback_start(&t, &h2) == TO_OK && h2 && h2 != h, "second live readback");
+    int64_t first = src[0];
+    src[0] = ~first; /* the CPU bytes were taken at the start */
+    EXPECT(to_readback_wait(h, dst, 8 * 6) == TO_ERR_INVALID_ARGUMENT, "readback nbytes mismatch");
+    EXPECT(to_readback_wait(h, dst, sizeof dst) == TO_OK && dst[0] == first &&
+           memcmp(dst + 1, src + 1, 6 * sizeof *dst) == 0, "readback bytes");
+    EXPECT(to_readback_wait(h2, NULL, sizeof dst) == TO_ERR_INVALID_ARGUMENT, "readback NULL dst");
+    EXPECT(to_readback_release(h2) == TO_OK, "readback release");
+    EXPECT(to_readback_release(h2) == TO_ERR_INVALID_ARGUMENT && strstr(to_last_error(), "not a live handle"),
+           "readback double release: %s", to_last_error());
+    EXPECT(to_readback_wait(h, dst, sizeof dst) == TO_ERR_INVALID_ARGUMENT, "readback double wait");
+    EXPECT(to_readback_release(NULL) == TO_OK, "readback release NULL");
+    EXPECT(to_readback_start(&t, NULL) == TO_ERR_INVALID_ARGUMENT, "readback NULL handle");
+    to_tensor gap = t;
+    gap.shape[0] = 3;
+    gap.strides[0] = 2;
+    h = &h;
+    EXPECT(to_readback_start(&gap, &h) == TO_ERR_INVALID_ARGUMENT && h == NULL, "readback strided src");
+}
+
 int main(void) {
     test_facts();
     test_alloc_copy();
     test_validation();
     test_matmul();
     test_thread_local_error();
+    test_readback();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }

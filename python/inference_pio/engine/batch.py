@@ -53,12 +53,13 @@ class ForwardBatch:
         self.block_tables = self.block_tables.view(len(scheduled), width)
         self.num_tokens = len(arrays["token_ids"])
 
-    def update(self, scheduled):
+    def update(self, scheduled, token_ids=True):
         """Rewrites the batch in place for another step of the same shape: the same number of
-        sequences and tokens, and every row sampled (a decode step replayed by a graph)."""
+        sequences and tokens, and every row sampled (a decode step replayed by a graph).
+        token_ids=False leaves the token ids to the caller (they come from the device)."""
         arrays, self.sampled, _ = _layout(scheduled, self.block_size, self.logits_for,
                                           self.block_tables.shape[1])
-        for name in _FIELDS:
+        for name in _FIELDS if token_ids else _FIELDS[1:]:
             t, a = getattr(self, name), arrays[name]
             if len(a) != t.numel():
                 raise ValueError(f"batch field {name} has {len(a)} entries, the graph's has {t.numel()}")

@@ -22,13 +22,17 @@ class DecodeGraphs:
     def applies(scheduled):
         return all(n == 1 and seq.num_computed == seq.num_tokens - 1 for seq, n in scheduled)
 
-    def run(self, scheduled):
-        """(logits, batch) of a decode step."""
+    def run(self, scheduled, token_ids=None):
+        """(logits, batch) of a decode step. token_ids: the step's token ids as a tensor on the
+        model's device (the ids sampled by the step before, any integer dtype), copied there in
+        stream order; None takes them from the sequences."""
         size = len(scheduled)
         entry = self._graphs.get(size)
         if entry is None:
             batch = ForwardBatch(scheduled, self.blocks, self.kv_cache, self.model.device,
                                  block_table_width=self.width)
+            if token_ids is not None:
+                batch.token_ids.copy_(token_ids)
             if self.model.device == "cpu":  # recording runs the forward: its output is this step's
                 entry = OpGraph.capture(lambda: self.model(batch)), batch
             else:  # recording runs nothing: replayed below
@@ -41,5 +45,7 @@ class DecodeGraphs:
             return entry[0].replay(), batch
         self._graphs.move_to_end(size)
         graph, batch = entry
-        batch.update(scheduled)
+        batch.update(scheduled, token_ids=token_ids is None)
+        if token_ids is not None:
+            batch.token_ids.copy_(token_ids)  # int64 -> int32 on the device: no wait
         return graph.replay(), batch

@@ -43,13 +43,16 @@ class LLM:
     reserved, and only touched as it fills). max_num_seqs / max_num_batched_tokens: the
     scheduler's limits per step (a longer prompt is prefilled in chunks of the latter).
     enforce_eager: run every step op by op instead of replaying captured decode graphs.
+    overlap: launch each decode step before the previous one's tokens are read back, so that the
+    GPU never waits for the host between steps (engine/llm_engine.py); "auto" is on for a GPU
+    unless enforce_eager, True runs the same code path on the CPU too.
     kv_cache_dtype: "float32", "bfloat16", "float16", or "auto": float16 when the weight matrices
     are block-quantized and the other weights float32 (quantized GGUF files, or `quantization`
     on a float32 checkpoint), as llama.cpp's cache; otherwise the float weights' dtype."""
 
     def __init__(self, model, device="cpu", dtype="auto", quantization=None, max_model_len=None,
                  kv_cache_tokens=None, block_size=16, max_num_seqs=32, max_num_batched_tokens=512,
-                 enforce_eager=False, progress=None, kv_cache_dtype="auto"):
+                 enforce_eager=False, progress=None, kv_cache_dtype="auto", overlap="auto"):
         self.path = os.fspath(model)
         self.model, self.config = load_model(self.path, dtype, device, progress, quantization)
         self.tokenizer, generation_config = _tokenizer_and_generation_config(self.path, self.model)
@@ -64,7 +67,7 @@ class LLM:
         kv_cache_tokens = max(max_model_len, 8192) if kv_cache_tokens is None else kv_cache_tokens
         self.engine = LLMEngine(self.model, eos, max_model_len, kv_cache_tokens, block_size,
                                 max_num_seqs, max_num_batched_tokens, use_graphs=not enforce_eager,
-                                kv_dtype=_kv_dtype(self.model, kv_cache_dtype))
+                                kv_dtype=_kv_dtype(self.model, kv_cache_dtype), overlap=overlap)
 
     @property
     def eos_token_ids(self):
@@ -109,6 +112,7 @@ class LLM:
             for seq in seqs:  # an interrupted call leaves no request behind in the engine
                 if seq.status is not Status.FINISHED:
                     self.engine.abort(seq)
+            self.engine.drain()  # nor a step in flight
         return [self._output(s) for s in seqs]
 
     def _output(self, seq):
@@ -134,6 +138,7 @@ class LLM:
         finally:
             if seq.status is not Status.FINISHED:
                 self.engine.abort(seq)
+            self.engine.drain()  # the step launched behind the last one (its token is dropped)
 
     def chat(self, messages, sampling_params=None, tools=None, **template_kwargs):
         """The assistant's reply to a conversation (a list of {"role", "content"} dicts), or a

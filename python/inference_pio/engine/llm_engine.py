@@ -3,21 +3,49 @@
 LLMEngine owns the model, the KV cache, the block manager and the scheduler. step() asks the
 scheduler for a batch, runs the model once over it (every sequence's new tokens together),
 samples the sequences that finished their prefill or are decoding, and reports what each of
-them produced."""
+them produced.
+
+Overlapped decode (overlap=True; "auto": on a GPU with graphs). Between two decode steps the host
+schedules, lays out and uploads the batch, launches the graph and reads the sampled ids back;
+on a GPU that leaves it idle unless the next step is already queued. So after a decode step run
+from a graph, step n+1 is launched before step n's ids are read, when
+  - step n scheduled every running sequence (one token each, in the scheduler's order),
+  - nothing is waiting to be admitted,
+  - the free blocks give each of those sequences room for one more token (no preemption), and
+  - none of them ends at step n by its length (max_tokens or max_model_len, known in advance):
+then the synchronous scheduler would pick the same sequences, less any that stop at step n on a
+stop or EOS token. Step n+1's token ids are step n's sampled ids, copied into its batch on the
+device; positions, slots, block tables and context lengths come from the host (they do not
+depend on the tokens). Until its id is read, a sequence holds a placeholder token that
+num_computed and its blocks already count, so the scheduler and block manager see what they
+would have seen. A sequence found stopped at step n has computed one more token in step n+1: it
+is dropped unreported. Every other step (prefill, chunked or mixed, arrivals, preemption, graphs
+off) first reads the step in flight back, then runs synchronously. So each finish costs one step
+with nothing launched behind it: the last step of a length finish, the step after a stop. A
+request added while a step is in flight joins the step after that one (one step later than the
+synchronous engine would admit it).
+Seeded draws are taken as a step launches, one per sampled token of a sequence, as before: a
+draw spent on a dropped token belonged to a finished sequence.
+The outputs are the synchronous engine's, exactly when the kernels give each row the same
+result whatever the other rows: the step launched behind a stop token still has the stopped row,
+and an arrival joins a later step (on a GPU the number of rows picks the matmul path above 8 and
+the attention's key splits, so the other rows' roundings may differ from the synchronous step's).
+"""
 from ..tensor import Tensor
 from .batch import ForwardBatch
 from .block_manager import BlockManager
 from .graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .params import SamplingParams
-from .sampler import sample
+from .sampler import sample, sample_ids
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
 
 class LLMEngine:
     def __init__(self, model, eos_ids, max_model_len, kv_cache_tokens, block_size=16,
-                 max_num_seqs=64, max_num_batched_tokens=512, kv_dtype=None, use_graphs=True):
+                 max_num_seqs=64, max_num_batched_tokens=512, kv_dtype=None, use_graphs=True,
+                 overlap="auto"):
         self.model = model
         self.eos_ids = list(eos_ids)
         num_blocks = -(-kv_cache_tokens // block_size)
@@ -28,6 +56,14 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.graphs = DecodeGraphs(model, self.kv_cache, self.blocks, self.max_model_len) if use_graphs else None
+        if overlap == "auto":
+            overlap = self.graphs is not None and model.device != "cpu"
+        elif overlap not in (True, False):
+            raise ValueError(f"overlap must be True, False or 'auto', got {overlap!r}")
+        elif overlap and self.graphs is None:
+            raise ValueError("overlap needs the decode graphs (use_graphs=True, not enforce_eager)")
+        self.overlap = overlap
+        self._inflight = None  # the decode step launched and not read back yet (_Launched)
         self._next_id = 0
 
     def add_request(self, prompt_ids, params):
@@ -58,17 +94,77 @@ class LLMEngine:
 
     def abort(self, seq):
         if seq.status is not Status.FINISHED:
+            # drops its placeholders: a step in flight skips it (its freed blocks: see _read)
             seq.finish("abort")
         self.scheduler.finish(seq)
 
     def has_unfinished(self):
-        return self.scheduler.has_unfinished()
+        return self._inflight is not None or self.scheduler.has_unfinished()
 
     def step(self):
-        """Runs one forward; returns [(sequence, new token id)] for the sequences sampled."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
+        """Runs one forward; returns [(sequence, new token id)] for the sequences sampled. With
+        overlap, a decode step's tokens are reported by the call after the one that launched it
+        (the events are still in order, one per sampled token)."""
+        if self._inflight is None:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                return []
+            if not (self.overlap and DecodeGraphs.applies(scheduled)):
+                return self._run(scheduled)
+            self._inflight = self._launch(scheduled)
+        step = self._inflight
+        if self._can_follow(step):  # schedule() then picks step's sequences again, one token each
+            self._inflight = self._launch(self.scheduler.schedule(), step.ids)
+        else:
+            self._inflight = None
+        return self._read(step)
+
+    def drain(self):
+        """Reads the step in flight back, if any; returns its events."""
+        step, self._inflight = self._inflight, None
+        return self._read(step) if step is not None else []
+
+    def _can_follow(self, step):
+        """Whether the next step may be launched behind `step` (see the module docstring)."""
+        s = self.scheduler
+        return (not s.waiting and s.running == step.seqs
+                and sum(self.blocks.needed(q, 1) for q in step.seqs) <= self.blocks.num_free
+                and not any(q.at_length_limit(self.max_model_len) for q in step.seqs))
+
+    def _launch(self, scheduled, token_ids=None):
+        """Queues a decode step from its graph, its token ids read on the device from token_ids
+        when given, and starts reading its sampled ids back; its sequences take placeholders."""
+        logits, batch = self.graphs.run(scheduled, token_ids)
+        ids = sample_ids(logits, batch.sampled)
+        self.scheduler.computed(scheduled)
+        for seq in batch.sampled:
+            seq.append_placeholder()
+        return _Launched(batch.sampled, ids, ids.tolist_async())
+
+    def _read(self, step):
+        """Waits for a launched step's ids and hands them to its sequences: the events."""
+        try:
+            ids = step.readback.result()
+        except BaseException:
+            # the step launched behind read its token ids from this one: it goes too
+            if self._inflight is not None:
+                self._inflight.readback.release()
+                self._inflight = None
+            raise
+        events = []
+        for seq, tid in zip(step.seqs, ids):
+            if seq.status is Status.FINISHED:  # at the step before, or aborted: the token is dropped
+                continue
+            seq.fill(tid, self.max_model_len)
+            events.append((seq, tid))
+            if seq.status is Status.FINISHED:
+                # its blocks may be handed out while the step launched behind still writes this
+                # sequence's last slot: a later write to them is queued after that step (one stream)
+                self.scheduler.finish(seq)
+        return events
+
+    def _run(self, scheduled):
+        """A step run synchronously: forward, sample, read the ids, update the sequences."""
         if self.graphs is not None and DecodeGraphs.applies(scheduled):
             logits, batch = self.graphs.run(scheduled)
         else:
@@ -104,3 +200,13 @@ class LLMEngine:
         finally:
             self.blocks.free(seq)
         return out
+
+
+class _Launched:
+    """A decode step in flight: its sequences (row order), its sampled ids on the device, and
+    their read back to the host."""
+
+    __slots__ = ("seqs", "ids", "readback")
+
+    def __init__(self, seqs, ids, readback):
+        self.seqs, self.ids, self.readback = seqs, ids, readback

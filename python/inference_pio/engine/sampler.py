@@ -2,7 +2,8 @@
 Only the per-row parameters and one uniform draw per row (from the sequence's own generator) go
 in, as small host tensors (to_sample reads parameters on the host whatever the logits' device);
 the chosen ids come out. With logits on a GPU the rows never leave it: only the ids ([B] int64)
-are copied back, and that copy is where a bad logits row recorded by the GPU is raised."""
+are copied back, and that copy (or the wait of its asynchronous read) is where a bad logits row
+recorded by the GPU is raised."""
 from array import array
 
 from .. import dtypes, ops
@@ -15,16 +16,21 @@ def _tensor(code, values, dtype):
 
 def sample(logits, seqs):
     """Token ids (a list of ints) for logits [len(seqs), vocab], row i for seqs[i]."""
+    return sample_ids(logits, seqs).tolist()
+
+
+def sample_ids(logits, seqs):
+    """The ids as an int64 tensor [len(seqs)] on the logits' device, not waited for (the
+    overlapped decode reads them back with tolist_async). Draws one uniform per sequence now."""
     if all(s.params.greedy for s in seqs):
-        return ops.argmax(logits).tolist()  # on the logits' device: only the ids come back
+        return ops.argmax(logits)  # on the logits' device: only the ids come back
     p = [s.params for s in seqs]
-    out = ops.sample(logits,
-                     _tensor("f", [x.temperature for x in p], dtypes.float32),
-                     _tensor("i", [x.top_k for x in p], dtypes.int32),
-                     _tensor("f", [x.top_p for x in p], dtypes.float32),
-                     _tensor("f", [x.min_p for x in p], dtypes.float32),
-                     _tensor("f", [_uniform(s) for s in seqs], dtypes.float32))
-    return out.tolist()
+    return ops.sample(logits,
+                      _tensor("f", [x.temperature for x in p], dtypes.float32),
+                      _tensor("i", [x.top_k for x in p], dtypes.int32),
+                      _tensor("f", [x.top_p for x in p], dtypes.float32),
+                      _tensor("f", [x.min_p for x in p], dtypes.float32),
+                      _tensor("f", [_uniform(s) for s in seqs], dtypes.float32))
 
 
 def _uniform(seq):

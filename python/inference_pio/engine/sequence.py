@@ -9,6 +9,9 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+PLACEHOLDER = -1  # a token sampled on the device and not read back yet (overlapped decode)
+
+
 class Sequence:
     def __init__(self, request_id, prompt_ids, params, eos_ids):
         self.request_id = request_id
@@ -17,6 +20,7 @@ class Sequence:
         self.params = params
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_ids))
         self.num_computed = 0       # tokens whose keys and values are in the cache
+        self.num_pending = 0        # PLACEHOLDERs ending token_ids: launched steps not read back yet
         self.block_table = []       # cache blocks holding positions [i * block_size, (i+1) * block_size)
         self.status = Status.WAITING
         self.finish_reason = None
@@ -34,15 +38,41 @@ class Sequence:
 
     @property
     def completion_ids(self):
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
 
     def append(self, token_id, max_len):
         """Adds a sampled token and decides whether the sequence is done."""
         self.token_ids.append(token_id)
+        self._decide(token_id, len(self.token_ids), max_len)
+
+    def append_placeholder(self):
+        """Adds a token that a launched step samples on the device; fill() puts it in."""
+        self.token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+
+    def fill(self, token_id, max_len):
+        """Puts in the oldest placeholder's token, then decides as append() does: on the tokens
+        up to that one (a finished sequence drops the placeholders after it)."""
+        n = len(self.token_ids) - self.num_pending + 1
+        self.token_ids[n - 1] = token_id
+        self.num_pending -= 1
+        self._decide(token_id, n, max_len)
+
+    def at_length_limit(self, max_len):
+        """Whether the tokens (placeholders counted) reach max_tokens or max_len: the last one
+        finishes the sequence whatever it is."""
+        n = len(self.token_ids)
+        return n - self.num_prompt_tokens >= self.params.max_tokens or n >= max_len
+
+    def _decide(self, token_id, n, max_len):
+        """Finishes the sequence if its n-th token, token_id, ends it."""
         if token_id in self.stop_ids:
             self.finish("stop")
-        elif len(self.token_ids) - self.num_prompt_tokens >= self.params.max_tokens or len(self.token_ids) >= max_len:
+        elif n - self.num_prompt_tokens >= self.params.max_tokens or n >= max_len:
             self.finish("length")
 
     def finish(self, reason):
         self.status, self.finish_reason = Status.FINISHED, reason
+        if self.num_pending:  # tokens of steps launched past the end: never reported
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
