@@ -455,6 +455,7 @@ class Readback:
     __slots__ = ("_src", "_handle", "_result", "_error")
 
     def __init__(self, src):
+        self._handle = None  # (__del__ runs even when the start below fails)
         handle = ffi.new("void **")
         check(lib.to_readback_start(src._desc, handle))
         # src: the dtype and shape of the result (on a GPU its memory may be reused meanwhile:
