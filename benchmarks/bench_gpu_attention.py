@@ -1,0 +1,53 @@
+"""Decode attention on the GPU: one query per sequence over a paged cache of a given context,
+Qwen3 head shapes (q heads, kv heads 8, head dim 128), bf16 cache, captured --repeat times in one
+CUDA graph and replayed; µs per op and the GB/s of K/V read.
+
+    python benchmarks/bench_gpu_attention.py [--heads 16] [--batch 1,32] [--context 128,512,2048,8192]
+"""
+import argparse
+import time
+
+import inference_pio as ip
+from inference_pio import ops
+from inference_pio.graph import CudaGraph
+
+
+def per_op_us(fn, repeat, rounds=5):
+    graph = CudaGraph.capture(lambda: [fn() for _ in range(repeat)][-1])
+    graph.replay()
+    ip.lib.to_cuda_synchronize(0)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        graph.replay()
+        ip.lib.to_cuda_synchronize(0)
+        best = min(best, time.perf_counter() - t0)
+    return best / repeat * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--batch", default="1,32")
+    ap.add_argument("--context", default="128,512,2048,8192")
+    ap.add_argument("--repeat", type=int, default=100)
+    args = ap.parse_args()
+    hq, hkv, D, bs = args.heads, 8, 128, 16
+    for S in (int(b) for b in args.batch.split(",")):
+        for ctx in (int(c) for c in args.context.split(",")):
+            nblk = -(-ctx // bs)
+            k_cache = ip.Tensor.full((S * nblk, bs, hkv, D), 0.01, dtype="bfloat16", device="cuda")
+            v_cache = ip.Tensor.full((S * nblk, bs, hkv, D), 0.02, dtype="bfloat16", device="cuda")
+            q = ip.Tensor.full((S, hq, D), 0.1, device="cuda")
+            cu = ip.tensor(list(range(S + 1)), dtype="int32").to("cuda")
+            lens = ip.tensor([ctx] * S, dtype="int32").to("cuda")
+            tables = ip.tensor([s * nblk + j for s in range(S) for j in range(nblk)], dtype="int32").view(S, nblk).to("cuda")
+            out = ip.Tensor.empty(S, hq, D, device="cuda")
+            us = per_op_us(lambda: ops.paged_attention(q, k_cache, v_cache, cu, lens, tables, D ** -0.5, out=out),
+                           args.repeat)
+            gbs = 2 * S * ctx * hkv * D * 2 / (us * 1e-6) / 1e9
+            print(f"batch {S:3d} context {ctx:6d}: {us:8.2f} us  {gbs:7.0f} GB/s of K/V")
+
+
+if __name__ == "__main__":
+    main()
