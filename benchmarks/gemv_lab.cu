@@ -504,7 +504,7 @@ int main(int argc, char **argv) {
             }
         }
         printf("== %s: %d layers, %.1f MB of weights per layer\n", m.name, m.layers, layer_bytes / 1e6);
-        for (int mode = 0; mode < 3; mode += 2) { // 0: chain, 1: chain + prefetch node per layer, 2: chain without PDL
+        for (int mode = 0; mode < 3; mode++) { // 0: chain, 1: chain + prefetch node per layer, 2: chain without PDL
             g_pdl = mode != 2;
             for (int vi = 0; vi < nv; vi++) {
                 const Variant &v = variants[vi];
