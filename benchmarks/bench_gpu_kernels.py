@@ -67,6 +67,16 @@ def main():
     gd = randn(D, dtype="bfloat16")
     rows.append((f"rms_norm_rope q [1, {hq}, {D}]", per_op_us(
         lambda: ops.rms_norm_rope(q, gd, 1e-6, pos, inv, out=q), n), 0))
+    # a Qwen3 layer's q/k norms, rotation and cache write: two launches, or one
+    qk = qkv.narrow(1, 0, (hq + hkv) * D).unflatten(1, (hq + hkv, D))
+    k, v = qk.narrow(1, hq, hkv), qkv.narrow(1, (hq + hkv) * D, hkv * D).unflatten(1, (hkv, D))
+    gh = randn(hq + hkv, D, dtype="bfloat16")
+    kc, vc = (ip.Tensor.zeros(64, 16, hkv, D, dtype="bfloat16", device="cuda") for _ in range(2))
+    slot = ip.tensor([100], dtype="int32").to("cuda")
+    rows.append((f"rms_norm_rope qk [1, {hq + hkv}, {D}] + kv_cache_store", per_op_us(
+        lambda: (ops.rms_norm_rope(qk, gh, 1e-6, pos, inv, out=qk), ops.kv_cache_store(kc, vc, k, v, slot)), n), 0))
+    rows.append(("rope_kv_store, the same in one launch", per_op_us(
+        lambda: ops.rope_kv_store(qk, pos, inv, v, kc, vc, slot, norm_weight=gh, eps=1e-6, out=qk), n), 0))
     for name, N, K, kind in (("qkv", (hq + 2 * hkv) * D, H, "norm"), ("qkv", (hq + 2 * hkv) * D, H, "plain"),
                              ("o_proj", H, hq * D, "add"), ("o_proj", H, hq * D, "plain"),
                              ("gate_up", 2 * I, H, "norm"), ("down", H, I, "add"), ("lm_head", V, H, "plain")):

@@ -256,6 +256,32 @@ int to_check_no_alias(const to_tensor *w, const to_tensor *r, int allow_same_vie
                    "allow", op, wname, rname);
 }
 
+/* bytes one index of dimension 0 of t reaches, from its first (0 when t is empty) */
+static int64_t row_reach(const to_tensor *t) {
+    int64_t last = 0;
+    for (int i = 1; i < t->ndim; i++) {
+        if (t->shape[i] == 0)
+            return 0;
+        last += (t->shape[i] - 1) * t->strides[i];
+    }
+    return (last + 1) * to_dtype_size(t->dtype);
+}
+
+int to_rows_disjoint(const to_tensor *a, const to_tensor *b) {
+    if (a->ndim < 1 || b->ndim < 1)
+        return 0;
+    /* a's rows cover [k P, k P + ra), b's [d + m P, d + m P + rb) with d = (b - a) mod P: no
+     * element is shared when, within one period, b's row sits after a's and ends by the next */
+    const int64_t period = a->strides[0] * to_dtype_size(a->dtype); /* 0 for block types */
+    if (period <= 0 || b->strides[0] * to_dtype_size(b->dtype) != period)
+        return 0;
+    const int64_t ra = row_reach(a), rb = row_reach(b);
+    int64_t d = (int64_t)((uintptr_t)b->data - (uintptr_t)a->data) % period;
+    if (d < 0)
+        d += period;
+    return ra <= d && d + rb <= period;
+}
+
 int to_check_norm_weight(const char *op, const to_tensor *weight, int64_t d, double eps) {
     TO_TRY(to_check_tensor(weight, op, "weight"));
     TO_TRY(to_check_dtype(weight, TO_FLOAT_DTYPES, op, "weight"));

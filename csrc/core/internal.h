@@ -77,10 +77,23 @@ int to_check_writable(const to_tensor *t, const char *op, const char *name);
  * allow_same_view and w is exactly r's view. */
 int to_check_no_alias(const to_tensor *w, const to_tensor *r, int allow_same_view, const char *op,
                       const char *wname, const char *rname);
+/* 1 when a and b, though their spans may overlap, share no element because they interleave row
+ * by row: the same byte stride in dimension 0, and each index of dimension 0 of one lies in the
+ * gap between two of the other's (the q/k heads and the v heads of one stacked qkv product). */
+int to_rows_disjoint(const to_tensor *a, const to_tensor *b);
 /* Error unless the tensor is on the CPU; used by ops with no CUDA kernel yet. */
 int to_require_cpu(const to_tensor *t, const char *op);
 /* An RMSNorm's weight [d] (float dtype, on x's device) for rows of length d, and eps finite >= 0. */
 int to_check_norm_weight(const char *op, const to_tensor *weight, int64_t d, double eps);
+
+/* ---- checks shared by ops of several files (csrc/ops) ---- */
+/* attention.c: to_kv_cache_store's checks, `op` naming the caller. The cache pair alone: */
+int to_check_kv_caches(const char *op, const to_tensor *k_cache, const to_tensor *v_cache);
+/* everything to_kv_cache_store checks before the slot values (kname: what k is to the caller): */
+int to_check_kv_store(const char *op, const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,
+                      const char *kname, const to_tensor *v, const to_tensor *slot_mapping);
+/* the slot values, on the host (CPU tensors): each < num_slots, the non-negative ones distinct */
+int to_check_kv_slots(const char *op, const to_tensor *slot_mapping, int64_t num_slots);
 
 /* ---- dtypes (core/dtype.c) ---- */
 static inline float to_bf16_to_f32(uint16_t h) {

@@ -76,6 +76,14 @@ int to_cuda_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_ten
         (void)interleaved, (void)attention_scaling;
     return no_cuda("to_rms_norm_rope");
 }
+int to_cuda_rope_kv_store(const to_tensor *out, const to_tensor *qk, const to_tensor *weight, double eps,
+                          const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                          int interleaved, double attention_scaling, const to_tensor *v,
+                          const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *slot_mapping) {
+    (void)out, (void)qk, (void)weight, (void)eps, (void)positions, (void)inv_freq, (void)rotary_dim,
+        (void)interleaved, (void)attention_scaling, (void)v, (void)k_cache, (void)v_cache, (void)slot_mapping;
+    return no_cuda("to_rope_kv_store");
+}
 int to_cuda_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids) {
     (void)out, (void)table, (void)ids;
     return no_cuda("to_embedding");

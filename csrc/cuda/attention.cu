@@ -45,6 +45,7 @@
 // to_pdl_trigger() first, so the next kernel's blocks may become resident early, and
 // to_pdl_wait() in every thread before it touches memory.
 #include "cuda/common.cuh"
+#include "cuda/kv_store.cuh"
 
 #include <math.h>
 
@@ -65,17 +66,10 @@ int launched(cudaError_t err, const char *op) {
 constexpr int kStoreThreads = 128;
 
 struct StoreArgs {
-    char *k_cache, *v_cache;
-    int cache_dtype;
-    const char *k, *v;
-    int k_dtype, v_dtype;
-    int64_t ks0, ks1, ks2, vs0, vs1, vs2;
-    const char *slots;
-    int slot_dtype;
-    int64_t slot_stride;
-    int Hkv, D;
-    int64_t num_slots;       // num_blocks * block_size
-    unsigned long long *err; // the GPU's error word (common.cuh)
+    KvStore kv; // the caches, v, the slots (kv_store.cuh)
+    const char *k;
+    int k_dtype;
+    int64_t ks0, ks1, ks2;
 };
 
 // One block per token: its Hkv * D key and value elements go to row `slot` of the caches
@@ -86,21 +80,16 @@ __global__ void __launch_bounds__(kStoreThreads) kv_store_kernel(StoreArgs a) {
     to_pdl_trigger();
     to_pdl_wait(); // k and v come from the kernels before
     const int64_t t = blockIdx.x;
-    const int64_t slot = to_load_index_dev(a.slots, a.slot_dtype, t * a.slot_stride);
+    const int64_t slot = kv_slot(a.kv, t, threadIdx.x == 0); // bad ones skipped and reported
     if (slot < 0)
-        return; // padding token
-    if (slot >= a.num_slots) { // skipped and reported, never written out of bounds
-        if (threadIdx.x == 0)
-            to_gpu_error(a.err, TO_GPU_ERR_SLOT, t, slot, a.num_slots);
         return;
-    }
-    const int64_t n = (int64_t)a.Hkv * a.D, row = slot * n;
+    const int64_t n = (int64_t)a.kv.Hkv * a.kv.D, row = kv_row(a.kv, slot, 0);
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        int64_t h = i / a.D, d = i % a.D;
+        int64_t h = i / a.kv.D, d = i % a.kv.D;
         float kx = to_load(a.k, a.k_dtype, t * a.ks0 + h * a.ks1 + d * a.ks2);
-        float vx = to_load(a.v, a.v_dtype, t * a.vs0 + h * a.vs1 + d * a.vs2);
-        to_store(a.k_cache, a.cache_dtype, row + i, kx);
-        to_store(a.v_cache, a.cache_dtype, row + i, vx);
+        float vx = kv_load_v(a.kv, t, h, d);
+        to_store(a.kv.k_cache, a.kv.cache_dtype, row + i, kx);
+        to_store(a.kv.v_cache, a.kv.cache_dtype, row + i, vx);
     }
 }
 
@@ -1267,23 +1256,10 @@ int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, c
     if (T == 0 || Hkv == 0 || D == 0)
         return TO_OK;
     StoreArgs a;
-    a.k_cache = (char *)k_cache->data;
-    a.v_cache = (char *)v_cache->data;
-    a.cache_dtype = k_cache->dtype;
+    TO_TRY(kv_store_init(&a.kv, k_cache, v_cache, v, slot_mapping, TO_GPU_ERR_SLOT));
     a.k = (const char *)k->data;
-    a.v = (const char *)v->data;
     a.k_dtype = k->dtype;
-    a.v_dtype = v->dtype;
     a.ks0 = k->strides[0], a.ks1 = k->strides[1], a.ks2 = k->strides[2];
-    a.vs0 = v->strides[0], a.vs1 = v->strides[1], a.vs2 = v->strides[2];
-    a.slots = (const char *)slot_mapping->data;
-    a.slot_dtype = slot_mapping->dtype;
-    a.slot_stride = slot_mapping->strides[0];
-    a.Hkv = (int)Hkv;
-    a.D = (int)D;
-    a.num_slots = k_cache->shape[0] * k_cache->shape[1];
-    if (!(a.err = to_cuda_error_word(k_cache->device_index)))
-        return TO_ERR_CUDA;
     TO_TRY(launched(to_launch(kv_store_kernel, dim3((unsigned)T), dim3(kStoreThreads), 0, stream, a),
                     "to_kv_cache_store"));
     return to_cuda_check_launch("to_kv_cache_store");

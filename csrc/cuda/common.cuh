@@ -33,6 +33,7 @@ enum {
     TO_GPU_ERR_SLOT = 2,         // a = position in slot_mapping, b = the slot, c = slots in the caches
     TO_GPU_ERR_BATCH = 3,        // a = the sequence, b = what is wrong (TO_GPU_BATCH_*), c = a value
     TO_GPU_ERR_LOGITS = 4,       // to_sample: a = the row, b = 1 NaN, 2 +inf, 3 all -inf
+    TO_GPU_ERR_ROPE_KV_SLOT = 5, // to_rope_kv_store: as TO_GPU_ERR_SLOT
 };
 enum { TO_GPU_BATCH_CU = 1, TO_GPU_BATCH_CONTEXT = 2, TO_GPU_BATCH_TABLE = 3, TO_GPU_BATCH_BLOCK = 4 };
 
@@ -114,6 +115,15 @@ __device__ __forceinline__ void to_store(char *base, int dtype, int64_t i, float
     case TO_BF16: ((__nv_bfloat16 *)base)[i] = __float2bfloat16_rn(x); break;
     default: break; // integer stores are the copy kernel's business (truncation, saturation)
     }
+}
+
+// x as to_store(dtype) stores it, read back (a float dtype): what a later to_load of it gives
+__device__ __forceinline__ float to_round(int dtype, float x) {
+    switch (dtype) {
+    case TO_F16: return __half2float(__float2half_rn(x));
+    case TO_BF16: return __bfloat162float(__float2bfloat16_rn(x));
+    }
+    return x;
 }
 
 __device__ __forceinline__ int64_t to_load_index_dev(const char *base, int dtype, int64_t i) {

@@ -48,6 +48,14 @@ int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_tensor *posi
 int to_cuda_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps,
                           const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
                           int interleaved, double attention_scaling);
+/* as to_cpu_rms_norm_rope (weight given) or to_cpu_rope (weight NULL) then to_cpu_kv_cache_store
+ * of out's last Hkv heads and v, in one launch; the slots are checked by the kernel, a bad one
+ * recorded (TO_GPU_ERR_ROPE_KV_SLOT) and its token's k and v not stored (out is still written).
+ * With a weight, the register limit of to_cuda_rms_norm_rope. */
+int to_cuda_rope_kv_store(const to_tensor *out, const to_tensor *qk, const to_tensor *weight, double eps,
+                          const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                          int interleaved, double attention_scaling, const to_tensor *v,
+                          const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *slot_mapping);
 
 /* ---- embedding.cu ---- */
 int to_cuda_embedding(const to_tensor *out, const to_tensor *table, const to_tensor *ids);

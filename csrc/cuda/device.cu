@@ -170,6 +170,10 @@ static int gpu_error(const unsigned long long w[4]) {
     case TO_GPU_ERR_SLOT:
         return to_fail(TO_ERR_BOUNDS, "%s: to_kv_cache_store: slot_mapping[%lld] = %lld is not below "
                        "num_blocks * block_size = %lld; that token was not stored", pre, a, b, c);
+    case TO_GPU_ERR_ROPE_KV_SLOT:
+        return to_fail(TO_ERR_BOUNDS, "%s: to_rope_kv_store: slot_mapping[%lld] = %lld is not below "
+                       "num_blocks * block_size = %lld; that token's k and v were not stored (its "
+                       "heads were still rotated into out)", pre, a, b, c);
     case TO_GPU_ERR_BATCH: {
         static const char *what[] = {"", "cu_seqlens_q is not non-decreasing from 0 to T there",
                                      "context_lens is less than its queries",

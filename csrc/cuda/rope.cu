@@ -25,7 +25,16 @@
 // to_rms_norm's arithmetic (csrc/cuda/norm.cu): squares summed in double (in another order than
 // the CPU, so rinv may rarely round an ulp apart), rinv = float(1 / sqrt(ss / D + eps)),
 // y = (v * rinv) * w in f32; the rotation above then reads y, and dims >= R are y.
+//
+// to_rope_kv_store: either kernel with the cache store switched on (a.kv.Hkv > 0), so a decode
+// layer's rotation and cache write are one launch. The warp of one of the last Hkv heads (k's)
+// writes each value it stores into out to the head's cache row too, rounded to out's dtype first:
+// exactly what to_kv_cache_store would read back from out, so the caches get the separate ops'
+// bits. The grid has Hkv more heads: the warps past the H rotated ones copy v's heads to their
+// rows (the same conversion as kv_store_kernel). Slots are checked as to_kv_cache_store's kernel
+// checks them (kv_store.cuh); a bad one is recorded once per token, by v's first head.
 #include "cuda/common.cuh"
+#include "cuda/kv_store.cuh"
 
 namespace {
 
@@ -34,12 +43,40 @@ constexpr size_t kDefaultSmem = 48 * 1024;   // dynamic shared memory without op
 constexpr int kMaxPerLane = 16;              // fused: pairs (and dims >= R) per lane in registers
 
 struct RopeArgs {
-    TensorView out, x, positions, inv_freq, weight; // weight: to_rms_norm_rope only
+    TensorView out, x, positions, inv_freq, weight; // weight: the norm's (rms_norm_rope_kernel)
     int64_t T, H, D, R;
     int interleaved, in_place, warps;
     float scaling;
     double eps;
+    KvStore kv; // kv.Hkv > 0: out's last Hkv heads and v's go to the caches (to_rope_kv_store)
 };
+
+// Where the warp of head h of token t stores the head's values in the k cache: the element offset
+// of its row, or -1 (not a k head, no store, or a token without a slot).
+__device__ __forceinline__ int64_t k_row(const RopeArgs &a, int64_t t, int64_t h) {
+    const int64_t kh = h - (a.H - a.kv.Hkv);
+    if (a.kv.Hkv == 0 || kh < 0)
+        return -1;
+    const int64_t slot = kv_slot(a.kv, t, false); // reported by v's first head (copy_v_head)
+    return slot < 0 ? -1 : kv_row(a.kv, slot, kh);
+}
+
+// out[i] = r (oo: the head's offset in out), and r into the k cache row krow (>= 0) as out holds it
+__device__ __forceinline__ void put(const RopeArgs &a, int64_t oo, int64_t krow, int64_t i, float r) {
+    to_store(a.out.data, a.out.dtype, oo + i * a.out.strides[2], r);
+    if (krow >= 0)
+        to_store(a.kv.k_cache, a.kv.cache_dtype, krow + i, to_round(a.out.dtype, r));
+}
+
+// The warp of v's head hv of token t: the head to its cache row.
+__device__ void copy_v_head(const RopeArgs &a, int64_t t, int64_t hv, int lane) {
+    const int64_t slot = kv_slot(a.kv, t, hv == 0 && lane == 0);
+    if (slot < 0)
+        return;
+    const int64_t row = kv_row(a.kv, slot, hv);
+    for (int64_t d = lane; d < a.D; d += 32)
+        to_store(a.kv.v_cache, a.kv.cache_dtype, row + d, kv_load_v(a.kv, t, hv, d));
+}
 
 // cs, sn [R/2] in shared memory: token t's scaled cos/sin, computed by the whole block.
 __device__ void cos_sin_table(const RopeArgs &a, int64_t t, float *cs, float *sn) {
@@ -66,14 +103,18 @@ __global__ void rope_kernel(RopeArgs a) {
     float *v = smem + 2 * half + (int64_t)warp * a.R; // this warp's copy of the head's rotary slice
 
     const int64_t t = blockIdx.x;
-    cos_sin_table(a, t, cs, sn);
-
     const int64_t h = (int64_t)blockIdx.y * a.warps + warp;
-    if (h >= a.H)
-        return; // no more block-wide barriers below
-    const int64_t sx = a.x.strides[2], so = a.out.strides[2];
+    if ((int64_t)blockIdx.y * a.warps < a.H) // (block-uniform: blocks of v's heads alone skip it)
+        cos_sin_table(a, t, cs, sn);
+    if (h >= a.H) { // no more block-wide barriers below
+        if (h < a.H + a.kv.Hkv)
+            copy_v_head(a, t, h - a.H, lane);
+        return;
+    }
+    const int64_t sx = a.x.strides[2];
     const int64_t xo = t * a.x.strides[0] + h * a.x.strides[1];
     const int64_t oo = t * a.out.strides[0] + h * a.out.strides[1];
+    const int64_t krow = k_row(a, t, h);
 
     for (int64_t i = lane; i < a.R; i += 32)
         v[i] = to_load(a.x.data, a.x.dtype, xo + i * sx);
@@ -83,13 +124,18 @@ __global__ void rope_kernel(RopeArgs a) {
         float x1 = a.interleaved ? v[2 * i + 1] : v[i + half];
         float r0 = __fsub_rn(__fmul_rn(x0, cs[i]), __fmul_rn(x1, sn[i]));
         float r1 = __fadd_rn(__fmul_rn(x1, cs[i]), __fmul_rn(x0, sn[i]));
-        to_store(a.out.data, a.out.dtype, oo + i * so, r0);
-        to_store(a.out.data, a.out.dtype, oo + (i + half) * so, r1);
+        put(a, oo, krow, i, r0);
+        put(a, oo, krow, i + half, r1);
     }
-    if (a.in_place)
+    if (a.in_place && krow < 0)
         return; // dims >= R are already there
-    for (int64_t i = a.R + lane; i < a.D; i += 32)
-        to_store(a.out.data, a.out.dtype, oo + i * so, to_load(a.x.data, a.x.dtype, xo + i * sx));
+    for (int64_t i = a.R + lane; i < a.D; i += 32) {
+        const float y = to_load(a.x.data, a.x.dtype, xo + i * sx);
+        if (!a.in_place)
+            to_store(a.out.data, a.out.dtype, oo + i * a.out.strides[2], y);
+        if (krow >= 0) // (in place y is out's value already: the rounding changes nothing)
+            to_store(a.kv.k_cache, a.kv.cache_dtype, krow + i, to_round(a.out.dtype, y));
+    }
 }
 
 // N: pairs (and dims >= R) per lane, at least ceil(R/2 / 32) and ceil((D - R) / 32)
@@ -103,12 +149,16 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
     const int64_t t = blockIdx.x;
-    cos_sin_table(a, t, cs, sn);
-
     const int64_t h = (int64_t)blockIdx.y * a.warps + warp;
-    if (h >= a.H)
-        return; // whole warps leave: the shuffles below always have all 32 lanes
-    const int64_t sx = a.x.strides[2], so = a.out.strides[2], sw = a.weight.strides[a.weight.ndim - 1];
+    if ((int64_t)blockIdx.y * a.warps < a.H) // (block-uniform: blocks of v's heads alone skip it)
+        cos_sin_table(a, t, cs, sn);
+    if (h >= a.H) { // whole warps leave: the shuffles below always have all 32 lanes
+        if (h < a.H + a.kv.Hkv)
+            copy_v_head(a, t, h - a.H, lane);
+        return;
+    }
+    const int64_t sx = a.x.strides[2], sw = a.weight.strides[a.weight.ndim - 1];
+    const int64_t krow = k_row(a, t, h);
     const int64_t wo = a.weight.ndim == 2 ? h * a.weight.strides[0] : 0; // a per-head weight's row
     const int64_t xo = t * a.x.strides[0] + h * a.x.strides[1];
     const int64_t oo = t * a.out.strides[0] + h * a.out.strides[1];
@@ -143,17 +193,17 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
             float y1 = __fmul_rn(__fmul_rn(v1[k], rinv), to_load(a.weight.data, a.weight.dtype, wo + e1 * sw));
             float r0 = __fsub_rn(__fmul_rn(y0, cs[i]), __fmul_rn(y1, sn[i]));
             float r1 = __fadd_rn(__fmul_rn(y1, cs[i]), __fmul_rn(y0, sn[i]));
-            to_store(a.out.data, a.out.dtype, oo + i * so, r0);
-            to_store(a.out.data, a.out.dtype, oo + (i + half) * so, r1);
+            put(a, oo, krow, i, r0);
+            put(a, oo, krow, i + half, r1);
         }
         if (j < a.D) {
             float y = __fmul_rn(__fmul_rn(vr[k], rinv), to_load(a.weight.data, a.weight.dtype, wo + j * sw));
-            to_store(a.out.data, a.out.dtype, oo + j * so, y);
+            put(a, oo, krow, j, y);
         }
     }
 }
 
-// The arguments both ops share.
+// The arguments every op shares (no norm, no store).
 RopeArgs rope_args(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
                    const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling) {
     RopeArgs a = {};
@@ -171,17 +221,68 @@ RopeArgs rope_args(const to_tensor *out, const to_tensor *x, const to_tensor *po
     return a;
 }
 
-// grid (T, head groups of a.warps), or an error when the grid limits are exceeded
+// grid (T, head groups of a.warps: x's H heads, then v's Hkv when storing), or an error when the
+// grid limits are exceeded
 int rope_grid(const char *op, const RopeArgs &a, dim3 *grid) {
     if (a.T > INT32_MAX)
         return to_fail(TO_ERR_UNSUPPORTED, "%s: %lld tokens (at most 2^31 - 1 per call on the GPU)", op,
                        (long long)a.T);
-    int64_t groups = to_ceil_div(a.H, a.warps);
+    int64_t groups = to_ceil_div(a.H + a.kv.Hkv, a.warps);
     if (groups > 65535)
         return to_fail(TO_ERR_UNSUPPORTED, "%s: %lld heads (at most %lld per call on the GPU)", op,
-                       (long long)a.H, (long long)65535 * a.warps);
+                       (long long)(a.H + a.kv.Hkv), (long long)65535 * a.warps);
     *grid = dim3((unsigned)a.T, (unsigned)groups);
     return TO_OK;
+}
+
+// rope_kernel: the rotation alone (a.kv.Hkv may switch the store on)
+int launch_rope(const char *op, RopeArgs &a, int dev, cudaStream_t stream) {
+    // shared memory: the cos and sin tables (R floats together) and one R-float slice per warp;
+    // fewer warps for a wide slice, and beyond the default 48 KB opt in to more
+    int warps = kMaxWarps;
+    while (warps > 1 && (size_t)(1 + warps) * a.R * sizeof(float) > kDefaultSmem)
+        warps--;
+    size_t smem = (size_t)(1 + warps) * a.R * sizeof(float);
+    if (smem > kDefaultSmem) {
+        int limit = 0;
+        cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        if (smem > (size_t)limit)
+            return to_fail(TO_ERR_UNSUPPORTED, "%s: rotary_dim %lld needs %zu bytes of shared memory "
+                           "per block on the GPU (at most %d available)", op, (long long)a.R, smem, limit);
+        cudaFuncSetAttribute(rope_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    }
+    a.warps = warps;
+    dim3 grid;
+    TO_TRY(rope_grid(op, a, &grid));
+    to_launch(rope_kernel, grid, dim3(warps * 32), smem, stream, a);
+    return to_cuda_check_launch(op);
+}
+
+// rms_norm_rope_kernel: the norm (a.weight) and the rotation (a.kv.Hkv may switch the store on)
+int launch_rms_norm_rope(const char *op, RopeArgs &a, cudaStream_t stream) {
+    int64_t per_lane = to_ceil_div(a.R / 2, 32), rest = to_ceil_div(a.D - a.R, 32);
+    per_lane = per_lane > rest ? per_lane : rest;
+    if (per_lane > kMaxPerLane)
+        return to_fail(TO_ERR_UNSUPPORTED, "%s: head dim %lld with rotary_dim %lld is too wide for the GPU "
+                       "kernel (rotary_dim / 2 and D - rotary_dim at most %d each)", op, (long long)a.D,
+                       (long long)a.R, 32 * kMaxPerLane);
+    // a warp per head, up to kMaxWarps heads of one token per block sharing its cos/sin table
+    const int64_t heads = a.H + a.kv.Hkv;
+    a.warps = heads < kMaxWarps ? (int)heads : kMaxWarps;
+    dim3 grid, block(a.warps * 32);
+    TO_TRY(rope_grid(op, a, &grid));
+    size_t smem = (size_t)a.R * sizeof(float); // cos and sin, R/2 each
+    if (per_lane <= 1)
+        to_launch(rms_norm_rope_kernel<1>, grid, block, smem, stream, a);
+    else if (per_lane <= 2)
+        to_launch(rms_norm_rope_kernel<2>, grid, block, smem, stream, a);
+    else if (per_lane <= 4)
+        to_launch(rms_norm_rope_kernel<4>, grid, block, smem, stream, a);
+    else if (per_lane <= 8)
+        to_launch(rms_norm_rope_kernel<8>, grid, block, smem, stream, a);
+    else
+        to_launch(rms_norm_rope_kernel<16>, grid, block, smem, stream, a);
+    return to_cuda_check_launch(op);
 }
 
 }  // namespace
@@ -195,60 +296,39 @@ extern "C" int to_cuda_rope(const to_tensor *out, const to_tensor *x, const to_t
     if (!stream)
         return TO_ERR_CUDA;
     RopeArgs a = rope_args(out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
-
-    // shared memory: the cos and sin tables (R floats together) and one R-float slice per warp;
-    // fewer warps for a wide slice, and beyond the default 48 KB opt in to more
-    int warps = kMaxWarps;
-    while (warps > 1 && (size_t)(1 + warps) * a.R * sizeof(float) > kDefaultSmem)
-        warps--;
-    size_t smem = (size_t)(1 + warps) * a.R * sizeof(float);
-    if (smem > kDefaultSmem) {
-        int limit = 0;
-        cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, out->device_index);
-        if (smem > (size_t)limit)
-            return to_fail(TO_ERR_UNSUPPORTED, "to_rope: rotary_dim %d needs %zu bytes of shared "
-                           "memory per block on the GPU (at most %d available)", rotary_dim, smem, limit);
-        cudaFuncSetAttribute(rope_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    }
-    a.warps = warps;
-    dim3 grid;
-    TO_TRY(rope_grid("to_rope", a, &grid));
-    to_launch(rope_kernel, grid, dim3(warps * 32), smem, stream, a);
-    return to_cuda_check_launch("to_rope");
+    return launch_rope("to_rope", a, out->device_index, stream);
 }
 
 extern "C" int to_cuda_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight,
                                      double eps, const to_tensor *positions, const to_tensor *inv_freq,
                                      int rotary_dim, int interleaved, double attention_scaling) {
-    const char *op = "to_rms_norm_rope";
     if (to_numel(x) == 0)
         return TO_OK;
-    RopeArgs a = rope_args(out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
-    a.weight = to_view(weight);
-    a.eps = eps;
-    int64_t per_lane = to_ceil_div(a.R / 2, 32), rest = to_ceil_div(a.D - a.R, 32);
-    per_lane = per_lane > rest ? per_lane : rest;
-    if (per_lane > kMaxPerLane)
-        return to_fail(TO_ERR_UNSUPPORTED, "%s: head dim %lld with rotary_dim %d is too wide for the GPU "
-                       "kernel (rotary_dim / 2 and D - rotary_dim at most %d each)", op, (long long)a.D,
-                       rotary_dim, 32 * kMaxPerLane);
-    // a warp per head, up to kMaxWarps heads of one token per block sharing its cos/sin table
-    a.warps = a.H < kMaxWarps ? (int)a.H : kMaxWarps;
-    dim3 grid, block(a.warps * 32);
-    TO_TRY(rope_grid(op, a, &grid));
     cudaStream_t stream = to_cuda_stream(out->device_index);
     if (!stream)
         return TO_ERR_CUDA;
-    size_t smem = (size_t)a.R * sizeof(float); // cos and sin, R/2 each
-    if (per_lane <= 1)
-        to_launch(rms_norm_rope_kernel<1>, grid, block, smem, stream, a);
-    else if (per_lane <= 2)
-        to_launch(rms_norm_rope_kernel<2>, grid, block, smem, stream, a);
-    else if (per_lane <= 4)
-        to_launch(rms_norm_rope_kernel<4>, grid, block, smem, stream, a);
-    else if (per_lane <= 8)
-        to_launch(rms_norm_rope_kernel<8>, grid, block, smem, stream, a);
-    else
-        to_launch(rms_norm_rope_kernel<16>, grid, block, smem, stream, a);
-    return to_cuda_check_launch(op);
+    RopeArgs a = rope_args(out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
+    a.weight = to_view(weight);
+    a.eps = eps;
+    return launch_rms_norm_rope("to_rms_norm_rope", a, stream);
+}
+
+extern "C" int to_cuda_rope_kv_store(const to_tensor *out, const to_tensor *qk, const to_tensor *weight,
+                                     double eps, const to_tensor *positions, const to_tensor *inv_freq,
+                                     int rotary_dim, int interleaved, double attention_scaling,
+                                     const to_tensor *v, const to_tensor *k_cache, const to_tensor *v_cache,
+                                     const to_tensor *slot_mapping) {
+    const char *op = "to_rope_kv_store";
+    if (to_numel(qk) == 0) // (then T or Hkv is 0 too: nothing to store)
+        return TO_OK;
+    cudaStream_t stream = to_cuda_stream(out->device_index);
+    if (!stream)
+        return TO_ERR_CUDA;
+    RopeArgs a = rope_args(out, qk, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
+    TO_TRY(kv_store_init(&a.kv, k_cache, v_cache, v, slot_mapping, TO_GPU_ERR_ROPE_KV_SLOT));
+    if (!weight)
+        return launch_rope(op, a, out->device_index, stream);
+    a.weight = to_view(weight);
+    a.eps = eps;
+    return launch_rms_norm_rope(op, a, stream);
 }

@@ -187,6 +187,20 @@ int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions
 int to_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps,
                      const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
                      int interleaved, double attention_scaling);
+/* The rotation of an attention layer's q and k heads and the cache write of its k and v in one
+ * call (one kernel on a GPU): to_rms_norm_rope (norm_weight [D] or [H, D] given; `weight` in the
+ * messages) or to_rope (norm_weight NULL, eps unused) of qk [T, H, D] into out (out == qk: in
+ * place), then the last Hkv heads of the result (k) and v [T, Hkv, D] stored at slot_mapping[t]
+ * of k_cache / v_cache exactly as to_kv_cache_store does (same checks, same negative-slot skip,
+ * same bad-slot recording on a GPU). Hkv comes from the caches [num_blocks, block_size, Hkv, D];
+ * H >= Hkv (q's heads, then k's: H = Hq + Hkv). The results are the separate ops' bit for bit.
+ * The caches must not overlap any other argument, nor out v or slot_mapping, except that v may
+ * sit beside qk in one stacked qkv buffer (rows interleaved, no element shared). On the CPU every
+ * slot is checked before anything is written. See to_kv_cache_store below for the cache layout. */
+int to_rope_kv_store(const to_tensor *out, const to_tensor *qk, const to_tensor *norm_weight, double eps,
+                     const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim, int interleaved,
+                     double attention_scaling, const to_tensor *v, const to_tensor *k_cache,
+                     const to_tensor *v_cache, const to_tensor *slot_mapping);
 
 /* ---- matrix products ---- */
 /* out[M, N] = x[M, K] . w[N, K]^T  (weights in the checkpoint's [out, in] layout).

@@ -58,16 +58,16 @@ static int cmp_slot(const void *a, const void *b) {
 
 /* Every slot < num_slots, and the non-negative ones distinct: the slots are sorted (with their
  * token index, for the message) and neighbours compared, O(T log T) whatever the cache size. */
-static int check_slots(const to_tensor *slot_mapping, int64_t num_slots) {
+int to_check_kv_slots(const char *op, const to_tensor *slot_mapping, int64_t num_slots) {
     int64_t T = slot_mapping->shape[0], n = 0;
     slot_entry *e = to_scratch(1, (size_t)(T > 0 ? T : 1) * sizeof(slot_entry));
     if (!e)
-        return to_fail(TO_ERR_OUT_OF_MEMORY, STORE ": no memory to check %lld slots", (long long)T);
+        return to_fail(TO_ERR_OUT_OF_MEMORY, "%s: no memory to check %lld slots", op, (long long)T);
     for (int64_t t = 0; t < T; t++) {
         int64_t s = to_load_index(slot_mapping->data, slot_mapping->dtype, t * slot_mapping->strides[0]);
         if (s >= num_slots)
-            return to_fail(TO_ERR_BOUNDS, STORE ": slot_mapping[%lld] = %lld is not below num_blocks "
-                           "* block_size = %lld (the caches' slots)", (long long)t, (long long)s,
+            return to_fail(TO_ERR_BOUNDS, "%s: slot_mapping[%lld] = %lld is not below num_blocks * "
+                           "block_size = %lld (the caches' slots)", op, (long long)t, (long long)s,
                            (long long)num_slots);
         if (s >= 0)
             e[n++] = (slot_entry){s, t};
@@ -75,51 +75,65 @@ static int check_slots(const to_tensor *slot_mapping, int64_t num_slots) {
     qsort(e, (size_t)n, sizeof *e, cmp_slot);
     for (int64_t i = 1; i < n; i++)
         if (e[i].slot == e[i - 1].slot)
-            return to_fail(TO_ERR_INVALID_ARGUMENT, STORE ": slot_mapping[%lld] and slot_mapping[%lld] "
-                           "are both slot %lld (slots must be distinct)", (long long)e[i - 1].t,
+            return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: slot_mapping[%lld] and slot_mapping[%lld] are "
+                           "both slot %lld (slots must be distinct)", op, (long long)e[i - 1].t,
                            (long long)e[i].t, (long long)e[i].slot);
+    return TO_OK;
+}
+
+int to_check_kv_caches(const char *op, const to_tensor *k_cache, const to_tensor *v_cache) {
+    TO_TRY(to_check_tensor(k_cache, op, "k_cache"));
+    TO_TRY(to_check_tensor(v_cache, op, "v_cache"));
+    return check_caches(k_cache, v_cache, op);
+}
+
+/* Shared with to_rope_kv_store (csrc/ops/rope.c), whose k is a view of its out: `kname` says so
+ * in the messages. */
+int to_check_kv_store(const char *op, const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,
+                      const char *kname, const to_tensor *v, const to_tensor *slot_mapping) {
+    TO_TRY(to_check_tensor(k_cache, op, "k_cache"));
+    TO_TRY(to_check_tensor(v_cache, op, "v_cache"));
+    TO_TRY(to_check_tensor(k, op, kname));
+    TO_TRY(to_check_tensor(v, op, "v"));
+    TO_TRY(to_check_tensor(slot_mapping, op, "slot_mapping"));
+
+    TO_TRY(check_caches(k_cache, v_cache, op));
+    TO_TRY(to_check_dtype(k, TO_FLOAT_DTYPES, op, kname));
+    TO_TRY(to_check_dtype(v, TO_FLOAT_DTYPES, op, "v"));
+    TO_TRY(to_check_dtype(slot_mapping, TO_INDEX_DTYPES, op, "slot_mapping"));
+    TO_TRY(to_check_ndim(k, 3, op, "k [T, Hkv, D]"));
+    TO_TRY(to_check_ndim(v, 3, op, "v [T, Hkv, D]"));
+    TO_TRY(to_check_ndim(slot_mapping, 1, op, "slot_mapping [T]"));
+    TO_TRY(to_check_same_shape(k, v, op, kname, "v"));
+
+    int64_t T = k->shape[0], Hkv = k_cache->shape[2], D = k_cache->shape[3];
+    if (k->shape[1] != Hkv || k->shape[2] != D)
+        return to_fail(TO_ERR_SHAPE, "%s: %s has rows of [%lld, %lld] but the caches hold [Hkv, D] = "
+                       "[%lld, %lld]", op, kname, (long long)k->shape[1], (long long)k->shape[2],
+                       (long long)Hkv, (long long)D);
+    if (slot_mapping->shape[0] != T)
+        return to_fail(TO_ERR_SHAPE, "%s: slot_mapping has %lld entries but %s has T = %lld tokens", op,
+                       (long long)slot_mapping->shape[0], kname, (long long)T);
+
+    TO_TRY(to_check_same_device(op, k_cache, v_cache, k, v, slot_mapping, (const to_tensor *)NULL));
+    TO_TRY(to_check_writable(k_cache, op, "k_cache"));
+    TO_TRY(to_check_writable(v_cache, op, "v_cache"));
+    TO_TRY(to_check_no_alias(k_cache, v_cache, 0, op, "k_cache", "v_cache"));
+    const to_tensor *inputs[] = {k, v, slot_mapping};
+    const char *names[] = {kname, "v", "slot_mapping"};
+    for (int i = 0; i < 3; i++) {
+        TO_TRY(to_check_no_alias(k_cache, inputs[i], 0, op, "k_cache", names[i]));
+        TO_TRY(to_check_no_alias(v_cache, inputs[i], 0, op, "v_cache", names[i]));
+    }
     return TO_OK;
 }
 
 int to_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *k,
                       const to_tensor *v, const to_tensor *slot_mapping) {
-    TO_TRY(to_check_tensor(k_cache, STORE, "k_cache"));
-    TO_TRY(to_check_tensor(v_cache, STORE, "v_cache"));
-    TO_TRY(to_check_tensor(k, STORE, "k"));
-    TO_TRY(to_check_tensor(v, STORE, "v"));
-    TO_TRY(to_check_tensor(slot_mapping, STORE, "slot_mapping"));
-
-    TO_TRY(check_caches(k_cache, v_cache, STORE));
-    TO_TRY(to_check_dtype(k, TO_FLOAT_DTYPES, STORE, "k"));
-    TO_TRY(to_check_dtype(v, TO_FLOAT_DTYPES, STORE, "v"));
-    TO_TRY(to_check_dtype(slot_mapping, TO_INDEX_DTYPES, STORE, "slot_mapping"));
-    TO_TRY(to_check_ndim(k, 3, STORE, "k [T, Hkv, D]"));
-    TO_TRY(to_check_ndim(v, 3, STORE, "v [T, Hkv, D]"));
-    TO_TRY(to_check_ndim(slot_mapping, 1, STORE, "slot_mapping [T]"));
-    TO_TRY(to_check_same_shape(k, v, STORE, "k", "v"));
-
-    int64_t T = k->shape[0], Hkv = k_cache->shape[2], D = k_cache->shape[3];
-    if (k->shape[1] != Hkv || k->shape[2] != D)
-        return to_fail(TO_ERR_SHAPE, STORE ": k has rows of [%lld, %lld] but the caches hold "
-                       "[Hkv, D] = [%lld, %lld]", (long long)k->shape[1], (long long)k->shape[2],
-                       (long long)Hkv, (long long)D);
-    if (slot_mapping->shape[0] != T)
-        return to_fail(TO_ERR_SHAPE, STORE ": slot_mapping has %lld entries but k has T = %lld tokens",
-                       (long long)slot_mapping->shape[0], (long long)T);
-
-    TO_TRY(to_check_same_device(STORE, k_cache, v_cache, k, v, slot_mapping, (const to_tensor *)NULL));
-    TO_TRY(to_check_writable(k_cache, STORE, "k_cache"));
-    TO_TRY(to_check_writable(v_cache, STORE, "v_cache"));
-    TO_TRY(to_check_no_alias(k_cache, v_cache, 0, STORE, "k_cache", "v_cache"));
-    const to_tensor *inputs[] = {k, v, slot_mapping};
-    const char *names[] = {"k", "v", "slot_mapping"};
-    for (int i = 0; i < 3; i++) {
-        TO_TRY(to_check_no_alias(k_cache, inputs[i], 0, STORE, "k_cache", names[i]));
-        TO_TRY(to_check_no_alias(v_cache, inputs[i], 0, STORE, "v_cache", names[i]));
-    }
+    TO_TRY(to_check_kv_store(STORE, k_cache, v_cache, k, "k", v, slot_mapping));
     if (k_cache->device == TO_CUDA) /* the kernel checks the slots (cuda_ops.h) */
         return to_cuda_kv_cache_store(k_cache, v_cache, k, v, slot_mapping);
-    TO_TRY(check_slots(slot_mapping, k_cache->shape[0] * k_cache->shape[1]));
+    TO_TRY(to_check_kv_slots(STORE, slot_mapping, k_cache->shape[0] * k_cache->shape[1]));
     return to_cpu_kv_cache_store(k_cache, v_cache, k, v, slot_mapping);
 }
 

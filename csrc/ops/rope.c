@@ -1,5 +1,5 @@
-/* rope.c - to_rope and to_rms_norm_rope: validation and device dispatch (the kernels and their
- * formulas are in csrc/cpu/rope.c).
+/* rope.c - to_rope, to_rms_norm_rope and to_rope_kv_store: validation and device dispatch (the
+ * kernels and their formulas are in csrc/cpu/rope.c; the store's in csrc/cpu/attention.c).
  *
  * Positions may be any int32/int64 values, in any order (negative ones too: the angle is just
  * float(pos) * inv_freq). out may be exactly x's view (in place); any other overlap of out with
@@ -11,36 +11,47 @@
  * f32 results match HF's f32 ones (same f32 angles, correctly rounded cos/sin, same operation
  * order, no FMA). to_rms_norm_rope keeps the normalised head in f32 between the two steps, so
  * HF's bf16 rounding of q_norm's output is skipped too (one rounding fewer, never more).
+ *
+ * to_rope_kv_store is either op followed by to_kv_cache_store of out's last Hkv heads and v,
+ * validated as those ops are (their checks are shared, named after it) plus what fusing them
+ * needs: the caches overlap none of the rotation's tensors, and out overlaps neither v nor the
+ * slots (v beside qk in one stacked qkv product, interleaved row by row, shares no element and
+ * is accepted). On the CPU the slots are checked before anything is written, then the two ops'
+ * kernels run one after the other (the same bits as the two calls); on a GPU one kernel does both.
  */
 #include "internal.h"
 #include "cuda/cuda_ops.h"
 #include "cpu/rope.h"
+#include "cpu/attention.h"
 
 #include <math.h>
+#include <stdio.h>
 
-/* Everything to_rope checks (for both ops: `op` names the caller in the messages). */
-static int check_rope_args(const char *op, const to_tensor *out, const to_tensor *x,
+/* Everything to_rope checks (for every op: `op` names the caller in the messages, `xname` its x). */
+static int check_rope_args(const char *op, const to_tensor *out, const to_tensor *x, const char *xname,
                            const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
                            int interleaved, double attention_scaling) {
+    char xshape[32];
+    snprintf(xshape, sizeof xshape, "%s [T, H, D]", xname);
     TO_TRY(to_check_tensor(out, op, "out"));
-    TO_TRY(to_check_tensor(x, op, "x"));
+    TO_TRY(to_check_tensor(x, op, xname));
     TO_TRY(to_check_tensor(positions, op, "positions"));
     TO_TRY(to_check_tensor(inv_freq, op, "inv_freq"));
 
     TO_TRY(to_check_dtype(out, TO_FLOAT_DTYPES, op, "out"));
-    TO_TRY(to_check_dtype(x, TO_FLOAT_DTYPES, op, "x"));
+    TO_TRY(to_check_dtype(x, TO_FLOAT_DTYPES, op, xname));
     TO_TRY(to_check_dtype(positions, TO_INDEX_DTYPES, op, "positions"));
     TO_TRY(to_check_dtype(inv_freq, TO_MASK(TO_F32), op, "inv_freq"));
 
-    TO_TRY(to_check_ndim(x, 3, op, "x [T, H, D]"));
+    TO_TRY(to_check_ndim(x, 3, op, xshape));
     TO_TRY(to_check_ndim(positions, 1, op, "positions [T]"));
     TO_TRY(to_check_ndim(inv_freq, 1, op, "inv_freq [rotary_dim / 2]"));
-    TO_TRY(to_check_same_shape(out, x, op, "out", "x"));
+    TO_TRY(to_check_same_shape(out, x, op, "out", xname));
 
     int64_t T = x->shape[0], D = x->shape[2];
     if (positions->shape[0] != T)
-        return to_fail(TO_ERR_SHAPE, "%s: positions has %lld entries but x has T = %lld tokens", op,
-                       (long long)positions->shape[0], (long long)T);
+        return to_fail(TO_ERR_SHAPE, "%s: positions has %lld entries but %s has T = %lld tokens", op,
+                       (long long)positions->shape[0], xname, (long long)T);
     if (rotary_dim <= 0 || rotary_dim % 2 != 0 || rotary_dim > D)
         return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: rotary_dim must be even and in 1..D = %lld, "
                        "got %d", op, (long long)D, rotary_dim);
@@ -55,7 +66,7 @@ static int check_rope_args(const char *op, const to_tensor *out, const to_tensor
 
     TO_TRY(to_check_same_device(op, out, x, positions, inv_freq, (const to_tensor *)NULL));
     TO_TRY(to_check_writable(out, op, "out"));
-    TO_TRY(to_check_no_alias(out, x, 1, op, "out", "x"));
+    TO_TRY(to_check_no_alias(out, x, 1, op, "out", xname));
     TO_TRY(to_check_no_alias(out, positions, 0, op, "out", "positions"));
     TO_TRY(to_check_no_alias(out, inv_freq, 0, op, "out", "inv_freq"));
     return TO_OK;
@@ -63,23 +74,21 @@ static int check_rope_args(const char *op, const to_tensor *out, const to_tensor
 
 int to_rope(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
             const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling) {
-    TO_TRY(check_rope_args("to_rope", out, x, positions, inv_freq, rotary_dim, interleaved,
+    TO_TRY(check_rope_args("to_rope", out, x, "x", positions, inv_freq, rotary_dim, interleaved,
                            attention_scaling));
     if (out->device == TO_CUDA)
         return to_cuda_rope(out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
     return to_cpu_rope(out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
 }
 
-int to_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps,
-                     const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
-                     int interleaved, double attention_scaling) {
-    const char *op = "to_rms_norm_rope";
-    TO_TRY(check_rope_args(op, out, x, positions, inv_freq, rotary_dim, interleaved, attention_scaling));
-    /* weight [D] for every head, or [H, D]: a weight per head (q's and k's norms in one call) */
+/* The norm's weight: [D] for every head, or [H, D], a weight per head (q's and k's norms in one
+ * call); on out's device and disjoint from it. */
+static int check_norm_weight(const char *op, const to_tensor *out, const to_tensor *x, const char *xname,
+                             const to_tensor *weight, double eps) {
     if (weight && weight->ndim == 2) {
         if (weight->shape[0] != x->shape[1])
-            return to_fail(TO_ERR_SHAPE, "%s: weight has %lld rows but x has H = %lld heads (a per-head "
-                           "weight is [H, D])", op, (long long)weight->shape[0], (long long)x->shape[1]);
+            return to_fail(TO_ERR_SHAPE, "%s: weight has %lld rows but %s has H = %lld heads (a per-head "
+                           "weight is [H, D])", op, (long long)weight->shape[0], xname, (long long)x->shape[1]);
         to_tensor row = *weight; /* one head's weight, for the checks of a [D] weight */
         row.ndim = 1;
         row.shape[0] = weight->shape[1];
@@ -90,10 +99,77 @@ int to_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *
         TO_TRY(to_check_norm_weight(op, weight, x->shape[2], eps));
     }
     TO_TRY(to_check_same_device(op, out, weight, (const to_tensor *)NULL));
-    TO_TRY(to_check_no_alias(out, weight, 0, op, "out", "weight"));
+    return to_check_no_alias(out, weight, 0, op, "out", "weight");
+}
+
+int to_rms_norm_rope(const to_tensor *out, const to_tensor *x, const to_tensor *weight, double eps,
+                     const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                     int interleaved, double attention_scaling) {
+    const char *op = "to_rms_norm_rope";
+    TO_TRY(check_rope_args(op, out, x, "x", positions, inv_freq, rotary_dim, interleaved, attention_scaling));
+    TO_TRY(check_norm_weight(op, out, x, "x", weight, eps));
     if (out->device == TO_CUDA)
         return to_cuda_rms_norm_rope(out, x, weight, eps, positions, inv_freq, rotary_dim, interleaved,
                                      attention_scaling);
     return to_cpu_rms_norm_rope(out, x, weight, eps, positions, inv_freq, rotary_dim, interleaved,
                                 attention_scaling);
+}
+
+/* ========================================================================= to_rope_kv_store */
+
+/* k: the last Hkv heads of out [T, H, D] (H >= Hkv checked) */
+static to_tensor k_heads(const to_tensor *out, int64_t Hkv) {
+    to_tensor k = *out;
+    int64_t skip = (out->shape[1] - Hkv) * out->strides[1];
+    if (Hkv > 0 && to_numel(out) > 0) { /* (an empty k keeps out's pointer: nothing is addressed) */
+        k.data = to_elem_ptr(out->data, out->dtype, skip);
+        k.nbytes = out->nbytes - to_dtype_bytes(out->dtype, skip);
+    }
+    k.shape[1] = Hkv;
+    return k;
+}
+
+int to_rope_kv_store(const to_tensor *out, const to_tensor *qk, const to_tensor *norm_weight, double eps,
+                     const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim, int interleaved,
+                     double attention_scaling, const to_tensor *v, const to_tensor *k_cache,
+                     const to_tensor *v_cache, const to_tensor *slot_mapping) {
+    const char *op = "to_rope_kv_store";
+    /* the rotation's checks (qk is the x of to_rope / to_rms_norm_rope) */
+    TO_TRY(check_rope_args(op, out, qk, "qk", positions, inv_freq, rotary_dim, interleaved, attention_scaling));
+    if (norm_weight)
+        TO_TRY(check_norm_weight(op, out, qk, "qk", norm_weight, eps));
+    /* the store's, with k the last Hkv heads of out */
+    TO_TRY(to_check_kv_caches(op, k_cache, v_cache));
+    int64_t Hkv = k_cache->shape[2], D = k_cache->shape[3];
+    if (qk->shape[1] < Hkv)
+        return to_fail(TO_ERR_SHAPE, "%s: qk has %lld heads, fewer than the caches' Hkv = %lld (k is "
+                       "its last Hkv heads)", op, (long long)qk->shape[1], (long long)Hkv);
+    if (qk->shape[2] != D)
+        return to_fail(TO_ERR_SHAPE, "%s: qk has head size D = %lld but the caches have D = %lld", op,
+                       (long long)qk->shape[2], (long long)D);
+    to_tensor k = k_heads(out, Hkv);
+    TO_TRY(to_check_kv_store(op, k_cache, v_cache, &k, "k (the last Hkv heads of out)", v, slot_mapping));
+    /* what one op writes must not overlap what the other reads or writes: the caches none of the
+     * rotation's tensors, out neither v (beside it in a stacked qkv product is fine) nor the slots */
+    const to_tensor *read[] = {out, qk, positions, inv_freq, norm_weight};
+    const char *names[] = {"out", "qk", "positions", "inv_freq", "weight"};
+    for (int i = 0; i < 5 && read[i]; i++) {
+        TO_TRY(to_check_no_alias(k_cache, read[i], 0, op, "k_cache", names[i]));
+        TO_TRY(to_check_no_alias(v_cache, read[i], 0, op, "v_cache", names[i]));
+    }
+    if (!to_rows_disjoint(out, v))
+        TO_TRY(to_check_no_alias(out, v, 0, op, "out", "v"));
+    TO_TRY(to_check_no_alias(out, slot_mapping, 0, op, "out", "slot_mapping"));
+
+    if (out->device == TO_CUDA) /* one kernel; it checks the slots (cuda_ops.h) */
+        return to_cuda_rope_kv_store(out, qk, norm_weight, eps, positions, inv_freq, rotary_dim,
+                                     interleaved, attention_scaling, v, k_cache, v_cache, slot_mapping);
+    /* the CPU: the two ops' kernels one after the other, every value checked before either writes */
+    TO_TRY(to_check_kv_slots(op, slot_mapping, k_cache->shape[0] * k_cache->shape[1]));
+    if (norm_weight)
+        TO_TRY(to_cpu_rms_norm_rope(out, qk, norm_weight, eps, positions, inv_freq, rotary_dim, interleaved,
+                                    attention_scaling));
+    else
+        TO_TRY(to_cpu_rope(out, qk, positions, inv_freq, rotary_dim, interleaved, attention_scaling));
+    return to_cpu_kv_cache_store(k_cache, v_cache, &k, v, slot_mapping);
 }

@@ -57,24 +57,36 @@ class Attention(Module):
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, device=device)
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, device=device)
         self.register_buffer("inv_freq", inv_freq)
+        self.rotary_dim = 2 * inv_freq.shape[0]  # partial rotary: a shorter inv_freq than head_dim / 2
 
     def fuse_projections(self):
         """Replaces q_proj, k_proj and v_proj by one qkv_proj (their weights stacked), so the
-        three products are one kernel (done on GPUs, where launches are what a decode step costs).
-        With q/k norms, their weights are stacked per head too: q's and k's heads, adjacent in
-        the product, are then normalised and rotated by one kernel."""
+        three products are one kernel (done on GPUs, where launches are what a decode step costs)."""
         fused = Linear.concat([self.q_proj, self.k_proj, self.v_proj])
         if fused is None:
             return
         del self.q_proj, self.k_proj, self.v_proj
         self.qkv_proj = fused
-        if "q_norm" in self._modules and self.q_norm.eps == self.k_norm.eps:
-            w = self.q_norm.weight
-            heads = Tensor.empty(self.num_heads + self.num_kv_heads, self.head_dim, dtype=w.dtype, device=w.device)
-            ops.copy(heads.narrow(0, 0, self.num_heads), w.expand(self.num_heads, self.head_dim))
-            ops.copy(heads.narrow(0, self.num_heads, self.num_kv_heads),
-                     self.k_norm.weight.expand(self.num_kv_heads, self.head_dim))
+
+    def stack_qk_norms(self):
+        """The q/k norms' weights stacked per head, qk_norm_heads [Hq + Hkv, D] (q_norm's for each
+        q head, then k_norm's for each k head): q's and k's heads, adjacent in the projection, are
+        then normalised, rotated and k stored by one call. Made when the norms' weights are loaded
+        (the loader calls this, rather than a forward that may be a graph's capture) and made again
+        whenever either weight tensor is replaced (load_weights, .to()). Returns it; None without
+        q/k norms, or when their eps differ (never in practice)."""
+        if "q_norm" not in self._modules or self.q_norm.eps != self.k_norm.eps:
+            return None
+        wq, wk = self.q_norm.weight, self.k_norm.weight
+        src = self.__dict__.get("_qk_norm_src")
+        if src is None or src[0] is not wq or src[1] is not wk:
+            hq, hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+            heads = Tensor.empty(hq + hkv, D, dtype=wq.dtype, device=wq.device)
+            ops.copy(heads.narrow(0, 0, hq), wq.expand(hq, D))
+            ops.copy(heads.narrow(0, hq, hkv), wk.expand(hkv, D))
             self.register_buffer("qk_norm_heads", heads)
+            self._qk_norm_src = (wq, wk)
+        return self.qk_norm_heads
 
     def project_qkv(self, residual, norm):
         """The heads [T, Hq + 2 Hkv, D] of the rows norm(residual): q's heads, then k's, then
@@ -97,18 +109,19 @@ class Attention(Module):
         """residual += attention over the rows norm(residual) (residual [T, hidden], in place)."""
         T, hq, hkv = residual.shape[0], self.num_heads, self.num_kv_heads
         heads = self.project_qkv(residual, norm)
-        q, k, v = heads.narrow(1, 0, hq), heads.narrow(1, hq, hkv), heads.narrow(1, hq + hkv, hkv)
-        qk = heads.narrow(1, 0, hq + hkv)  # q's and k's heads: rotated alike, in one call
-        rope = dict(interleaved=self.rope_interleaved)
-        if "qk_norm_heads" in self._buffers:  # Qwen3 on a GPU: both norms and the rotation, one kernel
-            ops.rms_norm_rope(qk, self.qk_norm_heads, self.q_norm.eps, batch.positions, self.inv_freq, out=qk, **rope)
-        elif "q_norm" in self._modules:  # Qwen3: per-head RMSNorm then the rotation, one pass each
-            for x, n in ((q, self.q_norm), (k, self.k_norm)):
-                ops.rms_norm_rope(x, n.weight, n.eps, batch.positions, self.inv_freq, out=x, **rope)
-        else:
-            ops.rope(qk, batch.positions, self.inv_freq, out=qk, **rope)
+        q, v = heads.narrow(1, 0, hq), heads.narrow(1, hq + hkv, hkv)
+        qk = heads.narrow(1, 0, hq + hkv)  # q's and k's heads: rotated alike, k stored, in one call
         k_cache, v_cache = batch.kv_cache.layer(self.layer_index)
-        ops.kv_cache_store(k_cache, v_cache, k, v, batch.slot_mapping)
+        store = (batch.positions, self.inv_freq, v, k_cache, v_cache, batch.slot_mapping)
+        rope = dict(interleaved=self.rope_interleaved, rotary_dim=self.rotary_dim)
+        if "q_norm" not in self._modules:  # Llama: the rotation and the store
+            ops.rope_kv_store(qk, *store, out=qk, **rope)
+        elif (w := self.stack_qk_norms()) is not None:  # Qwen3: both norms too, one weight per head
+            ops.rope_kv_store(qk, *store, norm_weight=w, eps=self.q_norm.eps, out=qk, **rope)
+        else:  # q/k norms of different eps: q's heads alone, then k's with the store
+            k = heads.narrow(1, hq, hkv)
+            ops.rms_norm_rope(q, self.q_norm.weight, self.q_norm.eps, batch.positions, self.inv_freq, out=q, **rope)
+            ops.rope_kv_store(k, *store, norm_weight=self.k_norm.weight, eps=self.k_norm.eps, out=k, **rope)
         attn = ops.paged_attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
                                    batch.block_tables, self.scale)
         ops.matmul_add(residual, attn.view(T, hq * self.head_dim), self.o_proj.weight, self.o_proj.bias)

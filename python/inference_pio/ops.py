@@ -148,6 +148,24 @@ def rms_norm_rope(x, weight, eps, positions, inv_freq, interleaved=False, rotary
     return out
 
 
+def rope_kv_store(qk, positions, inv_freq, v, k_cache, v_cache, slot_mapping, norm_weight=None, eps=0.0,
+                  interleaved=False, rotary_dim=None, attention_scaling=1.0, out=None):
+    """An attention layer's rotation and cache write in one call (one kernel on a GPU): rope (or,
+    with norm_weight [D] or [H, D], rms_norm_rope) of qk [T, H, D] (q's heads, then k's) into out,
+    then out's last Hkv heads (k) and v [T, Hkv, D] stored at slot_mapping[t] of k_cache and
+    v_cache as kv_cache_store does (Hkv from the caches' shape). The same values as the separate
+    ops; out=qk works in place. Returns out."""
+    rotary_dim = qk.shape[-1] if rotary_dim is None else rotary_dim
+    out = _out(out, qk.shape, qk.dtype, qk)
+    k_cache._check_writable()
+    v_cache._check_writable()
+    check(lib.to_rope_kv_store(out._desc, qk._desc, norm_weight._desc if norm_weight is not None else _NULL,
+                               float(eps), positions._desc, inv_freq._desc, int(rotary_dim),
+                               int(bool(interleaved)), float(attention_scaling), v._desc, k_cache._desc,
+                               v_cache._desc, slot_mapping._desc))
+    return out
+
+
 def matmul(x, w, bias=None, out=None, out_dtype=None):
     """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N], accumulated in float32."""
     lead = x.shape[:-1]

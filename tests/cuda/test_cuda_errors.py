@@ -46,6 +46,28 @@ def test_bad_slot_is_skipped_and_reported(gen):
     assert torch.equal(stored[5], k[0]) and stored.abs().sum() == k[0].abs().sum()
 
 
+def test_bad_slot_in_rope_kv_store_is_skipped_and_reported(gen):
+    """The fused rotation and store records a bad slot as kv_cache_store does, naming itself; the
+    other tokens are stored, and every token's heads are still rotated into out."""
+    kc, vc = caches()
+    qk = torch.randn(3, 5, 8, generator=gen)  # 3 q heads, then the 2 k heads
+    v = torch.randn(3, 2, 8, generator=gen)
+    pos, inv = ints([4, 0, 9], torch.int64), from_torch(torch.tensor([1.0, 0.1, 0.01, 0.001]), "cuda")
+    q = from_torch(qk, "cuda")
+    ip.ops.rope_kv_store(q, pos, inv, from_torch(v, "cuda"), kc, vc, ints([5, 16, -1]), out=q)
+    with pytest.raises(ip.BoundsError, match=r"to_rope_kv_store: slot_mapping\[1\] = 16 is not below num_blocks "
+                                             r"\* block_size = 16; that token's k and v were not stored"):
+        kc.cpu()
+    rotated = to_torch(ip.ops.rope(from_torch(qk, "cuda"), pos, inv))
+    assert torch.equal(to_torch(q), rotated)
+    stored_k, stored_v = to_torch(kc).reshape(16, 2, 8), to_torch(vc).reshape(16, 2, 8)
+    assert torch.equal(stored_k[5], rotated[0, 3:]) and torch.equal(stored_v[5], v[0])
+    assert stored_k.abs().sum() == rotated[0, 3:].abs().sum() and stored_v.abs().sum() == v[0].abs().sum()
+    # reported once; the GPU works on
+    ip.ops.rope_kv_store(from_torch(qk, "cuda"), pos, inv, from_torch(v, "cuda"), kc, vc, ints([1, 2, 3]))
+    assert torch.equal(to_torch(vc).reshape(16, 2, 8)[1:4], v)
+
+
 @pytest.mark.parametrize("field,values,message", [
     ("block_tables", [[0, 9]], "block_tables holds a block outside"),
     ("context_lens", [2], "context_lens is less than its queries"),

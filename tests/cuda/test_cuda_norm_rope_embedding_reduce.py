@@ -396,6 +396,104 @@ def test_rms_norm_rope_too_wide_and_empty():
         ops.rms_norm_rope(x, w, 1e-6, pos, inv_freq(32).to("cuda"), rotary_dim=32)
 
 
+# ============================================================================ rope_kv_store
+# to_rope_kv_store: the rope (or rms_norm_rope) kernel with the cache store switched on, one
+# launch. Against the separate GPU ops (rope / rms_norm_rope into out, then kv_cache_store of
+# out's k heads and v): the same bits, out and both caches whole. Against the CPU op: out within
+# the rope / rms_norm_rope bounds above, the v cache exact, the k cache's stored rows within out's
+# bound plus one rounding into the cache dtype (the rows hold out's k heads), the rest exact.
+
+def kv_inputs(gen, T, Hq, Hkv, D, dtype, cache_dtype, stacked, bs=4):
+    """(qkv buffer or None, qk, v, k_cache, v_cache, slots) as CPU tensors; the slots distinct,
+    some tokens padding (negative), the caches random."""
+    if stacked:
+        buf, _ = randn(T, Hq + 2 * Hkv, D, dtype=dtype, gen=gen, scale=2.0)
+        qk, v = buf.narrow(1, 0, Hq + Hkv), buf.narrow(1, Hq + Hkv, Hkv)
+    else:
+        buf = None
+        qk, _ = randn(T, Hq + Hkv, D, dtype=dtype, gen=gen, scale=2.0)
+        v, _ = randn(T, Hkv, D, dtype=cache_dtype, gen=gen, scale=2.0)
+    nb = T // bs + 2
+    slots = torch.randperm(nb * bs, generator=gen)[:T]
+    if T > 2:
+        slots[torch.rand(T, generator=gen) < 0.25] = -1
+    kc, _ = randn(nb, bs, Hkv, D, dtype=cache_dtype, gen=gen)
+    vc, _ = randn(nb, bs, Hkv, D, dtype=cache_dtype, gen=gen)
+    return buf, qk, v, kc, vc, from_torch(slots)
+
+
+def fused_and_separate_gpu(qk, v, kc, vc, slots, pos, inv, R, interleaved, scaling, w, eps, in_place, buf, out_dtype):
+    """[(out, k_cache, v_cache, buffer)] on the GPU for (fused, separate), each on fresh copies."""
+    H, Hkv = qk.shape[1], kc.shape[2]
+    g = dict(pos=pos.to("cuda"), inv=inv.to("cuda"), slots=slots.to("cuda"), w=w.to("cuda") if w is not None else None)
+    results = []
+    for fused in (True, False):
+        if buf is not None:
+            b = buf.to("cuda")
+            q, vv = b.narrow(1, 0, H), b.narrow(1, H, Hkv)
+        else:
+            b, q, vv = None, qk.to("cuda"), v.to("cuda")
+        k_c, v_c = kc.to("cuda"), vc.to("cuda")
+        out = q if in_place else ip.Tensor.full(q.shape, float("nan"), dtype=out_dtype, device="cuda")
+        if fused:
+            ops.rope_kv_store(q, g["pos"], g["inv"], vv, k_c, v_c, g["slots"], norm_weight=g["w"], eps=eps,
+                              interleaved=interleaved, rotary_dim=R, attention_scaling=scaling, out=out)
+        else:
+            if w is None:
+                ops.rope(q, g["pos"], g["inv"], R, interleaved, scaling, out=out)
+            else:
+                ops.rms_norm_rope(q, g["w"], eps, g["pos"], g["inv"], interleaved, R, scaling, out=out)
+            ops.kv_cache_store(k_c, v_c, out.narrow(1, H - Hkv, Hkv), vv, g["slots"])
+        results.append((out.cpu(), k_c.cpu(), v_c.cpu(), b.cpu() if b is not None else None))
+    return results
+
+
+@pytest.mark.parametrize("norm", [None, "row", "heads"], ids=str)
+@pytest.mark.parametrize("interleaved", [0, 1])
+@pytest.mark.parametrize("T,Hq,Hkv,D,R", [(1, 32, 8, 128, 128), (7, 6, 2, 64, 64), (3, 3, 1, 18, 6),
+                                         (129, 16, 4, 128, 128), (2, 5, 5, 130, 34), (4, 0, 3, 16, 16),
+                                         (3, 2, 1, 1024, 1024), (2, 3, 0, 8, 8)], ids=str)
+def test_rope_kv_store(gen, norm, interleaved, T, Hq, Hkv, D, R):
+    """Decode (Qwen3-4B's heads) and prefill sizes, odd heads and head sizes, partial rotary, the
+    widest head the norm's registers hold, qk = k alone (Hq = 0), Hkv = 0 (no store); the model's
+    stacked layout in place, and qk / v apart into an out of another dtype."""
+    H = Hq + Hkv
+    for dtype, cache_dtype, stacked, in_place, out_dtype, scaling in [
+            (ip.bfloat16, ip.bfloat16, True, True, ip.bfloat16, 1.0),
+            (ip.float32, ip.float16, False, False, ip.bfloat16, 0.7071),
+            (ip.float16, ip.float32, False, True, ip.float16, 1.3)]:
+        buf, qk, v, kc, vc, slots = kv_inputs(gen, T, Hq, Hkv, D, dtype, cache_dtype, stacked)
+        w = None if norm is None else randn(*((D,) if norm == "row" else (H, D)), dtype=cache_dtype, gen=gen)[0]
+        pos, inv, eps = random_positions(T, ip.int64, gen), inv_freq(R), 1e-6
+        (out, k_c, v_c, b), (out2, k_c2, v_c2, b2) = fused_and_separate_gpu(
+            qk, v, kc, vc, slots, pos, inv, R, interleaved, scaling, w, eps, in_place, buf, out_dtype)
+        for got, want in [(out, out2), (k_c, k_c2), (v_c, v_c2)] + ([(b, b2)] if buf is not None else []):
+            assert_bits_equal(got, want)
+        # the CPU op on the same inputs
+        q_c = qk.clone()
+        out_c = q_c if in_place else ip.Tensor.full(qk.shape, float("nan"), dtype=out_dtype)
+        kc_c, vc_c = kc.clone(), vc.clone()
+        ops.rope_kv_store(q_c, pos, inv, v, kc_c, vc_c, slots, norm_weight=w, eps=eps, interleaved=interleaved,
+                          rotary_dim=R, attention_scaling=scaling, out=out_c)
+        if w is None:
+            tol = rope_tol(qk, out_c, R, interleaved, scaling, out_dtype)
+        else:
+            y = ip.Tensor.empty(qk.shape, dtype=ip.float32)  # the normalised heads, each by its weight
+            for h in range(H):
+                wh = w if w.ndim == 1 else w.narrow(0, h, 1).view(D)
+                ops.rms_norm(qk.narrow(1, h, 1), wh, eps, out=y.narrow(1, h, 1))
+            tol = norm_rope_tol(y, out_c, R, interleaved, scaling, out_dtype)
+        assert_within(out, out_c, tol)
+        assert_bits_equal(v_c, vc_c)
+        keep = to_torch(slots) >= 0
+        if Hkv:
+            rows = to_torch(slots)[keep]
+            ref = to_torch(kc_c).to(torch.float64).view(-1, Hkv, D)
+            k_tol = torch.zeros_like(ref)
+            k_tol[rows] = tol[keep][:, H - Hkv:] + ref[rows].abs() * ULP_OUT[cache_dtype] + TINY_OUT[cache_dtype]
+            assert_within(k_c.view(-1, Hkv, D), kc_c.view(-1, Hkv, D), k_tol)
+
+
 # ============================================================================ embedding
 
 def random_ids(T, V, dtype, gen):

@@ -20,7 +20,7 @@ import inference_pio as ip
 from inference_pio import LLM, SamplingParams
 
 from checkpoints import qwen3_model, save_hf, save_qwen_tokenizer
-from helpers import to_torch
+from helpers import from_torch, to_torch
 
 CONFIGS = {
     # GQA 2:1, head_dim 16 (= hidden / heads), tied embeddings
@@ -154,6 +154,31 @@ def test_mixed_batch_logits(ckpt, device):
     got = to_torch(eng.model(ForwardBatch(work, eng.blocks, eng.kv_cache, device, logits_for="all")))
     want = torch.cat([to_torch(llm.logits(a))[10:], to_torch(llm.logits(b))[5:], to_torch(llm.logits(c))])
     assert max(rel_errors(got, want)) <= 1e-5
+
+
+def test_qk_norm_weight_follows_the_norms(ckpt, device):
+    """The per-head q/k norm weight that the fused rotation and cache store reads
+    (Attention.stack_qk_norms, made at load time) follows the norms: a q_norm weight loaded anew
+    after a forward is used by the next one; norms of different eps (never in practice, but HF
+    takes one per module) fall back to q's heads alone, then k's with the store. Both against
+    transformers with the same changes."""
+    model, folder = ckpt
+    llm = LLM(folder, device=device, dtype="float32")
+    ids = random_ids(13, model.config.vocab_size, 8)
+    attn0 = llm.model.model.layers[0].self_attn
+    assert "qk_norm_heads" in attn0._buffers
+    llm.logits(ids)
+    ref = copy.deepcopy(model)
+    new_w = torch.randn(model.config.head_dim, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref.model.layers[0].self_attn.q_norm.weight.copy_(new_w)
+    llm.model.load_weights([("model.layers.0.self_attn.q_norm.weight", from_torch(new_w))], strict=False)
+    assert max(rel_errors(to_torch(llm.logits(ids)), hf_logits(ref, ids))) <= 1e-4
+    for theirs, ours in zip(ref.model.layers, llm.model.model.layers):
+        theirs.self_attn.k_norm.variance_epsilon = 0.5
+        ours.self_attn.k_norm.eps = 0.5
+    assert attn0.stack_qk_norms() is None
+    assert max(rel_errors(to_torch(llm.logits(ids)), hf_logits(ref, ids))) <= 1e-4
 
 
 def test_sharded_and_bf16_checkpoints(tmp_path):

@@ -92,6 +92,7 @@ def load_model(path, dtype="auto", device="cpu", progress=None, quantization=Non
     if quantization is not None:
         weights = QuantizedWeights(weights, quantization)
     load_weights(model, weights, progress)
+    stack_qk_norms(model)
     if parse_device(device)[0] != parse_device("cpu")[0]:
         fuse_projections(model)
     interleave_rows(model, getattr(weights, "file", None))
@@ -107,6 +108,15 @@ def fuse_projections(model):
         fuse = getattr(type(m), "fuse_projections", None)
         if fuse is not None:
             fuse(m)
+
+
+def stack_qk_norms(model):
+    """Makes each attention layer's per-head q/k norm weight (layers.Attention.stack_qk_norms) now,
+    so the first forward, which may be recorded into a graph, finds it made."""
+    for _, m in list(model.named_modules()):
+        stack = getattr(type(m), "stack_qk_norms", None)
+        if stack is not None:
+            stack(m)
 
 
 def load_weights(model, weights, progress=None):
