@@ -22,14 +22,19 @@
 //    use the same order, so they are one 16-byte shared-memory load of elements 8t .. 8t+7 of
 //    that token's staged row. K is a multiple of 8, so a lane's 8 elements are all below K or
 //    all past it (zeros): the K tail needs nothing else.
-//  - Weight loads are double-buffered groups of G pieces (G x 2 x RT 16-byte loads per lane in
-//    flight, plus the next group), bypassing L1. On sm_90 each block also asks the L2 to prefetch
-//    its rows a chunk ahead (the whole of a small product at once), the first part before
-//    to_pdl_wait(), so the DRAM stream overlaps the previous kernel's tail and the barriers.
+//  - Weight loads are double-buffered groups of G pieces (G x 2 x RT 16-byte loads per lane, the
+//    next group loaded while this one is multiplied), bypassing L1; G = 2 at M <= 16, else 1
+//    (the accumulators take the registers). On sm_90 the L2 is also asked to prefetch: a small
+//    product's (<= 16 MB) whole block slice at once, a big one's rows two pieces ahead of each
+//    warp's loads, the first of it before to_pdl_wait(), so the DRAM stream overlaps the previous
+//    kernel's tail, the staging and the barriers without holding registers.
 //  - A block is 8 warps: WT warps along N (32 WT rows) times KW = 8 / WT along K. x is staged
 //    into shared memory a chunk of K at a time (KW x PPW pieces, converted -- and normalised -- to
-//    w's dtype, rows padded by 64 bytes so the B loads are free of bank conflicts), shared by all
-//    the block's warps. The block's k parts are summed through shared memory in a fixed order.
+//    w's dtype, rows 64 mod 128 bytes apart so the B loads are free of bank conflicts), shared by
+//    all the block's warps; two barriers per chunk. The block's k parts are summed through shared
+//    memory in a fixed order. 2 blocks per multiprocessor (128 registers per thread: above M = 32
+//    the accumulators, a group of weights and the staging leave no spare, so there a chunk's
+//    first group is loaded after its staging instead of before).
 //  - When the row blocks alone cannot keep the GPU busy, K is also split over S blocks: each
 //    writes its partial sums (fragment order, so the writes and reads are whole lines) to a
 //    workspace, and the last block of a row block to arrive (an atomic counter per row block; the
@@ -136,7 +141,8 @@ template <> struct Mma<__half> {
 __device__ __forceinline__ void load_x8(const MatmulArgs &a, bool vec, int64_t m, int64_t k, float v[8]) {
     const int64_t at = m * a.xs0 + k * a.xs1;
     if (vec && a.x_dt == TO_F32) {
-        const float4 lo = *(const float4 *)((const float *)a.x + at), hi = *(const float4 *)((const float *)a.x + at + 4);
+        const float4 *p = (const float4 *)((const float *)a.x + at);
+        const float4 lo = p[0], hi = p[1];
         v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
     } else if (vec) {
         const uint4 r = *(const uint4 *)((const uint16_t *)a.x + at);
@@ -394,9 +400,9 @@ __device__ __forceinline__ void gemv_mma_body(const MatmulArgs &a, const Params 
         };
 
         // The next group is loaded before the current one is used, across chunk boundaries too
-        // (weights need no barrier), except at MT >= 6: there the 48 or 64 accumulators leave too
-        // few registers to hold a group through the staging, so a chunk's first group is loaded
-        // after it (an L2 hit on sm_90: it was prefetched).
+        // (weights need no barrier), except at MT >= 6 (M > 32): there the 48 or 64 accumulators
+        // leave too few registers to hold a group through the staging, so a chunk's first group
+        // is loaded after it (an L2 hit on sm_90: it was prefetched).
         constexpr bool CARRY = MT <= 4;
         uint4 cur[G][2 * RT], nxt[G][2 * RT];
         if (CARRY)
@@ -784,8 +790,9 @@ int to_cuda_gemv_mma(const MatmulArgs &a, int device_index, cudaStream_t stream)
         blocks = (blocks + CLUSTER - 1) / CLUSTER * CLUSTER; // whole clusters
     const int smem = smem_bytes(mt, p.wt, p.ppw);
 
-    cudaError_t err = a.w_dt == TO_BF16 ? launch_rows<__nv_bfloat16>(a, p, mt, blocks, smem, budget, device_index, stream)
-                                        : launch_rows<__half>(a, p, mt, blocks, smem, budget, device_index, stream);
+    cudaError_t err = a.w_dt == TO_BF16
+                          ? launch_rows<__nv_bfloat16>(a, p, mt, blocks, smem, budget, device_index, stream)
+                          : launch_rows<__half>(a, p, mt, blocks, smem, budget, device_index, stream);
     if (ws)
         to_cuda_free(device_index, ws);
     if (err == cudaErrorInvalidDeviceFunction || err == cudaErrorNoKernelImageForDevice) {
