@@ -1,9 +1,11 @@
 """What each kernel of a GPU decode step costs inside a CUDA graph: every op captured --repeat
 times back to back into one graph (as a decode step's graph holds them), the graph replayed, and
 the time per op reported; the products beside the device copy bandwidth. The first row, a
-one-element fill, is the floor one graph node costs.
+one-element fill, is the floor one graph node costs. The products run for each --rows count of x
+rows: 1 (one sequence's decode: the streaming GEMV) and 32 (a batch of 32 decoding together: the
+tensor-core kernel of csrc/cuda/gemv_mma.cu); GB/s counts the weight bytes only.
 
-    python benchmarks/bench_gpu_kernels.py [--model 0.6b|4b] [--repeat 100]
+    python benchmarks/bench_gpu_kernels.py [--model 0.6b|4b] [--repeat 100] [--rows 1,32]
     INFERENCE_PIO_PDL=0 python benchmarks/bench_gpu_kernels.py   # without programmatic launches
 """
 import argparse
@@ -48,6 +50,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="0.6b")
     ap.add_argument("--repeat", type=int, default=100)
+    ap.add_argument("--rows", default="1,32", help="x rows of the products, comma-separated")
     args = ap.parse_args()
     H, hq, hkv, D, I, V = SHAPES[args.model]
     n = args.repeat
@@ -77,24 +80,32 @@ def main():
         lambda: (ops.rms_norm_rope(qk, gh, 1e-6, pos, inv, out=qk), ops.kv_cache_store(kc, vc, k, v, slot)), n), 0))
     rows.append(("rope_kv_store, the same in one launch", per_op_us(
         lambda: ops.rope_kv_store(qk, pos, inv, v, kc, vc, slot, norm_weight=gh, eps=1e-6, out=qk), n), 0))
-    for name, N, K, kind in (("qkv", (hq + 2 * hkv) * D, H, "norm"), ("qkv", (hq + 2 * hkv) * D, H, "plain"),
-                             ("o_proj", H, hq * D, "add"), ("o_proj", H, hq * D, "plain"),
-                             ("gate_up", 2 * I, H, "norm"), ("down", H, I, "add"), ("lm_head", V, H, "plain")):
-        w = ip.Tensor.full((N, K), 0.01, dtype="bfloat16", device="cuda")  # streamed: values do not matter
-        xk = randn(1, K)
-        if kind == "norm":
-            fn = lambda w=w, xk=xk, gk=randn(K, dtype="bfloat16"): ops.rms_norm_matmul(xk, gk, 1e-6, w)
-        elif kind == "add":
-            out = ip.Tensor.zeros(1, N, device="cuda")
-            fn = lambda w=w, xk=xk, out=out: ops.matmul_add(out, xk, w)
-        else:
-            fn = lambda w=w, xk=xk: ops.matmul(xk, w)
-        reps = n if N * K < 1 << 26 else max(4, n // 10)
-        us = per_op_us(fn, reps)
-        rows.append((f"{name} [{N} x {K}] bf16 ({kind})", us, 2 * N * K / (us * 1e-6) / 1e9))
-    print(f"{'op':48s} {'us/op':>8s} {'GB/s':>8s}")
+    products = (("qkv", (hq + 2 * hkv) * D, H, "norm"), ("qkv", (hq + 2 * hkv) * D, H, "plain"),
+                ("o_proj", H, hq * D, "add"), ("o_proj", H, hq * D, "plain"),
+                ("gate_up", 2 * I, H, "swiglu"), ("down", H, I, "add"), ("lm_head", V, H, "plain"))
+    weights = {}
+    for M in (int(v) for v in args.rows.split(",")):
+        for name, N, K, kind in products:
+            if (N, K) not in weights:  # streamed: values do not matter
+                weights[N, K] = ip.Tensor.full((N, K), 0.01, dtype="bfloat16", device="cuda")
+            w = weights[N, K]
+            xk = randn(M, K)
+            if kind == "norm":
+                fn = lambda w=w, xk=xk, gk=randn(K, dtype="bfloat16"): ops.rms_norm_matmul(xk, gk, 1e-6, w)
+            elif kind == "swiglu":
+                fn = lambda w=w, xk=xk, gk=randn(K, dtype="bfloat16"): ops.rms_norm_swiglu(xk, gk, 1e-6, w)
+            elif kind == "add":
+                out = ip.Tensor.zeros(M, N, device="cuda")
+                fn = lambda w=w, xk=xk, out=out: ops.matmul_add(out, xk, w)
+            else:
+                out = ip.Tensor.empty(M, N, device="cuda")
+                fn = lambda w=w, xk=xk, out=out: ops.matmul(xk, w, out=out)
+            reps = n if N * K < 1 << 26 else max(4, n // 10)
+            us = per_op_us(fn, reps)
+            rows.append((f"{name} [{N} x {K}] bf16 ({kind}), M {M}", us, 2 * N * K / (us * 1e-6) / 1e9))
+    print(f"{'op':56s} {'us/op':>8s} {'GB/s':>8s}")
     for name, us, gbs in rows:
-        print(f"{name:48s} {us:8.2f} {gbs:8.0f}" if gbs else f"{name:48s} {us:8.2f}")
+        print(f"{name:56s} {us:8.2f} {gbs:8.0f}" if gbs else f"{name:56s} {us:8.2f}")
 
 
 if __name__ == "__main__":

@@ -416,3 +416,181 @@ def test_sm90_out_window(gen, monkeypatch, plan, offset, out_dtype):
     assert (got[:, :offset] == 7).all() and (got[:, offset + N:] == 7).all()
     ref, mag = reference(xt.to(torch.float64), wide_w[:, :K].to(torch.float64), b64)
     assert_within(got[:, offset:offset + N], ref, tolerance(ref, mag, K, out_dtype))
+
+
+# ---- batched decode: the tensor-core product for 9 to 64 rows (csrc/cuda/gemv_mma.cu) ----
+#
+# Taken for 8 < M <= 64 when w is bf16 or f16 with 16-byte aligned rows and K is a multiple of 8
+# (other shapes fall through to the kernels above, so these cases pass either way), for to_matmul,
+# to_matmul_add and to_rms_norm_matmul alike: mma.sync with the weights as the A operand, x
+# staged in shared memory rounded to w's dtype (the rule of tensor_core_x), K split over warps and
+# blocks (partials summed in a fixed order by the last block of a row block to arrive), a chunk
+# of K staged at a time. INFERENCE_PIO_GEMV_MMA=WT,S forces a plan: WT warps along N (32 WT rows
+# per block), S blocks along K.
+#
+# References, in float64 from the values our tensors hold:
+#  - plain: tensor_core_x's x against w, + bias; assert_close's bound (f32 accumulation over K
+#    terms; the split adds a few more f32 additions of partial sums, well inside it);
+#  - matmul_add: old out + the product, formed in f32 (the product, then the sum, one f32
+#    rounding each) and rounded once to out's dtype: the bound plus U32 (|ref| + |old|);
+#  - rms_norm_matmul: x normalised exactly as the kernel does (and norm.cu): the sum of squares
+#    in double, rinv = f32(1 / sqrt(ss / K + eps)), xn = (x * rinv) * g in two f32 roundings, then
+#    rounded to w's dtype -- computed here with torch's IEEE float32 operations, so the only
+#    difference left is the order of the double sum (which moves the f32 rinv essentially never);
+#    then the plain bound against those values.
+# Outputs start as NaN (every element must be written, by exactly the block that owns it).
+
+MMA_M = (9, 16, 31, 32, 33, 64)
+MMA_NK = [(1007, 264), (7, 520), (300, 2056)]  # odd N and K = 8 x 33; N < 16; K = 64 x 32 + 8
+MMA_W = (ip.bfloat16, ip.float16)
+
+
+def norm_x(x64, g64, eps, w_dtype):
+    """x's rows normalised as the kernel does it, rounded to w's dtype, as float64."""
+    K = x64.shape[1]
+    ss = (x64 * x64).sum(dim=1, keepdim=True)
+    rinv = (1.0 / torch.sqrt(ss / K + eps)).to(torch.float32)
+    xn = (x64.to(torch.float32) * rinv) * g64.to(torch.float32)
+    return xn.to(TORCH_DTYPES[w_dtype]).to(torch.float64)
+
+
+def run_mma_case(gen, M, N, K, x_dtype, w_dtype, out_dtype, with_bias=False, x_kind="contiguous", form="plain",
+                 g_dtype=ip.float32, eps=1e-6):
+    """One product in `form` ("plain", "add": to_matmul_add, "norm": to_rms_norm_matmul) against
+    its float64 reference (see above)."""
+    x, x64 = make_x(gen, M, K, x_dtype, x_kind)
+    w, w64 = randn(N, K, dtype=w_dtype, gen=gen)
+    b, b64 = randn(N, dtype=out_dtype, gen=gen) if with_bias else (None, None)
+    wc, bc = w.to("cuda"), b.to("cuda") if b is not None else None
+    extra = 0.0
+    if form == "norm":
+        g, g64 = randn(K, dtype=g_dtype, gen=gen)
+        out = make_out(M, N, out_dtype)
+        ops.rms_norm_matmul(x, g.to("cuda"), eps, wc, bc, out=out)
+        ref, mag = reference(norm_x(x64, g64, eps, w_dtype), w64, b64)
+    elif form == "add":
+        old, old64 = randn(M, N, dtype=out_dtype, gen=gen)
+        out = old.to("cuda")
+        assert ops.matmul_add(out, x, wc, bc) is out
+        ref, mag = reference(tensor_core_x(x64, M, x_dtype, w_dtype), w64, b64)
+        ref = ref + old64
+        extra = U32 * (ref.abs() + old64.abs())
+    else:
+        out = make_out(M, N, out_dtype)
+        ops.matmul(x, wc, bc, out=out)
+        ref, mag = reference(tensor_core_x(x64, M, x_dtype, w_dtype), w64, b64)
+    got = to_torch(out.cpu()).to(torch.float64)
+    assert_within(got, ref, tolerance(ref, mag, K, out_dtype) + extra)
+
+
+@pytest.mark.parametrize("M", MMA_M)
+@pytest.mark.parametrize("N,K", MMA_NK, ids=[f"N{N}-K{K}" for N, K in MMA_NK])
+@pytest.mark.parametrize("form", ["plain", "add", "norm"])
+def test_mma_shapes(gen, M, N, K, form):
+    """Every row count (1 to 8 n8 tiles, partial ones) against odd N, N below one m16 tile and a
+    K tail of 8, in each form; the dtypes of x, w, out and the bias rotate over the cases."""
+    i = MMA_M.index(M) + len(MMA_M) * MMA_NK.index((N, K))
+    x_dtype = FLOAT_DTYPES[i % 3]
+    w_dtype = MMA_W[i % 2]
+    out_dtype = (ip.float32, ip.bfloat16)[(i // 2) % 2]
+    run_mma_case(gen, M, N, K, x_dtype, w_dtype, out_dtype, with_bias=(i // 3) % 2 == 0, form=form)
+
+
+@pytest.mark.parametrize("x_dtype", FLOAT_DTYPES, ids=lambda d: NAMES[d])
+@pytest.mark.parametrize("w_dtype", MMA_W, ids=lambda d: NAMES[d])
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=lambda d: NAMES[d])
+@pytest.mark.parametrize("form", ["plain", "add", "norm"])
+def test_mma_dtypes(gen, x_dtype, w_dtype, out_dtype, form):
+    """Every dtype of x (f32 rounded to w's dtype on staging, f16 <-> bf16 converted, or taken as
+    it is), of w and of out, with a bias, in each form."""
+    run_mma_case(gen, 33, 200, 520, x_dtype, w_dtype, out_dtype, with_bias=True, form=form)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "sliced", "rows"])
+@pytest.mark.parametrize("x_dtype", FLOAT_DTYPES, ids=lambda d: NAMES[d])
+@pytest.mark.parametrize("form", ["plain", "add", "norm"])
+def test_mma_strided_x(gen, kind, x_dtype, form):
+    """x as a transposed view (element loads), every other column (element loads) or every other
+    row (16-byte loads, rows 2K apart); the norm's sums of squares read x the same way."""
+    run_mma_case(gen, 20, 130, 264, x_dtype, ip.bfloat16, ip.float32, with_bias=False, x_kind=kind, form=form)
+
+
+@pytest.mark.parametrize("g_dtype", FLOAT_DTYPES, ids=lambda d: NAMES[d])
+@pytest.mark.parametrize("eps", [1e-6, 0.5])
+def test_mma_norm_weights(gen, g_dtype, eps):
+    """The norm weight in every dtype, and an eps that matters."""
+    run_mma_case(gen, 40, 100, 1024, ip.float32, ip.bfloat16, ip.float32, with_bias=True, form="norm",
+                 g_dtype=g_dtype, eps=eps)
+
+
+def test_mma_norm_strided_weight(gen):
+    """A norm weight that is not contiguous (every other element of a longer one) is not this
+    kernel's (it reads norm_w contiguously): the op normalises into an intermediate instead, with
+    the same values."""
+    M, N, K = 24, 70, 264
+    x, x64 = make_x(gen, M, K, ip.float32, "contiguous")
+    wide, wide64 = randn(2 * K, gen=gen)
+    w, w64 = randn(N, K, dtype=ip.bfloat16, gen=gen)
+    out = make_out(M, N, ip.float32)
+    ops.rms_norm_matmul(x, wide.to("cuda")[::2], 1e-6, w.to("cuda"), out=out)
+    ref, mag = reference(norm_x(x64, wide64[::2], 1e-6, ip.bfloat16), w64, None)
+    assert_within(to_torch(out.cpu()).to(torch.float64), ref, tolerance(ref, mag, K, ip.float32))
+
+
+MMA_PLANS = ["8,1", "8,7", "4,3", "2,2", "1,1", "1,5"]
+
+
+@pytest.mark.parametrize("plan", MMA_PLANS)
+@pytest.mark.parametrize("form", ["plain", "add", "norm"])
+def test_mma_plans(gen, monkeypatch, plan, form):
+    """Each block shape (32 to 256 weight rows; the other warps of the block along K, summed
+    through shared memory) with and without K split over blocks, whatever the heuristic would
+    pick: 300 rows (a partial row block), K = 2056 (65 pieces of 32: uneven splits, a K tail, and
+    at M = 64 several staged chunks per block), M = 17 and 64."""
+    monkeypatch.setenv("INFERENCE_PIO_GEMV_MMA", plan)
+    for M in (17, 64):
+        run_mma_case(gen, M, 300, 2056, ip.float32, ip.bfloat16, ip.float32, with_bias=True, form=form)
+
+
+@pytest.mark.parametrize("form", ["plain", "norm"])
+def test_mma_split_repeatable(gen, monkeypatch, form):
+    """K split over blocks: the last block of each row block to arrive sums the partials in split
+    order, so repeated launches give identical results (and each launch leaves its arrival
+    counters at zero: a stale count would leave outputs unwritten, NaN)."""
+    monkeypatch.setenv("INFERENCE_PIO_GEMV_MMA", "2,6")
+    M, N, K = 32, 250, 3072
+    x, _ = make_x(gen, M, K, ip.float32, "contiguous")
+    w = randn(N, K, dtype=ip.bfloat16, gen=gen)[0].to("cuda")
+    g = randn(K, dtype=ip.bfloat16, gen=gen)[0].to("cuda")
+    results = []
+    for _ in range(3):
+        out = make_out(M, N, ip.float32)
+        if form == "norm":
+            ops.rms_norm_matmul(x, g, 1e-6, w, out=out)
+        else:
+            ops.matmul(x, w, out=out)
+        results.append(to_torch(out.cpu()))
+    assert not results[0].isnan().any()
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_mma_weight_window(gen):
+    """w a column window of a wider weight with 16-byte aligned rows (K + 8 apart): the kernel
+    follows w's row stride."""
+    M, N, K = 40, 90, 520
+    x, x64 = make_x(gen, M, K, ip.float32, "contiguous")
+    wide, wide64 = randn(N, K + 8, dtype=ip.bfloat16, gen=gen)
+    out = make_out(M, N, ip.bfloat16)
+    ops.matmul(x, wide.to("cuda")[:, 8:], out=out)
+    ref, mag = reference(tensor_core_x(x64, M, ip.float32, ip.bfloat16), wide64[:, 8:], None)
+    assert_within(to_torch(out.cpu()).to(torch.float64), ref, tolerance(ref, mag, K, ip.bfloat16))
+
+
+MMA_DECODE = [(4096, 1024, "norm"), (1024, 2048, "add"), (6144, 1024, "norm"), (1024, 3072, "add")]
+
+
+@pytest.mark.parametrize("N,K,form", MMA_DECODE, ids=[f"{f}-N{N}-K{K}" for N, K, f in MMA_DECODE])
+def test_mma_decode_shapes(gen, N, K, form):
+    """Batch-32 decode at Qwen3-0.6B's sizes (qkv and gate_up with the input norm, o_proj and down
+    added into the residual stream), with the plans the heuristic picks for them."""
+    run_mma_case(gen, 32, N, K, ip.float32, ip.bfloat16, ip.float32, form=form)
