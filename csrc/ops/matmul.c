@@ -78,8 +78,8 @@ static int check_matmul(const char *op, const to_tensor *out, const to_tensor *x
                        "dimension, got stride %lld", op, (long long)out->strides[1]);
     /* Threads write different rows at once; rows that share elements would race. */
     if (M > 1 && cols > 0 && out->strides[0] < cols)
-        return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: out rows overlap (row stride %lld < %lld columns)", op,
-                       (long long)out->strides[0], (long long)cols);
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: out rows overlap (row stride %lld < %s = %lld)", op,
+                       (long long)out->strides[0], swiglu ? "N / 2" : "N", (long long)cols);
     /* out is written while x, w and bias are still being read: no shared memory at all */
     TO_TRY(to_check_no_alias(out, x, 0, op, "out", "x"));
     TO_TRY(to_check_no_alias(out, w, 0, op, "out", "w"));
