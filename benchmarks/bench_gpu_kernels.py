@@ -3,7 +3,7 @@ times back to back into one graph (as a decode step's graph holds them), the gra
 the time per op reported; the products beside the device copy bandwidth. The first row, a
 one-element fill, is the floor one graph node costs. The products run for each --rows count of x
 rows: 1 (one sequence's decode: the streaming GEMV) and 32 (a batch of 32 decoding together: the
-tensor-core kernel of csrc/cuda/gemv_mma.cu); GB/s counts the weight bytes only.
+tensor-core GEMMs); GB/s counts the weight bytes only.
 
     python benchmarks/bench_gpu_kernels.py [--model 0.6b|4b] [--repeat 100] [--rows 1,32]
     INFERENCE_PIO_PDL=0 python benchmarks/bench_gpu_kernels.py   # without programmatic launches

@@ -814,18 +814,6 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
     }
     if (a.swiglu)
         return swiglu_through_temp(out, x, w, bias, norm_weight, eps);
-    // 9 to 64 rows against 16-bit weights (batched decode): one tensor-core kernel streaming w,
-    // with the norm and the accumulation fused in (gemv_mma.cu); it declines other shapes
-    if (a.M > GEMV_MAX_ROWS && (!norm_weight || norm_weight->strides[0] == 1)) {
-        MatmulArgs am = a;
-        if (norm_weight) {
-            am.norm_w = (const char *)norm_weight->data;
-            am.norm_dt = norm_weight->dtype;
-            am.norm_eps = eps;
-        }
-        if (to_cuda_gemv_mma(am, out->device_index, stream))
-            return to_cuda_check_launch(op);
-    }
     if (norm_weight)
         return norm_then_matmul(out, x, w, bias, norm_weight, eps, epilogue);
     int status = tensor_core_forms(out, x, w, bias, a.accumulate);

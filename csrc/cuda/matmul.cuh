@@ -21,9 +21,8 @@ struct MatmulArgs {
     int bias_dt;
     bool accumulate;    // out += the product (to_matmul_add)
     bool swiglu;        // rows interleave gate and up: out[m, n / 2] = silu(gate) * up (to_rms_norm_swiglu)
-    const char *norm_w; // the streaming GEMV and gemv_mma only: x rows RMS-normalised first with
-    int norm_dt;        //   the weight norm_w [K] (contiguous; 16-byte aligned for the GEMV) and
-                        //   norm_eps; NULL: no norm
+    const char *norm_w; // the streaming GEMV only: x rows RMS-normalised first with the weight
+    int norm_dt;        //   norm_w [K] (contiguous, 16-byte aligned) and norm_eps; NULL: no norm
     double norm_eps;
 };
 
@@ -53,12 +52,3 @@ __device__ __forceinline__ void store_swiglu(const MatmulArgs &a, int64_t m, int
 // to_cuda_check_launch.
 __attribute__((visibility("hidden"))) int to_cuda_gemm_sm90(const MatmulArgs &a, int device_index,
                                                             cudaStream_t stream);
-
-// The tensor-core product for a few dozen rows of x (batched decode, gemv_mma.cu): w bf16 or f16
-// with 16-byte aligned rows, K a multiple of 8, M at most 64; x any float dtype and strides, out
-// any float dtype, bias, a.accumulate and a.norm_w (norm_w contiguous) all handled in one kernel.
-// x (normalised or not) is rounded to w's dtype. Returns 1 when it launched the product on
-// `stream`, 0 when the shape or dtypes are not ones it handles; launch errors are left for
-// to_cuda_check_launch.
-__attribute__((visibility("hidden"))) int to_cuda_gemv_mma(const MatmulArgs &a, int device_index,
-                                                           cudaStream_t stream);
