@@ -425,6 +425,27 @@ static void run_variant(const Variant &v, const Args &a, cudaStream_t s) {
 
 struct Shape { int N, K; bool norm; };
 
+// The time of one replay of `graph` in microseconds (after three warm-up replays; mean of 20).
+static double replay_us(cudaGraph_t graph, cudaStream_t s) {
+    cudaGraphExec_t exec;
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int i = 0; i < 3; i++) CK(cudaGraphLaunch(exec, s));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    const int reps = 20;
+    CK(cudaEventRecord(e0, s));
+    for (int i = 0; i < reps; i++) CK(cudaGraphLaunch(exec, s));
+    CK(cudaEventRecord(e1, s));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return ms * 1000.0 / reps;
+}
+
 __global__ void fill_kernel(__nv_bfloat16 *p, int64_t n, uint32_t seed) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         uint32_t h = (uint32_t)i * 2654435761u ^ seed;
@@ -509,7 +530,6 @@ int main(int argc, char **argv) {
             for (int vi = 0; vi < nv; vi++) {
                 const Variant &v = variants[vi];
                 cudaGraph_t graph;
-                cudaGraphExec_t exec;
                 CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
                 for (int l = 0; l < m.layers; l++) {
                     if (mode == 1) { // this layer's o/gate_up/down and the next layer's qkv
@@ -545,22 +565,9 @@ int main(int argc, char **argv) {
                     }
                 }
                 CK(cudaStreamEndCapture(s, &graph));
-                CK(cudaGraphInstantiate(&exec, graph, 0));
-                for (int i = 0; i < 3; i++) CK(cudaGraphLaunch(exec, s));
-                cudaEvent_t e0, e1;
-                CK(cudaEventCreate(&e0));
-                CK(cudaEventCreate(&e1));
-                const int reps = 20;
-                CK(cudaEventRecord(e0, s));
-                for (int i = 0; i < reps; i++) CK(cudaGraphLaunch(exec, s));
-                CK(cudaEventRecord(e1, s));
-                CK(cudaEventSynchronize(e1));
-                float ms;
-                CK(cudaEventElapsedTime(&ms, e0, e1));
-                double per_layer_us = ms * 1000.0 / reps / m.layers;
+                double per_layer_us = replay_us(graph, s) / m.layers;
                 printf("%-10s mode %d  %7.2f us/layer  %6.0f GB/s\n", v.name, mode, per_layer_us,
                        layer_bytes / (per_layer_us * 1e-6) / 1e9);
-                CK(cudaGraphExecDestroy(exec));
                 CK(cudaGraphDestroy(graph));
             }
         }
@@ -571,7 +578,6 @@ int main(int argc, char **argv) {
             for (int vi = 0; vi < nv; vi++) {
                 const Variant &v = variants[vi];
                 cudaGraph_t graph;
-                cudaGraphExec_t exec;
                 CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
                 for (int l = 0; l < m.layers; l++) {
                     Args a = {};
@@ -588,22 +594,9 @@ int main(int argc, char **argv) {
                     else run_variant<false>(v, a, s);
                 }
                 CK(cudaStreamEndCapture(s, &graph));
-                CK(cudaGraphInstantiate(&exec, graph, 0));
-                for (int r = 0; r < 3; r++) CK(cudaGraphLaunch(exec, s));
-                cudaEvent_t e0, e1;
-                CK(cudaEventCreate(&e0));
-                CK(cudaEventCreate(&e1));
-                const int reps = 20;
-                CK(cudaEventRecord(e0, s));
-                for (int r = 0; r < reps; r++) CK(cudaGraphLaunch(exec, s));
-                CK(cudaEventRecord(e1, s));
-                CK(cudaEventSynchronize(e1));
-                float ms;
-                CK(cudaEventElapsedTime(&ms, e0, e1));
-                double us = ms * 1000.0 / reps / m.layers;
+                double us = replay_us(graph, s) / m.layers;
                 printf("  %5d x %5d%s %-10s %7.2f us  %6.0f GB/s\n", m.sh[i].N, m.sh[i].K, m.sh[i].norm ? " norm" : "     ",
                        v.name, us, bytes / (us * 1e-6) / 1e9);
-                CK(cudaGraphExecDestroy(exec));
                 CK(cudaGraphDestroy(graph));
             }
         }
