@@ -5,13 +5,23 @@ one-element fill, is the floor one graph node costs. The products run for each -
 rows: 1 (one sequence's decode: the streaming GEMV) and 32 (a batch of 32 decoding together: the
 tensor-core GEMMs); GB/s counts the weight bytes only.
 
-    python benchmarks/bench_gpu_kernels.py [--model 0.6b|4b] [--repeat 100] [--rows 1,32]
+The layer products also run with GGUF block weights (--quant, default q8_0 and q4_k): random
+normal weights quantized on the CPU (ops.quantize) and uploaded as a ring of copies larger than
+the L2 (the calls cycle through them, so the weights come from DRAM), each in the form the decode
+step uses (normalising qkv and gate_up, accumulating o_proj and down: csrc/cuda/gemv_quant.cu),
+then plain, and plain through the first-pass GEMV (INFERENCE_PIO_GEMV_QUANT=0, "old") for
+comparison. GB/s counts the quantized weight bytes.
+
+    python benchmarks/bench_gpu_kernels.py [--model 0.6b|4b] [--repeat 100] [--rows 1,32] [--quant q8_0,q4_k]
     INFERENCE_PIO_PDL=0 python benchmarks/bench_gpu_kernels.py   # without programmatic launches
 """
 import argparse
 import math
+import os
 import random
 import time
+
+import numpy as np
 
 import inference_pio as ip
 from inference_pio import ops
@@ -51,6 +61,7 @@ def main():
     ap.add_argument("--model", default="0.6b")
     ap.add_argument("--repeat", type=int, default=100)
     ap.add_argument("--rows", default="1,32", help="x rows of the products, comma-separated")
+    ap.add_argument("--quant", default="q8_0,q4_k", help="block types of the layer products ('' for none)")
     args = ap.parse_args()
     H, hq, hkv, D, I, V = SHAPES[args.model]
     n = args.repeat
@@ -103,9 +114,61 @@ def main():
             reps = n if N * K < 1 << 26 else max(4, n // 10)
             us = per_op_us(fn, reps)
             rows.append((f"{name} [{N} x {K}] bf16 ({kind}), M {M}", us, 2 * N * K / (us * 1e-6) / 1e9))
+    layers = (("qkv", (hq + 2 * hkv) * D, H, "norm"), ("o_proj", H, hq * D, "add"),
+              ("gate_up", 2 * I, H, "swiglu"), ("down", H, I, "add"))
+    for wtype in filter(None, args.quant.split(",")):
+        for name, N, K, kind in layers:
+            rows += quant_rows(wtype, name, N, K, kind, n)
     print(f"{'op':56s} {'us/op':>8s} {'GB/s':>8s}")
     for name, us, gbs in rows:
         print(f"{name:56s} {us:8.2f} {gbs:8.0f}" if gbs else f"{name:56s} {us:8.2f}")
+
+
+RING_BYTES = 192 << 20  # weight copies cycled through per product: ~4x the H200's L2, so weights come from DRAM
+
+
+def quantized_weight(wtype, N, K):
+    """Normal weights (scale 0.02) quantized to wtype on the CPU: a CPU tensor [N, K]."""
+    arr = np.random.default_rng(N + K).standard_normal((N, K), dtype=np.float32) * 0.02
+    return ops.quantize(ip.Tensor.frombuffer(arr, "float32", shape=(N, K)), wtype)
+
+
+def quant_rows(wtype, name, N, K, kind, n):
+    """The product of x [1, K] with a wtype weight [N, K]: in its decode-step form, plain, and plain
+    through the first-pass GEMV (INFERENCE_PIO_GEMV_QUANT=0, read when the graph is captured).
+    Successive calls take successive copies of the weight from a ring larger than the L2, as a
+    decode step takes each layer's own weights."""
+    host = quantized_weight(wtype, N, K)
+    nbytes = host.nbytes
+    ring = [host.to("cuda") for _ in range(max(1, math.ceil(RING_BYTES / nbytes)))]
+    xk, gk, out = randn(1, K), randn(K, dtype="bfloat16"), ip.Tensor.zeros(1, N, device="cuda")
+    turn = [0]
+
+    def next_w():
+        turn[0] += 1
+        return ring[turn[0] % len(ring)]
+
+    forms = {"norm": lambda: ops.rms_norm_matmul(xk, gk, 1e-6, next_w()),
+             "swiglu": lambda: ops.rms_norm_swiglu(xk, gk, 1e-6, next_w()),
+             "add": lambda: ops.matmul_add(out, xk, next_w()), "plain": lambda: ops.matmul(xk, next_w())}
+    rows = []
+    for label, fn, env in ((kind, forms[kind], None), ("plain", forms["plain"], None),
+                           ("plain, old", forms["plain"], "0")):
+        before = os.environ.get("INFERENCE_PIO_GEMV_QUANT")
+        if env is not None:
+            os.environ["INFERENCE_PIO_GEMV_QUANT"] = env
+        try:
+            # every copy at least once; the old kernel is ~20x slower: fewer repeats keep its graph short
+            us = per_op_us(fn, max(len(ring), n if env is None else max(4, n // 10)))
+        finally:
+            if env is not None:
+                if before is None:
+                    del os.environ["INFERENCE_PIO_GEMV_QUANT"]
+                else:
+                    os.environ["INFERENCE_PIO_GEMV_QUANT"] = before
+        rows.append((f"{name} [{N} x {K}] {wtype} ({label})", us, nbytes / (us * 1e-6) / 1e9))
+    del ring
+    return rows
 
 
 if __name__ == "__main__":

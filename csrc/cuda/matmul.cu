@@ -13,6 +13,8 @@
 //    converted to f32 into shared memory once per block, a chunk of K at a time, so any dtype and
 //    any strides of x cost the same. Lanes read consecutive pieces of the row, so the warp's
 //    loads are coalesced, and a warp shuffle reduces the 32 partial sums at the end.
+//    (Decode's own forms take streaming kernels first: gemv_stream_kernel below for float w,
+//    gemv_quant.cu for block-quantized w, both for an f32 x with unit stride.)
 //    Quantized w is dequantized to exactly the f32 values csrc/cpu/quant.c gives, and x stays
 //    f32: unlike the CPU path (which quantizes x to 8 bits), the GPU result is f32-accurate
 //    against the dequantized weights.
@@ -295,12 +297,6 @@ static void launch_gemv_float(const MatmulArgs &a, bool aligned16, cudaStream_t 
 
 #define GV_ROWS 2  // weight rows per warp
 #define GV_GROUP 4 // 16-byte loads per row per lane in flight
-
-__device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
 
 template <typename T> __device__ __forceinline__ void unpack16(uint4 raw, float v[16 / sizeof(T)]) {
     const T *t = (const T *)&raw;
@@ -810,6 +806,17 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
             default: launch_gemv_stream<__nv_bfloat16>(a, out->device_index, stream); break;
             }
             return to_cuda_check_launch(op);
+        }
+        // block-quantized w: the streaming GEMV of gemv_quant.cu, fused forms included
+        if (a.w_quant && (!norm_weight || norm_streams)) {
+            MatmulArgs q = a;
+            if (norm_weight) {
+                q.norm_w = (const char *)norm_weight->data;
+                q.norm_dt = norm_weight->dtype;
+                q.norm_eps = eps;
+            }
+            if (to_cuda_gemv_quant(q, out->device_index, stream))
+                return to_cuda_check_launch(op);
         }
     }
     if (a.swiglu)

@@ -1,5 +1,6 @@
-// matmul.cuh - what matmul.cu (GEMV, small GEMMs) and gemm_sm90.cu (the Hopper tensor-core GEMM
-// for prefill) share: the argument block of one product and the output store.
+// matmul.cuh - what matmul.cu (GEMV, small GEMMs), gemv_quant.cu (the decode GEMV for
+// block-quantized weights) and gemm_sm90.cu (the Hopper tensor-core GEMM for prefill) share: the
+// argument block of one product, the output stores and the L2 prefetch.
 #pragma once
 
 #include "cuda/common.cuh"
@@ -21,7 +22,7 @@ struct MatmulArgs {
     int bias_dt;
     bool accumulate;    // out += the product (to_matmul_add)
     bool swiglu;        // rows interleave gate and up: out[m, n / 2] = silu(gate) * up (to_rms_norm_swiglu)
-    const char *norm_w; // the streaming GEMV only: x rows RMS-normalised first with the weight
+    const char *norm_w; // the streaming GEMVs only: x rows RMS-normalised first with the weight
     int norm_dt;        //   norm_w [K] (contiguous, 16-byte aligned) and norm_eps; NULL: no norm
     double norm_eps;
 };
@@ -45,6 +46,24 @@ __device__ __forceinline__ void store_swiglu(const MatmulArgs &a, int64_t m, int
     }
     to_store(a.out, a.out_dt, m * a.os0 + n / 2, __fmul_rn(to_silu(gate), up));
 }
+
+// Asks the L2 to fetch [p, p + bytes) (16-byte aligned, a multiple of 16 bytes) ahead of the loads:
+// the GEMVs issue it for their weight rows before to_pdl_wait() (safe whatever the previous kernel
+// writes: the L2 is coherent), so the DRAM latency overlaps that kernel's tail. sm_90+; a no-op before.
+__device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// The decode GEMV for block-quantized w (gemv_quant.cu): M <= 8, x f32 with unit stride and
+// 16-byte aligned rows, any whole-block K, with every epilogue of MatmulArgs (bias, accumulate,
+// the norm when a.norm_w is set, swiglu). Returns 1 when it launched the product on `stream`, 0
+// when the case is not one it handles (the caller falls back; INFERENCE_PIO_GEMV_QUANT=0 makes it
+// always 0, =1/2/4 forces the number of warps per row pair). Launch errors are left for
+// to_cuda_check_launch.
+__attribute__((visibility("hidden"))) int to_cuda_gemv_quant(const MatmulArgs &a, int device_index,
+                                                             cudaStream_t stream);
 
 // The Hopper GEMM (gemm_sm90.cu): x and w both bf16 or both f16, out overwritten (a.accumulate
 // is not read). Returns 1 when it launched the product on `stream`, 0 when this GPU, build or

@@ -15,9 +15,10 @@ tests/kernels/test_matmul.py), plus one rounding to out's dtype:
     |got - ref| <= acc + u_out * (|ref| + acc) + tiny_out
 with u_out = 2^-24 / 2^-11 / 2^-8 for f32 / f16 / bf16 and tiny_out half the subnormal spacing.
 
-Paths: M <= 8 is the GEMV (one warp per weight row), M > 8 a tiled GEMM (tensor cores when w is
-bf16 or f16: an x of another dtype is first rounded to w's, which the reference repeats, see
-tensor_core_x; an f32 FMA tile otherwise); the shapes straddle both. On Hopper (a build
+Paths: M <= 8 is the GEMV (one warp per weight row; for block-quantized w and an f32 x with unit
+stride, the streaming kernel of csrc/cuda/gemv_quant.cu: see its section), M > 8 a tiled GEMM
+(tensor cores when w is bf16 or f16: an x of another dtype is first rounded to w's, which the
+reference repeats, see tensor_core_x; an f32 FMA tile otherwise); the shapes straddle both. On Hopper (a build
 with sm_90a) bf16/f16 products that TMA can read go to the wgmma GEMM of csrc/cuda/gemm_sm90.cu:
 see "the Hopper GEMM" below.
 """
@@ -262,6 +263,155 @@ def test_quantized_long_rows(gen, wtype):
     """K over several GEMV chunks of x (8192 floats at M = 1, 1024 at M = 8)."""
     for M in (1, 8, 12):
         run_case(gen, M, 9216 if BLOCK[wtype][0] == 256 else 8224, 9, ip.bfloat16, wtype, ip.float32, True)
+
+
+# ---- quantized weights: the streaming GEMV (csrc/cuda/gemv_quant.cu) ----
+#
+# Up to 8 rows of an f32 x (unit stride, 16-byte aligned rows) against block-quantized w take the
+# streaming kernel: row pairs per warp, each step's bytes copied into shared memory and decoded
+# block by block. Its epilogues are checked here too: bias, to_matmul_add, the norm of
+# to_rms_norm_matmul folded into the loop and the SwiGLU of to_rms_norm_swiglu. K covers one step
+# and several, rows 16-byte aligned (K % 256 == 0 for Q8_0 / Q4_0 / Q4_1 / Q4_K) and not (32 * 37
+# for the 32-element types; every Q6_K row here: 210 bytes per block); N is odd, so the last
+# warp holds a single row. INFERENCE_PIO_GEMV_QUANT=1/2/4 forces the number of warps splitting
+# each row pair (its steps taken in turn, the partial sums added in shared memory).
+
+QGEMV_K = {32: (256, 768, 2560, 32 * 37), 256: (256, 768, 2560)}
+QGEMV_CASES = [(w, M, K) for w in QTYPES for M in (1, 2, 3, 8) for K in QGEMV_K[BLOCK[w][0]]]
+EPS = 1e-6
+
+
+def qgemv_operands(gen, wtype, M, K, N, skip_rows=0):
+    """x f32 [M, K] on the GPU, w [N, K] of wtype on the GPU (rows skip_rows.. of a taller
+    weight when skip_rows > 0: a base that is not 16-byte aligned unless the rows are), and their
+    float64 values."""
+    x, x64 = randn(M, K, dtype=ip.float32, gen=gen, scale=2.0)
+    w, w64 = make_qw(gen, wtype, N + skip_rows, K)
+    wd = w.to("cuda")
+    if skip_rows:
+        wd, w64 = wd[skip_rows:], w64[skip_rows:]
+    return x.to("cuda"), x64, wd, w64
+
+
+def norm_reference(x64, g64, w64, b64):
+    """rms_norm(x) . w^T (+ b) in float64, its magnitude sum |normed| |w| (+ |b|) and the
+    accumulated f32 error allowed: the dots' (x g rounded per term, then the sum, n = K + 1
+    terms), the sum of squares' (half of it reaches rinv), and a few roundings (rinv, the
+    product by rinv, the bias)."""
+    K = x64.shape[1]
+    normed = x64 * g64 / torch.sqrt((x64 * x64).mean(dim=1, keepdim=True) + EPS)
+    ref, mag = reference(normed, w64, b64)
+    n = K + 1
+    acc = (min(n, 2.0 * math.sqrt(n)) + 0.5 * min(K, 2.0 * math.sqrt(K)) + 4) * U32 * mag
+    return ref, mag, acc
+
+
+@pytest.mark.parametrize("wtype,M,K", QGEMV_CASES, ids=[f"{w}-M{M}-K{K}" for w, M, K in QGEMV_CASES])
+def test_quant_gemv(gen, wtype, M, K):
+    """The product with out of each float dtype and a bias (of out's dtype) or none."""
+    i = QGEMV_CASES.index((wtype, M, K))
+    run_case(gen, M, K, 37, ip.float32, wtype, FLOAT_DTYPES[i % 3], with_bias=i % 2 == 0)
+
+
+@pytest.mark.parametrize("wtype", QTYPES)
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_quant_gemv_accumulate(gen, wtype, M):
+    """to_matmul_add: out += x . w^T + bias, formed in f32 and rounded once to out's dtype."""
+    K = 32 * 37 if BLOCK[wtype][0] == 32 else 768
+    for i, out_dtype in enumerate(FLOAT_DTYPES):
+        x, x64, w, w64 = qgemv_operands(gen, wtype, M, K, 45)
+        b, b64 = randn(45, dtype=ip.float32, gen=gen)
+        old, old64 = randn(M, 45, dtype=out_dtype, gen=gen)
+        out = old.to("cuda")
+        assert ops.matmul_add(out, x, w, b.to("cuda") if i != 1 else None) is out
+        ref, mag = reference(x64, w64, b64 if i != 1 else None)
+        ref, mag = ref + old64, mag + old64.abs()
+        assert_close(out, ref, mag, K + 1, out_dtype)
+
+
+@pytest.mark.parametrize("wtype", QTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 8])
+@pytest.mark.parametrize("K", [256, 2560])
+def test_quant_gemv_norm(gen, wtype, M, K):
+    """to_rms_norm_matmul: x's rows RMS-normalised inside the product (rinv from the sum of squares
+    of the x values the dots read) with a norm weight of each float dtype, against the float64
+    norm and product."""
+    for i, g_dtype in enumerate(FLOAT_DTYPES):
+        out_dtype = FLOAT_DTYPES[(i + M) % 3]
+        x, x64, w, w64 = qgemv_operands(gen, wtype, M, K, 37)
+        g, g64 = randn(K, dtype=g_dtype, gen=gen)
+        b, b64 = randn(37, dtype=ip.float32, gen=gen) if i != 2 else (None, None)
+        out = make_out(M, 37, out_dtype)
+        ops.rms_norm_matmul(x, g.to("cuda"), EPS, w, b.to("cuda") if b is not None else None, out=out)
+        ref, _, acc = norm_reference(x64, g64, w64, b64)
+        got = to_torch(out.cpu()).to(torch.float64)
+        assert_within(got, ref, acc + U_OUT[out_dtype] * (ref.abs() + acc) + TINY_OUT[out_dtype])
+
+
+def silu64(z):
+    return z / (1.0 + torch.exp(-z))
+
+
+@pytest.mark.parametrize("wtype", QTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 8])
+def test_quant_gemv_swiglu(gen, wtype, M):
+    """to_rms_norm_swiglu: w's rows interleave gate and up (19 pairs); out[m, i] = silu(gate) * up
+    of the normalised product (with its bias), against float64: each dot within
+    test_quant_gemv_norm's bound, carried through silu (slope at most 1.1) and the product, plus
+    the activation's own few f32 roundings and out's. On the GPU too, within 1e-6 of the separate
+    ops (rms_norm_matmul, then silu_mul of its even and odd columns)."""
+    K = 32 * 37 if BLOCK[wtype][0] == 32 else 768
+    for i, out_dtype in enumerate(FLOAT_DTYPES):
+        x, x64, w, w64 = qgemv_operands(gen, wtype, M, K, 38)
+        g, g64 = randn(K, dtype=ip.bfloat16, gen=gen)
+        b, b64 = randn(38, dtype=ip.float32, gen=gen) if i != 1 else (None, None)
+        bd, gd = (b.to("cuda") if b is not None else None), g.to("cuda")
+        out = make_out(M, 19, out_dtype)
+        ops.rms_norm_swiglu(x, gd, EPS, w, bd, out=out)
+        p, _, acc = norm_reference(x64, g64, w64, b64)
+        tol_p = acc + U32 * (p.abs() + acc)  # the dots stay f32 until the activation
+        gate, up, tg, tu = p[:, 0::2], p[:, 1::2], tol_p[:, 0::2], tol_p[:, 1::2]
+        ref = silu64(gate) * up
+        tol = 1.1 * (up.abs() + tu) * tg + (silu64(gate).abs() + 1.1 * tg) * tu + 8 * U32 * ref.abs()
+        got = to_torch(out.cpu()).to(torch.float64)
+        assert_within(got, ref, tol + U_OUT[out_dtype] * (ref.abs() + tol) + TINY_OUT[out_dtype])
+        if out_dtype == ip.float32:
+            prod = ops.rms_norm_matmul(x, gd, EPS, w, bd)
+            pairs = prod.unflatten(1, (19, 2))
+            sep = ops.silu_mul(pairs.narrow(2, 0, 1).reshape(M, 19), pairs.narrow(2, 1, 1).reshape(M, 19))
+            a, s = to_torch(out.cpu()).double(), to_torch(sep.cpu()).double()
+            assert float((a - s).norm() / s.norm().clamp_min(1e-300)) <= 1e-6
+
+
+@pytest.mark.parametrize("split", ["1", "2", "4"])
+@pytest.mark.parametrize("wtype", QTYPES)
+def test_quant_gemv_split(gen, monkeypatch, wtype, split):
+    """Each split of the row pairs over 1, 2 or 4 warps whatever the plan would pick: 75 blocks
+    (of 32) in steps of 25 or 19, 13 (of 256) in steps of 7 or 4 and 1, and rows of 2 or 1 blocks,
+    which leave warps of a split without a step; plain and normalised."""
+    monkeypatch.setenv("INFERENCE_PIO_GEMV_QUANT", split)
+    bs = BLOCK[wtype][0]
+    for M, K in ((2, 75 * bs if bs == 32 else 13 * bs), (5, 2 * bs if bs == 32 else bs)):
+        run_case(gen, M, K, 9, ip.float32, wtype, ip.float32, with_bias=True)
+        x, x64, w, w64 = qgemv_operands(gen, wtype, M, K, 9)
+        g, g64 = randn(K, dtype=ip.float32, gen=gen)
+        out = make_out(M, 9, ip.float32)
+        ops.rms_norm_matmul(x, g.to("cuda"), EPS, w, None, out=out)
+        ref, _, acc = norm_reference(x64, g64, w64, None)
+        assert_within(to_torch(out.cpu()).to(torch.float64), ref, acc + U32 * (ref.abs() + acc))
+
+
+@pytest.mark.parametrize("wtype", QTYPES)
+def test_quant_gemv_weight_view(gen, wtype):
+    """w as rows 1.. and 3.. of a taller weight: its base is as (mis)aligned as its rows, and the
+    kernel copies the 16-byte aligned span around each row's bytes."""
+    K = 32 * 37 if BLOCK[wtype][0] == 32 else 768
+    for skip in (1, 3):
+        for M in (1, 4):
+            x, x64, w, w64 = qgemv_operands(gen, wtype, M, K, 21, skip_rows=skip)
+            out = ops.matmul(x, w)
+            ref, mag = reference(x64, w64, None)
+            assert_close(out, ref, mag, K, ip.float32)
 
 
 # ---- decode shapes ----
