@@ -422,72 +422,12 @@ __global__ void __launch_bounds__(32 * QV_WARPS, 3) gemv_quant_kernel(MatmulArgs
     }
     cp_wait<0>(); // (only empty groups can be left, but leave nothing in flight)
 
-#pragma unroll
-    for (int m = 0; m < MR; m++) {
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            acc[m][r] = to_warp_sum(acc[m][r]);
-        if constexpr (NORM)
-            ss[m] = to_warp_sum(ss[m]);
-    }
-    if (ksplit > 1) { // part 0's warp gathers the row group's parts
-        if (lane == 0)
-#pragma unroll
-            for (int m = 0; m < MR; m++) {
-#pragma unroll
-                for (int r = 0; r < R; r++)
-                    partial[warp][m][r] = acc[m][r];
-                partial[warp][m][R] = ss[m];
-            }
-        __syncthreads();
-        if (part == 0 && lane == 0)
-#pragma unroll
-            for (int m = 0; m < MR; m++) {
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    acc[m][r] = 0.0f;
-                    for (int p = 0; p < ksplit; p++)
-                        acc[m][r] += partial[warp + p][m][r];
-                }
-                ss[m] = 0.0f;
-                for (int p = 0; p < ksplit; p++)
-                    ss[m] += partial[warp + p][m][R];
-            }
-    }
-    if (part != 0 || lane != 0 || n0 >= a.N)
-        return;
-#pragma unroll
-    for (int m = 0; m < MR; m++) {
-        if (m >= a.M)
-            break;
-        const float rinv = NORM ? (float)(1.0 / sqrt((double)ss[m] / (double)a.K + a.norm_eps)) : 1.0f;
-        if (a.swiglu) { // rows n0, n0 + 1 are gate and up of output column n0 / 2 (N is even)
-            store_swiglu(a, m, n0, acc[m][0] * rinv, acc[m][1] * rinv);
-            continue;
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            if (ok[r])
-                store_out(a, m, n0 + r, acc[m][r] * rinv);
-    }
+    gemv_rows_finish<MR, R, NORM>(a, acc, ss, partial, ksplit, warp, lane, n0, ok);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Launch
 // ---------------------------------------------------------------------------------------------
-
-int sm_count_of(int device_index) {
-    static int cached[64];
-    if (device_index < 0 || device_index >= 64)
-        return 132;
-    if (!cached[device_index]) {
-        int v = 0;
-        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess || v <= 0)
-            v = 132;
-        cached[device_index] = v;
-    }
-    return cached[device_index];
-}
 
 using Kernel = void (*)(MatmulArgs, int, int);
 
@@ -529,7 +469,7 @@ template <class Q> void launch_type(const MatmulArgs &a, int device_index, int f
     if (forced_split) {
         ksplit = forced_split;
     } else {
-        const int64_t resident = (int64_t)per_sm * sm_count_of(device_index) * QV_WARPS; // warps
+        const int64_t resident = (int64_t)per_sm * to_cuda_sm_count(device_index) * QV_WARPS; // warps
         while (ksplit < QV_WARPS && groups * 2 * ksplit <= resident && nb * Q::UPB >= 32 * ksplit &&
                nb >= 4 * ksplit)
             ksplit *= 2;

@@ -410,58 +410,10 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
         }
     }
 
-#pragma unroll
-    for (int m = 0; m < MR; m++) {
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            acc[m][r] = to_warp_sum(acc[m][r]);
-        if constexpr (NORM)
-            ss[m] = to_warp_sum(ss[m]);
-    }
-    if constexpr (KSPLIT > 1) { // part 0's warp gathers the row group's parts
-        if (lane == 0)
-#pragma unroll
-            for (int m = 0; m < MR; m++) {
-#pragma unroll
-                for (int r = 0; r < R; r++)
-                    partial[warp][m][r] = acc[m][r];
-                partial[warp][m][R] = ss[m];
-            }
-        __syncthreads();
-        if (part == 0 && lane == 0)
-#pragma unroll
-            for (int m = 0; m < MR; m++) {
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    acc[m][r] = 0.0f;
-                    for (int p = 0; p < KSPLIT; p++)
-                        acc[m][r] += partial[warp + p][m][r];
-                }
-                ss[m] = 0.0f;
-                for (int p = 0; p < KSPLIT; p++)
-                    ss[m] += partial[warp + p][m][R];
-            }
-    }
-    if (part != 0 || lane != 0)
-        return;
-#pragma unroll
-    for (int m = 0; m < MR; m++) {
-        if (m >= a.M)
-            break;
-        const float rinv = NORM ? (float)(1.0 / sqrt((double)ss[m] / (double)a.K + a.norm_eps)) : 1.0f;
-        if (a.swiglu) { // rows n0, n0 + 1 are gate and up of output column n0 / 2 (N is even)
-            if (ok[0])
-                store_swiglu(a, m, n0, acc[m][0] * rinv, acc[m][1] * rinv);
-            continue;
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            if (ok[r])
-                store_out(a, m, n0 + r, acc[m][r] * rinv);
-    }
+    gemv_rows_finish<MR, R, NORM>(a, acc, ss, partial, KSPLIT, warp, lane, n0, ok);
 }
 
-static int sm_count(int device_index) {
+int to_cuda_sm_count(int device_index) {
     static int cached[64];
     if (device_index < 0 || device_index >= 64)
         return 132;
@@ -491,7 +443,7 @@ static void launch_gemv_stream_rows(const MatmulArgs &a, int device_index, cudaS
     // decode shapes: 2 per SM was up to 1.6x faster than 4 for short rows, every block reading all
     // of x; for K = 9728, 4 per SM was 1.3x faster than 2.)
     constexpr int VEC = 16 / sizeof(T);
-    const int64_t want = (a.K > 4096 ? 4 : 2) * (int64_t)sm_count(device_index);
+    const int64_t want = (a.K > 4096 ? 4 : 2) * (int64_t)to_cuda_sm_count(device_index);
     const int64_t groups = to_ceil_div(a.N, GV_ROWS);
     int ksplit = 1;
     while (ksplit < GEMV_WARPS && to_ceil_div(groups * ksplit, GEMV_WARPS) < want &&

@@ -65,6 +65,70 @@ __device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {
 __attribute__((visibility("hidden"))) int to_cuda_gemv_quant(const MatmulArgs &a, int device_index,
                                                              cudaStream_t stream);
 
+// The end of a streaming GEMV whose warps each own R rows (gemv_stream_kernel, gemv_quant.cu):
+// each warp's dots (and, with the norm, sums of squares) reduced over its lanes; with ksplit > 1
+// warps per row group (adjacent warps, part = warp % ksplit) the parts summed in order through
+// `partial` by part 0 (every thread of the block must call this: it has a barrier then); then
+// lane 0 of part 0 stores its rows: store_out of rinv * dot, or the SwiGLU pair (rows n0, n0 + 1).
+template <int MR, int R, bool NORM>
+__device__ __forceinline__ void gemv_rows_finish(const MatmulArgs &a, float (&acc)[MR][R], float (&ss)[MR],
+                                                 float (*partial)[MR][R + 1], int ksplit, int warp, int lane,
+                                                 int64_t n0, const bool (&ok)[R]) {
+    const int part = warp % ksplit;
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            acc[m][r] = to_warp_sum(acc[m][r]);
+        if constexpr (NORM)
+            ss[m] = to_warp_sum(ss[m]);
+    }
+    if (ksplit > 1) {
+        if (lane == 0)
+#pragma unroll
+            for (int m = 0; m < MR; m++) {
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    partial[warp][m][r] = acc[m][r];
+                partial[warp][m][R] = ss[m];
+            }
+        __syncthreads();
+        if (part == 0 && lane == 0)
+#pragma unroll
+            for (int m = 0; m < MR; m++) {
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    acc[m][r] = 0.0f;
+                    for (int p = 0; p < ksplit; p++)
+                        acc[m][r] += partial[warp + p][m][r];
+                }
+                ss[m] = 0.0f;
+                for (int p = 0; p < ksplit; p++)
+                    ss[m] += partial[warp + p][m][R];
+            }
+    }
+    if (part != 0 || lane != 0)
+        return;
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+        if (m >= a.M)
+            break;
+        const float rinv = NORM ? (float)(1.0 / sqrt((double)ss[m] / (double)a.K + a.norm_eps)) : 1.0f;
+        if (a.swiglu) { // rows n0, n0 + 1 are gate and up of output column n0 / 2 (N is even)
+            if (ok[0])
+                store_swiglu(a, m, n0, acc[m][0] * rinv, acc[m][1] * rinv);
+            continue;
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (ok[r])
+                store_out(a, m, n0 + r, acc[m][r] * rinv);
+    }
+}
+
+// Multiprocessors of GPU device_index (cached; 132 if the query fails).
+__attribute__((visibility("hidden"))) int to_cuda_sm_count(int device_index);
+
 // The Hopper GEMM (gemm_sm90.cu): x and w both bf16 or both f16, out overwritten (a.accumulate
 // is not read). Returns 1 when it launched the product on `stream`, 0 when this GPU, build or
 // shape is not one it handles (the caller then uses its own kernels); launch errors are left for
