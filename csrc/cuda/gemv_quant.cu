@@ -356,14 +356,7 @@ __global__ void __launch_bounds__(32 * QV_WARPS, 3) gemv_quant_kernel(MatmulArgs
         cp_commit();
     };
 
-    float acc[MR][R], ss[MR];
-#pragma unroll
-    for (int m = 0; m < MR; m++) {
-        ss[m] = 0.0f;
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            acc[m][r] = 0.0f;
-    }
+    float acc[MR][R] = {}, ss[MR] = {};
 
 #pragma unroll
     for (int i = 0; i < S - 1; i++)

@@ -356,14 +356,7 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
     // NORM (to_rms_norm_matmul): out = rinv * sum_k w[k] (x[k] g[k]) with rinv from the sum of
     // squares of x, which the warps of a row group gather from the x values they read anyway: the
     // norm costs no pass of its own and no barrier.
-    float acc[MR][R], ss[MR];
-#pragma unroll
-    for (int m = 0; m < MR; m++) {
-        ss[m] = 0.0f;
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            acc[m][r] = 0.0f;
-    }
+    float acc[MR][R] = {}, ss[MR] = {};
     // This lane's vectors: j, j + stride, ...; the warps of a row group interleave by 32 vectors.
     const int64_t stride = 32 * KSPLIT;
     for (int64_t j = part * 32 + lane; j < nvec; j += G * stride) {
