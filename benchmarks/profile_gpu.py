@@ -2,8 +2,15 @@
 random-weight model (bench_gpu's checkpoint), traced with torch.profiler (CUPTI sees every kernel
 launched in the process, ours included, inside CUDA graphs too), summed per kernel name.
 
-    python benchmarks/profile_gpu.py [--model 0.6b] [--steps 8] [--batch 1] [--eager]
+    python benchmarks/profile_gpu.py [--model 0.6b] [--steps 8] [--batch 1] [--eager] [--timeline]
+
+--timeline also prints the last decode step kernel by kernel: its start from the step's first
+kernel, its duration and the idle gap before it (negative: it overlapped the previous kernel,
+programmatic dependent launch), then the step's GPU time per kernel family.
 """
+import json
+import os
+import tempfile
 import argparse
 import sys
 import time
@@ -22,6 +29,7 @@ def main():
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--dir", default="/tmp/inference-pio-gpu")
+    ap.add_argument("--timeline", action="store_true", help="print the last decode step's kernels in order")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
     from inference_pio import LLM, SamplingParams
@@ -39,6 +47,8 @@ def main():
     wall = time.perf_counter() - t0
     print(f"{args.steps + 1} steps (a prefill and {args.steps} decode steps) in {wall * 1e3:.1f} ms wall")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    if args.timeline:
+        print_timeline(prof)
     if not args.eager:  # the GPU's own time per decode step: the step's graph replayed back to back
         import inference_pio as ip
         graph, _ = llm.engine.graphs._graphs[args.batch]
@@ -52,6 +62,38 @@ def main():
         step = (time.perf_counter() - t0) / 100
         print(f"decode step graph replay: {step * 1e6:.0f} us ({1 / step:.0f} steps/s); "
               f"whole steps above: {wall / (args.steps + 1) * 1e6:.0f} us each")
+
+
+def print_timeline(prof):
+    """The last decode step's kernels in order (steps are told apart by the embedding kernel that
+    starts each one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    starts = [i for i, e in enumerate(kernels) if "embedding" in e["name"]]
+    step = kernels[starts[-1]:]
+    t0, prev_end = step[0]["ts"], step[0]["ts"]
+    families = {}
+    print(f"last decode step: {len(step)} kernels, {step[-1]['ts'] + step[-1]['dur'] - t0:.1f} us first start to last end")
+    print(f"{'start':>9} {'dur':>7} {'gap':>6}  kernel")
+    for e in step:
+        name = short_name(e["name"])
+        print(f"{e['ts'] - t0:9.1f} {e['dur']:7.1f} {e['ts'] - prev_end:6.1f}  {name}")
+        prev_end = max(prev_end, e["ts"] + e["dur"])
+        families[name] = families.get(name, 0.0) + e["dur"]
+    print("per kernel family (us per step):")
+    for name, us in sorted(families.items(), key=lambda kv: -kv[1]):
+        print(f"  {us:8.1f}  {name}")
+
+
+def short_name(name):
+    """A kernel's name without namespaces and argument list (template arguments kept)."""
+    name = name.replace("(anonymous namespace)::", "").replace("void ", "")
+    i = name.find(">(")
+    return name[:i + 1] if i >= 0 else name.split("(")[0]
 
 
 if __name__ == "__main__":
