@@ -1,7 +1,8 @@
 """What each kernel of a GPU decode step costs inside a CUDA graph: every op captured --repeat
 times back to back into one graph (as a decode step's graph holds them), the graph replayed, and
 the time per op reported; the products beside the device copy bandwidth. The first row, a
-one-element fill, is the floor one graph node costs. The products run for each --rows count of x
+one-element fill, is the floor one graph node costs. Each product's calls cycle through a ring of
+copies of its weight larger than the L2, so the weights come from DRAM. The products run for each --rows count of x
 rows: 1 (one sequence's decode: the streaming GEMV) and 32 (a batch of 32 decoding together: the
 tensor-core GEMMs); GB/s counts the weight bytes only.
 
@@ -94,25 +95,22 @@ def main():
     products = (("qkv", (hq + 2 * hkv) * D, H, "norm"), ("qkv", (hq + 2 * hkv) * D, H, "plain"),
                 ("o_proj", H, hq * D, "add"), ("o_proj", H, hq * D, "plain"),
                 ("gate_up", 2 * I, H, "swiglu"), ("down", H, I, "add"), ("lm_head", V, H, "plain"))
-    weights = {}
     for M in (int(v) for v in args.rows.split(",")):
         for name, N, K, kind in products:
-            if (N, K) not in weights:  # streamed: values do not matter
-                weights[N, K] = ip.Tensor.full((N, K), 0.01, dtype="bfloat16", device="cuda")
-            w = weights[N, K]
+            # values do not matter: every copy of the ring holds 0.01
+            next_w, copies = weight_ring(lambda: ip.Tensor.full((N, K), 0.01, dtype="bfloat16", device="cuda"), 2 * N * K)
             xk = randn(M, K)
             if kind == "norm":
-                fn = lambda w=w, xk=xk, gk=randn(K, dtype="bfloat16"): ops.rms_norm_matmul(xk, gk, 1e-6, w)
+                fn = lambda next_w=next_w, xk=xk, gk=randn(K, dtype="bfloat16"): ops.rms_norm_matmul(xk, gk, 1e-6, next_w())
             elif kind == "swiglu":
-                fn = lambda w=w, xk=xk, gk=randn(K, dtype="bfloat16"): ops.rms_norm_swiglu(xk, gk, 1e-6, w)
+                fn = lambda next_w=next_w, xk=xk, gk=randn(K, dtype="bfloat16"): ops.rms_norm_swiglu(xk, gk, 1e-6, next_w())
             elif kind == "add":
                 out = ip.Tensor.zeros(M, N, device="cuda")
-                fn = lambda w=w, xk=xk, out=out: ops.matmul_add(out, xk, w)
+                fn = lambda next_w=next_w, xk=xk, out=out: ops.matmul_add(out, xk, next_w())
             else:
                 out = ip.Tensor.empty(M, N, device="cuda")
-                fn = lambda w=w, xk=xk, out=out: ops.matmul(xk, w, out=out)
-            reps = n if N * K < 1 << 26 else max(4, n // 10)
-            us = per_op_us(fn, reps)
+                fn = lambda next_w=next_w, xk=xk, out=out: ops.matmul(xk, next_w(), out=out)
+            us = per_op_us(fn, max(copies, n if N * K < 1 << 26 else max(4, n // 10)))
             rows.append((f"{name} [{N} x {K}] bf16 ({kind}), M {M}", us, 2 * N * K / (us * 1e-6) / 1e9))
     layers = (("qkv", (hq + 2 * hkv) * D, H, "norm"), ("o_proj", H, hq * D, "add"),
               ("gate_up", 2 * I, H, "swiglu"), ("down", H, I, "add"))
@@ -125,6 +123,19 @@ def main():
 
 
 RING_BYTES = 192 << 20  # weight copies cycled through per product: ~4x the H200's L2, so weights come from DRAM
+
+
+def weight_ring(make, nbytes):
+    """(next_w, copies): enough copies of a weight (make() makes one of nbytes) to fill RING_BYTES,
+    and a function handing them out in turn, so each captured call reads its weight from DRAM as a
+    decode step reads each layer's own weights."""
+    ring = [make() for _ in range(max(1, math.ceil(RING_BYTES / nbytes)))]
+    turn = [0]
+
+    def next_w():
+        turn[0] += 1
+        return ring[turn[0] % len(ring)]
+    return next_w, len(ring)
 
 
 def quantized_weight(wtype, N, K):
@@ -140,13 +151,8 @@ def quant_rows(wtype, name, N, K, kind, n):
     decode step takes each layer's own weights."""
     host = quantized_weight(wtype, N, K)
     nbytes = host.nbytes
-    ring = [host.to("cuda") for _ in range(max(1, math.ceil(RING_BYTES / nbytes)))]
+    next_w, copies = weight_ring(lambda: host.to("cuda"), nbytes)
     xk, gk, out = randn(1, K), randn(K, dtype="bfloat16"), ip.Tensor.zeros(1, N, device="cuda")
-    turn = [0]
-
-    def next_w():
-        turn[0] += 1
-        return ring[turn[0] % len(ring)]
 
     forms = {"norm": lambda: ops.rms_norm_matmul(xk, gk, 1e-6, next_w()),
              "swiglu": lambda: ops.rms_norm_swiglu(xk, gk, 1e-6, next_w()),
@@ -159,7 +165,7 @@ def quant_rows(wtype, name, N, K, kind, n):
             os.environ["INFERENCE_PIO_GEMV_QUANT"] = env
         try:
             # every copy at least once; the old kernel is ~20x slower: fewer repeats keep its graph short
-            us = per_op_us(fn, max(len(ring), n if env is None else max(4, n // 10)))
+            us = per_op_us(fn, max(copies, n if env is None else max(4, n // 10)))
         finally:
             if env is not None:
                 if before is None:
@@ -167,7 +173,6 @@ def quant_rows(wtype, name, N, K, kind, n):
                 else:
                     os.environ["INFERENCE_PIO_GEMV_QUANT"] = before
         rows.append((f"{name} [{N} x {K}] {wtype} ({label})", us, nbytes / (us * 1e-6) / 1e9))
-    del ring
     return rows
 
 

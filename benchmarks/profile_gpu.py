@@ -65,16 +65,16 @@ def main():
 
 
 def print_timeline(prof):
-    """The last decode step's kernels in order (steps are told apart by the embedding kernel that
-    starts each one)."""
+    """The last decode step's kernels in order (a step ends with the kernel that picks its tokens:
+    argmax or sample)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-    starts = [i for i, e in enumerate(kernels) if "embedding" in e["name"]]
-    step = kernels[starts[-1]:]
+    ends = [i for i, e in enumerate(kernels) if "argmax_pick" in e["name"] or "sample" in e["name"]]
+    step = kernels[ends[-2] + 1:ends[-1] + 1]
     t0, prev_end = step[0]["ts"], step[0]["ts"]
     families = {}
     print(f"last decode step: {len(step)} kernels, {step[-1]['ts'] + step[-1]['dur'] - t0:.1f} us first start to last end")
