@@ -1,21 +1,118 @@
 """python -m inference_pio {generate, chat, info, quantize}: the command line over LLM."""
 import argparse
+import dataclasses
 import sys
+import typing
 
 from . import dtypes, runtime
 
 
-def _sampling_args(p, max_tokens):
+# Help for the SamplingParams fields' flags; a field without an entry still gets a flag (its type
+# read from the dataclass), with generic help.
+_HELP = {
+    "max_tokens": "new tokens at most",
+    "temperature": "0 is greedy",
+    "top_k": "keep the k most probable tokens (0: off)",
+    "top_p": "nucleus mass to keep (1: off)",
+    "min_p": "drop tokens below min_p * max prob (0: off)",
+    "typical_p": "locally typical sampling: mass of the most typical tokens to keep (1: off)",
+    "seed": "seed for reproducible sampling",
+    "stop_token_ids": "also stop at this token id (repeatable)",
+    "stop": "stop when the new text contains this string, which is not printed (repeatable; "
+            "$'\\n' in bash for a newline)",
+    "include_stop_str_in_output": "print the stop string that ended the output",
+    "ignore_eos": "do not stop at end-of-sequence tokens",
+    "skip_special_tokens": "leave special tokens out of the text",
+    "n": "independent samples of the prompt, printed one after the other (default 1)",
+    "min_tokens": "new tokens before an end or stop token may end the output",
+    "repetition_penalty": "divide (multiply, when negative) the logits of tokens already in the "
+                          "prompt or output by this (transformers' semantics; 1: off)",
+    "presence_penalty": "subtract this from the logits of tokens already generated (OpenAI's; 0: off)",
+    "frequency_penalty": "subtract this times a token's count so far from its logit (OpenAI's; 0: off)",
+    "no_repeat_ngram_size": "never generate an n-gram of this size twice (0: off)",
+    "logit_bias": "ID=BIAS: add BIAS to token ID's logit (repeatable, or comma-separated pairs)",
+    "logprobs": "log-probabilities of the chosen tokens and of this many alternatives",
+}
+_FLAGS = {"stop_token_ids": ["--stop-token-id", "--stop-token-ids"]}  # the singular is the old name
+_ITEMS = {"stop_token_ids": int, "stop": str}  # element type of the list fields
+_CLI_DEFAULTS = {"temperature": 0.7}  # the command line samples by default; max_tokens: per command
+_NOT_IN_CHAT = {"n"}  # a chat goes on with one reply
+
+
+def _logit_bias(text):
+    """{token id: bias} of "ID=BIAS[,ID=BIAS...]"."""
+    out = {}
+    for pair in text.split(","):
+        tid, sep, bias = pair.partition("=")
+        try:
+            out[int(tid)] = float(bias)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected ID=BIAS pairs, got {pair!r}") from None
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected ID=BIAS pairs, got {pair!r}")
+    return out
+
+
+def _kinds(tp):
+    """The types annotation `tp` allows, None left out."""
+    return [k for k in typing.get_args(tp) or (tp,) if k is not type(None)]
+
+
+def _convert(tp):
+    """A function from flag text to a value of annotation `tp` (int, float, str, bool, or a
+    union of them such as int | None or bool | str)."""
+    kinds = _kinds(tp)
+    if kinds in ([int], [float], [str]):
+        return kinds[0]
+
+    def convert(text):  # first kind that reads the text: "true"/"false", then int, float, str
+        if bool in kinds and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        for kind in (int, float, str):
+            if kind in kinds:
+                try:
+                    return kind(text)
+                except ValueError:
+                    pass
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}")
+    convert.__name__ = "value"
+    return convert
+
+
+def _field_flag(f, tp):
+    """(option strings, add_argument keyword arguments) of SamplingParams field `f`, annotated
+    `tp` (evaluated). Every flag defaults to None: only the flags given are passed on, the
+    dataclass defaults the others. A bool field is a switch; a list field a repeatable flag; a
+    dict field (logit_bias) takes ID=BIAS pairs."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    kw = {"dest": f.name, "default": None, "help": _HELP.get(f.name, f"SamplingParams.{f.name}")}
+    if isinstance(default, bool) and set(_kinds(tp)) <= {bool}:
+        kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+    elif f.name == "logit_bias" or isinstance(default, dict):
+        kw.update(action="append", type=_logit_bias, metavar="ID=BIAS")
+    elif isinstance(default, list):
+        item = _ITEMS.get(f.name) or (typing.get_args(tp) or (str,))[0]
+        kw.update(action="append", type=item, metavar="ID" if item is int else "TEXT")
+    else:
+        kw["type"] = _convert(tp)
+        if f.name not in _HELP and default is not None:
+            kw["help"] += f" (default {default})"
+    return _FLAGS.get(f.name, ["--" + f.name.replace("_", "-")]), kw
+
+
+def _sampling_args(p, max_tokens, skip=()):
+    """A flag per SamplingParams field (fields added later get theirs with no change here)."""
+    from .engine import SamplingParams
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default {max_tokens})")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most probable tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1: off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob (0: off)")
-    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    g.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
-                   help="also stop at this token id (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    types = typing.get_type_hints(SamplingParams)
+    for f in dataclasses.fields(SamplingParams):
+        if f.name in skip:
+            continue
+        flags, kw = _field_flag(f, types[f.name])
+        if f.name == "max_tokens" or f.name in _CLI_DEFAULTS:
+            kw["default"] = max_tokens if f.name == "max_tokens" else _CLI_DEFAULTS[f.name]
+            kw["help"] = _HELP[f.name] + f" (default {kw['default']})"
+        g.add_argument(*flags, **kw)
 
 
 def _model_args(p):
@@ -34,10 +131,13 @@ def _model_args(p):
 
 
 def _params(args):
+    """The SamplingParams of the flags given (the others keep the dataclass defaults)."""
     from .engine import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                          stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)
+              if getattr(args, f.name, None) is not None}
+    if "logit_bias" in kwargs:  # one dict per flag: later pairs win
+        kwargs["logit_bias"] = {k: v for d in kwargs["logit_bias"] for k, v in d.items()}
+    return SamplingParams(**kwargs)
 
 
 def _load(args):
@@ -51,7 +151,8 @@ def _load(args):
 
 
 def _stream(llm, prompt, params, out):
-    """Writes the completion as it comes; returns its text."""
+    """Writes the completion as it comes (a stop string is held back until resolved, never
+    written); returns its text."""
     text = []
     for delta in llm.stream(prompt, params):
         out.write(delta.text)
@@ -60,19 +161,48 @@ def _stream(llm, prompt, params, out):
     return "".join(text)
 
 
+def _stream_samples(llm, prompt, params, out):
+    """Writes the n samples one after the other, each under a "[sample i]" line and ended by a
+    newline. They run together: the one being written streams, the others' text waits for its
+    turn."""
+    n = params.n
+    waiting, done, turn = [[] for _ in range(n)], [False] * n, 0
+    out.write("[sample 0]\n")
+
+    def advance():
+        nonlocal turn
+        while turn < n and done[turn]:
+            out.write("\n")
+            turn += 1
+            if turn < n:
+                out.write(f"[sample {turn}]\n" + "".join(waiting[turn]))
+    for delta in llm.stream(prompt, params):
+        i = delta.sample_index
+        (out.write if i == turn else waiting[i].append)(delta.text)
+        done[i] = delta.finish_reason is not None
+        advance()
+        out.flush()
+    done = [True] * n  # max_tokens 0: no deltas at all
+    advance()
+
+
 def cmd_generate(args):
+    params = _params(args)  # bad flags fail before the model loads
     llm = _load(args)
     prompt = args.prompt
     if args.chat_template:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
-    _stream(llm, prompt, _params(args), sys.stdout)
-    sys.stdout.write("\n")
+    if params.n > 1:
+        _stream_samples(llm, prompt, params, sys.stdout)
+    else:
+        _stream(llm, prompt, params, sys.stdout)
+        sys.stdout.write("\n")
     return 0
 
 
 def cmd_chat(args):
-    llm = _load(args)
     params = _params(args)
+    llm = _load(args)
     extra = {"enable_thinking": False} if args.no_think else {}
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
@@ -170,7 +300,7 @@ def build_parser():
     _model_args(p)
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--no-think", action="store_true", help="pass enable_thinking=False to the template (Qwen3)")
-    _sampling_args(p, max_tokens=512)
+    _sampling_args(p, max_tokens=512, skip=_NOT_IN_CHAT)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="describe a checkpoint: size, dtype, memory",

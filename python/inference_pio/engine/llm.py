@@ -8,17 +8,23 @@ from ..io.hf_config import eos_token_ids, load_hf_config
 from ..tokenizer import CheckpointTokenizer, GGUFTokenizer
 from .llm_engine import LLMEngine
 from .loader import load_model, resolve_dtype
-from .params import RequestOutput, SamplingParams
+from .params import CompletionOutput, RequestOutput, SamplingParams
 from .sequence import Status
 
 
 @dataclass
 class StreamDelta:
-    """One step of a streamed request: the token produced and the text it completed (possibly ""
-    while a multi-byte character is still partial). The last delta has finish_reason set."""
+    """One step of a streamed request: the token produced and the text it settled. The text is ""
+    while a multi-byte character is still partial, and text that could still be the start of a
+    stop string is held back until that is resolved (never sent if it becomes one). The last
+    delta of a sample has finish_reason and stop_reason set. prompt_index: which prompt of the
+    stream() call; sample_index: which of its n samples."""
     token_id: int
     text: str
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_index: int = 0
+    sample_index: int = 0
 
 
 def _kv_dtype(model, name):
@@ -67,7 +73,8 @@ class LLM:
         kv_cache_tokens = max(max_model_len, 8192) if kv_cache_tokens is None else kv_cache_tokens
         self.engine = LLMEngine(self.model, eos, max_model_len, kv_cache_tokens, block_size,
                                 max_num_seqs, max_num_batched_tokens, use_graphs=not enforce_eager,
-                                kv_dtype=_kv_dtype(self.model, kv_cache_dtype), overlap=overlap)
+                                kv_dtype=_kv_dtype(self.model, kv_cache_dtype), overlap=overlap,
+                                detokenizer=self.tokenizer.incremental_decoder if self.tokenizer else None)
 
     @property
     def eos_token_ids(self):
@@ -98,47 +105,82 @@ class LLM:
     # ---- generation ----
     def generate(self, prompts, sampling_params=None):
         """Completions of one prompt or a list of prompts (each text or token ids), all run
-        together through the engine. sampling_params: one for all, or a list with one per
-        prompt. Returns a list of RequestOutput in prompt order."""
+        together through the engine, the n samples of each as n sequences. sampling_params: one
+        for all, or a list with one per prompt. Returns a list of RequestOutput in prompt order.
+        A refused prompt (empty, too long, ...) raises before anything runs."""
+        prompts, params = self._requests(prompts, sampling_params)
+        groups = []
+        try:
+            self._add(prompts, params, groups)
+            while self.engine.has_unfinished():
+                self.engine.step()
+        finally:
+            self._abandon(groups)
+        return [self._output(g) for g in groups]
+
+    def stream(self, prompts, sampling_params=None):
+        """Yields a StreamDelta per generated token as it is produced, of one prompt (text or
+        token ids) or of a list of prompts run together through the engine, every sample of
+        each (a delta's prompt_index and sample_index say whose token it is; one sample's deltas
+        come in order, the samples' interleaved as the steps produce them). sampling_params: as
+        for generate. Text never ends in a broken UTF-8 character, and text that may be the start
+        of a stop string is held until resolved: one sample's delta texts add up to its
+        generate() text. Closing the generator early aborts its requests."""
+        prompts, params = self._requests(prompts, sampling_params)
+        groups, sent = [], {}
+        try:
+            self._add(prompts, params, groups, text=True)
+            tags = {seq: (p, seq.index) for p, group in enumerate(groups) for seq in group}
+            while any(seq.status is not Status.FINISHED for seq in tags):
+                for seq, tid in self.engine.step():
+                    if seq not in tags:
+                        continue
+                    text = ""
+                    if seq.output is not None:
+                        end = seq.output.settled()
+                        text, sent[seq] = seq.output.text[sent.get(seq, 0):end], end
+                    done = seq.status is Status.FINISHED
+                    yield StreamDelta(tid, text, seq.finish_reason if done else None,
+                                      seq.stop_reason if done else None, *tags[seq])
+        finally:
+            self._abandon(groups)  # and read back the step launched behind the last one
+
+    def _requests(self, prompts, sampling_params):
+        """(prompts as token id lists, one SamplingParams per prompt) of generate's arguments."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
         params = _per_prompt(sampling_params, len(prompts))
-        seqs = [self.engine.add_request(self._ids(p), sp) for p, sp in zip(prompts, params)]
-        try:
-            while self.engine.has_unfinished():
-                self.engine.step()
-        finally:
-            for seq in seqs:  # an interrupted call leaves no request behind in the engine
+        return [self._ids(p) for p in prompts], params
+
+    def _add(self, prompts, params, groups, text=False):
+        """Adds each prompt's n samples to the engine, a list of sequences per prompt appended
+        to `groups` as they go (so that _abandon finds them if a later prompt is refused)."""
+        for ids, sp in zip(prompts, params):
+            group = []
+            groups.append(group)
+            for i in range(sp.n):
+                group.append(self.engine.add_request(ids, sp, i, text))
+
+    def _abandon(self, groups):
+        """An interrupted call leaves no request behind in the engine, nor a step in flight."""
+        for group in groups:
+            for seq in group:
                 if seq.status is not Status.FINISHED:
                     self.engine.abort(seq)
-            self.engine.drain()  # nor a step in flight
-        return [self._output(s) for s in seqs]
+        self.engine.drain()
 
-    def _output(self, seq):
-        ids = seq.completion_ids
-        return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], ids,
-                             self._text(ids, seq.params), seq.finish_reason)
+    def _output(self, group):
+        outs = [CompletionOutput(s.index, self._seq_text(s), s.completion_ids, s.finish_reason, s.stop_reason)
+                for s in group]
+        first, c = group[0], outs[0]
+        return RequestOutput(first.request_id, first.token_ids[:first.num_prompt_tokens], c.token_ids,
+                             c.text, c.finish_reason, c.stop_reason, outs)
 
-    def stream(self, prompt, sampling_params=None):
-        """Yields a StreamDelta per generated token of one prompt, as it is produced. Text never
-        ends in a broken UTF-8 character: bytes of a partial one are held for the next delta."""
-        params = sampling_params or SamplingParams()
-        seq = self.engine.add_request(self._ids(prompt), params)
-        decoder = self._need_tokenizer().incremental_decoder(params.skip_special_tokens) if self.tokenizer else None
-        try:
-            while seq.status is not Status.FINISHED:
-                for s, tid in self.engine.step():
-                    if s is seq:
-                        text = decoder.add(tid) if decoder else ""
-                        done = seq.status is Status.FINISHED
-                        if done and decoder:
-                            text += decoder.finish()
-                        yield StreamDelta(tid, text, seq.finish_reason if done else None)
-        finally:
-            if seq.status is not Status.FINISHED:
-                self.engine.abort(seq)
-            self.engine.drain()  # the step launched behind the last one (its token is dropped)
+    def _seq_text(self, seq):
+        if seq.output is not None:  # decoded as it ran (and cut at a stop string)
+            return seq.output.text
+        return self._text(seq.completion_ids, seq.params)
 
     def chat(self, messages, sampling_params=None, tools=None, **template_kwargs):
         """The assistant's reply to a conversation (a list of {"role", "content"} dicts), or a
@@ -172,6 +214,10 @@ def _per_prompt(sampling_params, n):
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * n
     params = list(sampling_params)
-    if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
-        raise ValueError(f"sampling_params must be one SamplingParams or a list of {n}")
+    if len(params) != n:
+        raise ValueError(f"sampling_params must be one SamplingParams or a list of {n} (one per "
+                         f"prompt), got a list of {len(params)}")
+    for p in params:
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling_params must hold SamplingParams, got {type(p).__name__}")
     return params

@@ -39,14 +39,17 @@ from .kv_cache import KVCache
 from .params import SamplingParams
 from .sampler import sample, sample_ids
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import OutputText, Sequence, Status
 
 
 class LLMEngine:
     def __init__(self, model, eos_ids, max_model_len, kv_cache_tokens, block_size=16,
                  max_num_seqs=64, max_num_batched_tokens=512, kv_dtype=None, use_graphs=True,
-                 overlap="auto"):
+                 overlap="auto", detokenizer=None):
         self.model = model
+        # skip_special_tokens -> the tokenizer's incremental decoder: sequences with stop strings
+        # (or streamed) decode their text as tokens arrive (sequence.OutputText)
+        self.detokenizer = detokenizer
         self.eos_ids = list(eos_ids)
         num_blocks = -(-kv_cache_tokens // block_size)
         self.max_model_len = min(max_model_len, num_blocks * block_size)
@@ -66,10 +69,13 @@ class LLMEngine:
         self._inflight = None  # the decode step launched and not read back yet (_Launched)
         self._next_id = 0
 
-    def add_request(self, prompt_ids, params):
-        """Queues a request; returns its Sequence (which fills in as steps run)."""
+    def add_request(self, prompt_ids, params, index=0, text=False):
+        """Queues a request; returns its Sequence (which fills in as steps run). index: which of
+        the request's n samples it is (its random stream). text: decode its text as the tokens
+        arrive (for a stream; stop strings always do)."""
         prompt_ids = self._check_prompt(prompt_ids, room=params.max_tokens > 0)
-        seq = Sequence(self._next_id, prompt_ids, params, self.eos_ids)
+        seq = Sequence(self._next_id, prompt_ids, params, self.eos_ids, index,
+                       OutputText.make(self.detokenizer, params, text))
         self._next_id += 1
         if params.max_tokens == 0:
             seq.finish("length")
@@ -88,8 +94,9 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         if len(prompt_ids) + room > self.max_model_len:
+            why = " with room for one new token" if room and len(prompt_ids) == self.max_model_len else ""
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens: too long for a context of "
-                             f"{self.max_model_len} tokens (max_model_len)")
+                             f"{self.max_model_len} tokens (max_model_len){why}")
         return prompt_ids
 
     def abort(self, seq):

@@ -12,7 +12,17 @@ class SamplingParams:
     this request reproducible on the same device, whatever else is batched with it. Generation
     stops at max_tokens new tokens, at an end-of-sequence token of the model (unless
     ignore_eos), or at any of stop_token_ids; the stopping token is included in token_ids
-    (and, when it is not a special token, in text)."""
+    (and, when it is not a special token, in text).
+
+    stop: a string or a list of strings. Generation stops as soon as the output text (the new
+    text only, decoded as the tokens arrive, with skip_special_tokens) contains one of them,
+    wherever the token boundaries fall; the text ends just before it (just after it with
+    include_stop_str_in_output). As in vLLM, token_ids keep every generated token, the ones
+    that completed the stop string included (the text after it in the last token is dropped).
+    Stop strings need the model's tokenizer.
+    n: independent samples of each prompt, run together as n sequences; sample i draws from its
+    own stream (seeded from (seed, i): reproducible with a seed, and sample 0 draws what n=1
+    draws). Greedy samples are allowed and identical."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0
@@ -22,6 +32,9 @@ class SamplingParams:
     stop_token_ids: list = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    n: int = 1
+    stop: list = field(default_factory=list)
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         def bad(name, why):
@@ -42,6 +55,13 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids)
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
+        if not _is_int(self.n) or self.n < 1:
+            bad("n", "must be an integer >= 1")
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a non-empty string or a list of them")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            bad("include_stop_str_in_output", "must be True or False")
 
     @property
     def greedy(self):
@@ -57,12 +77,27 @@ def _is_real(x):
 
 
 @dataclass
+class CompletionOutput:
+    """One of a request's n samples: its new tokens and their text. finish_reason is "stop" (an
+    end or stop token, or a stop string) or "length" (max_tokens, or the model's context filled
+    up); stop_reason names what stopped it: the stop string, or the stop_token_ids id (None for
+    an end-of-sequence token of the model, and for "length"), as vLLM's."""
+    index: int
+    text: str
+    token_ids: list
+    finish_reason: str
+    stop_reason: int | str | None = None
+
+
+@dataclass
 class RequestOutput:
     """One finished request: the new tokens and their text (the prompt is not repeated).
-    finish_reason is "stop" (an end or stop token) or "length" (max_tokens, or the model's
-    context filled up)."""
+    outputs holds its n samples (CompletionOutput, by index); token_ids, text, finish_reason
+    and stop_reason are the first sample's."""
     request_id: int
     prompt_token_ids: list
     token_ids: list
     text: str
     finish_reason: str
+    stop_reason: int | str | None = None
+    outputs: list = field(default_factory=list)
