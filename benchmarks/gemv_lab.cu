@@ -42,6 +42,42 @@ __device__ __forceinline__ void unpack(uint4 raw, float v[8]) {
     for (int i = 0; i < 8; i++) v[i] = __bfloat162float(t[i]);
 }
 
+// The warps' sums reduced (KSPLIT warps per row group meeting in shared memory), normalised, and
+// stored (or added) by lane 0 of the group's first warp.
+template <int R, int KSPLIT, bool NORM>
+__device__ __forceinline__ void finish_rows(const Args &a, float (&acc)[R], float ss, float (*part_acc)[R + 1],
+                                            int warp, int lane, int64_t n0, const bool (&ok)[R]) {
+    const int part = warp % KSPLIT;
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = wsum(acc[r]);
+    if (NORM) ss = wsum(ss);
+    if (KSPLIT > 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < R; r++) part_acc[warp][r] = acc[r];
+            part_acc[warp][R] = ss;
+        }
+        __syncthreads();
+        if (part != 0) return;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            acc[r] = 0.0f;
+            for (int p = 0; p < KSPLIT; p++) acc[r] += part_acc[warp + p][r];
+        }
+        ss = 0.0f;
+        for (int p = 0; p < KSPLIT; p++) ss += part_acc[warp + p][R];
+    }
+    if (lane == 0 && part == 0) {
+        float rinv = NORM ? (float)(1.0 / sqrt((double)ss / a.K + a.eps)) : 1.0f;
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (ok[r]) {
+                float v = acc[r] * rinv;
+                a.out[n0 + r] = a.add ? a.out[n0 + r] + v : v;
+            }
+    }
+}
+
 // R weight rows per warp, G 16-byte loads per row per lane in flight, KSPLIT warps per row group.
 template <int R, int G, int KSPLIT, bool NORM>
 __global__ void __launch_bounds__(256) gemv_rows(Args a) {
@@ -94,34 +130,7 @@ __global__ void __launch_bounds__(256) gemv_rows(Args a) {
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = wsum(acc[r]);
-    if (NORM) ss = wsum(ss);
-    if (KSPLIT > 1) {
-        if (lane == 0) {
-#pragma unroll
-            for (int r = 0; r < R; r++) part_acc[warp][r] = acc[r];
-            part_acc[warp][R] = ss;
-        }
-        __syncthreads();
-        if (part != 0) return;
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            acc[r] = 0.0f;
-            for (int p = 0; p < KSPLIT; p++) acc[r] += part_acc[warp + p][r];
-        }
-        ss = 0.0f;
-        for (int p = 0; p < KSPLIT; p++) ss += part_acc[warp + p][R];
-    }
-    if (lane == 0 && part == 0) {
-        float rinv = NORM ? (float)(1.0 / sqrt((double)ss / a.K + a.eps)) : 1.0f;
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            if (ok[r]) {
-                float v = acc[r] * rinv;
-                a.out[n0 + r] = a.add ? a.out[n0 + r] + v : v;
-            }
-    }
+    finish_rows<R, KSPLIT, NORM>(a, acc, ss, part_acc, warp, lane, n0, ok);
 }
 
 
@@ -191,34 +200,7 @@ __global__ void __launch_bounds__(256) gemv_libstyle(Args a, int64_t M, int64_t 
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = wsum(acc[r]);
-    if (NORM) ss = wsum(ss);
-    if (KSPLIT > 1) {
-        if (lane == 0) {
-#pragma unroll
-            for (int r = 0; r < R; r++) part_acc[warp][r] = acc[r];
-            part_acc[warp][R] = ss;
-        }
-        __syncthreads();
-        if (part != 0) return;
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            acc[r] = 0.0f;
-            for (int p = 0; p < KSPLIT; p++) acc[r] += part_acc[warp + p][r];
-        }
-        ss = 0.0f;
-        for (int p = 0; p < KSPLIT; p++) ss += part_acc[warp + p][R];
-    }
-    if (lane == 0 && part == 0) {
-        float rinv = NORM ? (float)(1.0 / sqrt((double)ss / a.K + a.eps)) : 1.0f;
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            if (ok[r]) {
-                float v = acc[r] * rinv;
-                a.out[n0 + r] = a.add ? a.out[n0 + r] + v : v;
-            }
-    }
+    finish_rows<R, KSPLIT, NORM>(a, acc, ss, part_acc, warp, lane, n0, ok);
 }
 
 // The library's current kernel (matmul.cu gemv_stream_kernel, MR = 1, bf16), for reference.
