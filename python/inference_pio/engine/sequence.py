@@ -27,6 +27,7 @@ class Sequence:
         # A seeded request draws from its own generator, so its samples do not depend on what
         # else is batched with it.
         self.rng = random.Random(params.seed)
+        self.beam = None            # the BeamRequest (beam_search.py) this is a beam of, if any
 
     @property
     def num_tokens(self):
