@@ -7,17 +7,20 @@
  *
  * Two phases:
  *  1. each (group, beam row) on its own (rows of all groups split over threads): the row's max m
- *     and the sum s of exp(x - m) (checking the logits as they go), then one pass computing every
- *     value ((x - m) - ln s) + score in chunks and keeping the row's best kr = min(k, V) in a
- *     binary min-heap of keys. Once the heap is full only a value above its root's can enter
- *     (values come in index order, so an equal one loses its tie): most of the row is one
- *     compare per value. The kept keys are heap-sorted, best first.
+ *     and the sum s of exp(x - m) (checking the logits as they go; exp is libm's expf, or on AVX2
+ *     elementwise.c's polynomial, within 2 ulp), then one pass keeping the row's best
+ *     kr = min(k, V) in a binary min-heap of keys. The value ((x - m) - ln s) + score never
+ *     decreases as the logit x grows, so once the heap is full only a logit above the root's can
+ *     enter (tokens come in index order, so an equal value loses its tie): most of the row is one
+ *     compare per logit, and only those few get their value. The kept keys are heap-sorted, best
+ *     first.
  *  2. each group: its k best among its rows' kr best each (the group's k best are among those),
  *     by the same heap, written out. */
 #include "cpu/beam.h"
 #include "cpu/embedding.h"
 #include "cpu/heap.h"
 
+#include <immintrin.h>
 #include <limits.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -79,6 +82,7 @@ struct beam_job {
     atomic_llong bad;                /* lowest bad logits row * 4 + what is wrong with it (1 NaN,
                                         2 +inf, 3 all -inf); LLONG_MAX: none */
     atomic_int no_memory;
+    int simd;
 };
 
 static int64_t group_field(const to_tensor *groups, int64_t g, int f) {
@@ -105,6 +109,57 @@ static const float *chunk_at(const char *row, int dtype, int64_t stride, int64_t
     return buf;
 }
 
+/* e^x for x <= 0 (or NaN): elementwise.c's exp_avx2 (Cody-Waite reduction, Cephes polynomial,
+ * within ~2 ulp of the true value; below ln(FLT_MIN) flushed to 0) */
+TO_TARGET_AVX2 static inline __m256 exp_avx2(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654475f); /* ln(FLT_MIN) */
+    __m256 xc = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y); /* tiny: 0 */
+}
+
+/* sum of e^(p[i] - m) over a chunk, in double (p[i] <= m, no NaN) */
+TO_TARGET_AVX2 static double exp_sum_avx2(const float *p, int64_t n, float m) {
+    __m256 mv = _mm256_set1_ps(m);
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    for (int64_t i = 0; i < n; i += 8) {
+        __m256 v;
+        if (i + 8 <= n) {
+            v = _mm256_loadu_ps(p + i);
+        } else { /* the tail through the same exp: padded with -inf, e^-inf = 0 */
+            float t[8];
+            for (int j = 0; j < 8; j++)
+                t[j] = i + j < n ? p[i + j] : -INFINITY;
+            v = _mm256_loadu_ps(t);
+        }
+        __m256 e = exp_avx2(_mm256_sub_ps(v, mv));
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    double lanes[4];
+    _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+static double exp_sum_scalar(const float *p, int64_t n, float m) {
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++)
+        s += (double)expf(p[i] - m);
+    return s;
+}
+
 /* m and ln s of a row (see the top of the file); 0 when the row is bad (reported) */
 static int row_lse(struct beam_job *job, const char *row, int64_t r, float *m_out, float *ls_out) {
     const to_tensor *x = job->logits;
@@ -128,20 +183,29 @@ static int row_lse(struct beam_job *job, const char *row, int64_t r, float *m_ou
     for (int64_t j = 0; j < V; j += CHUNK) {
         int64_t n = V - j < CHUNK ? V - j : CHUNK;
         const float *p = chunk_at(row, x->dtype, sx, j, n, buf);
-        for (int64_t i = 0; i < n; i++)
-            s += (double)expf(p[i] - m);
+        s += job->simd >= TO_SIMD_AVX2 ? exp_sum_avx2(p, n, m) : exp_sum_scalar(p, n, m);
     }
     *m_out = m;
     *ls_out = (float)log(s);
     return 1;
 }
 
+/* The value of token t of a row, -inf when the group suppresses it. */
+static inline float value_of(const struct beam_job *job, int64_t g, float x, float m, float ls, float score,
+                             int64_t t) {
+    const to_tensor *sup = job->suppress;
+    for (int64_t q = 0; sup && q < sup->shape[1]; q++)
+        if (to_load_index(sup->data, sup->dtype, g * sup->strides[0] + q * sup->strides[1]) == t)
+            return -INFINITY;
+    return ((x - m) - ls) + score;
+}
+
 /* phase 1: [begin, end) is a range of (group, beam row) items */
 static void beam_rows(void *arg, int64_t begin, int64_t end) {
     struct beam_job *job = arg;
-    const to_tensor *x = job->logits, *sup = job->suppress;
+    const to_tensor *x = job->logits;
     const int64_t V = job->V, sx = x->strides[1];
-    float buf[CHUNK], vals[CHUNK];
+    float buf[CHUNK];
     for (int64_t it = begin; it < end; it++) {
         const int64_t g = job->item_group[it], b = job->item_beam[it];
         const int64_t r = group_field(job->groups, g, 0) + b, kr = kept_per_row(job, g);
@@ -155,27 +219,35 @@ static void beam_rows(void *arg, int64_t begin, int64_t end) {
         if (!row_lse(job, row, r, &m, &ls))
             continue;
         const float score = ((const float *)job->beam_scores->data)[r * job->beam_scores->strides[0]];
-        const int64_t M = sup ? sup->shape[1] : 0, flat0 = b * V;
+        const int64_t flat0 = b * V;
+        /* The value is a non-decreasing function of the logit, so once the heap is full a token
+         * whose logit is not above the root's cannot have a larger value, nor an equal one with a
+         * lower index: only logits above x_root need their value (unless the root is -inf: a
+         * suppressed token, whose logit says nothing). */
         best_t best = {heap, kr, 0};
+        float x_root = -INFINITY;
         for (int64_t j = 0; j < V; j += CHUNK) {
             int64_t n = V - j < CHUNK ? V - j : CHUNK;
             const float *p = chunk_at(row, x->dtype, sx, j, n, buf);
-            for (int64_t i = 0; i < n; i++)
-                vals[i] = ((p[i] - m) - ls) + score;
-            for (int64_t q = 0; q < M; q++) {
-                int64_t t = to_load_index(sup->data, sup->dtype, g * sup->strides[0] + q * sup->strides[1]);
-                if (t >= j && t < j + n)
-                    vals[t - j] = -INFINITY;
-            }
             int64_t i = 0;
             for (; i < n && best.count < kr; i++)
-                offer(&best, make_key(vals[i], flat0 + j + i));
-            float thr = key_value(heap[0]);
-            for (; i < n; i++)
-                if (vals[i] > thr) {
-                    offer(&best, make_key(vals[i], flat0 + j + i));
-                    thr = key_value(heap[0]);
+                offer(&best, make_key(value_of(job, g, p[i], m, ls, score, j + i), flat0 + j + i));
+            if (best.count < kr)
+                continue;
+            for (;;) {
+                if (key_value(heap[0]) != -INFINITY) {
+                    int64_t t = key_flat(heap[0]) - flat0;
+                    to_load_f32(&x_root, row + t * sx * to_dtype_size(x->dtype), x->dtype, 1, 1);
+                } else {
+                    x_root = -INFINITY;
                 }
+                while (i < n && !(p[i] > x_root))
+                    i++;
+                if (i == n)
+                    break;
+                offer(&best, make_key(value_of(job, g, p[i], m, ls, score, j + i), flat0 + j + i));
+                i++;
+            }
         }
         sort_best_first(heap, kr);
         memcpy(job->keys + job->item_key0[it], heap, (size_t)kr * sizeof(uint64_t));
@@ -209,6 +281,7 @@ int to_cpu_beam_topk(const to_tensor *scores, const to_tensor *ids, const to_ten
     struct beam_job job = {0};
     job.logits = logits, job.beam_scores = beam_scores, job.groups = groups, job.suppress = suppress;
     job.V = logits->shape[1];
+    job.simd = to_simd();
     atomic_init(&job.bad, LLONG_MAX);
     atomic_init(&job.no_memory, 0);
     int64_t items = 0, nkeys = 0;

@@ -342,7 +342,7 @@ int to_kv_copy_blocks(const to_tensor *caches, int num_caches, const to_tensor *
  * -0.0 comes out as +0.0). Entries j >= k are -inf and -1. 1 <= k <= min(K, rows * V); rows * V
  * <= 2^32. Logits must not be NaN or +inf, nor a row all -inf (an error naming the row; on a GPU
  * the error is recorded and raised by the next call that synchronises with it, and that call's
- * outputs are unspecified). On a GPU a group has at most 256 rows and k <= 1024. */
+ * outputs are unspecified). On a GPU a group has at most 256 rows, k <= 1024 and 128 suppressed ids. */
 int to_beam_topk(const to_tensor *scores, const to_tensor *ids, const to_tensor *logits,
                  const to_tensor *beam_scores, const to_tensor *groups, const to_tensor *suppress);
 /* CDEF-END */

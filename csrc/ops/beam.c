@@ -9,7 +9,8 @@
  * Checked here: every tensor (dtype, rank, shapes, bounds, devices, outputs writable and
  * overlapping nothing), and every value read on the host: each group's rows inside logits, its
  * k in [1, min(K, rows * V)], rows * V <= 2^32 (the flat index is 32 bits of a key), the scores of
- * its rows finite, its suppressed ids < V; on a GPU at most 256 rows and k <= 1024 per group.
+ * its rows finite, its suppressed ids < V; on a GPU at most 256 rows, k <= 1024 and 128 suppressed
+ * ids per group (what one launch carries).
  * The logits are checked by the kernels as they read them (csrc/cpu/beam.c, csrc/cuda/beam.cu). */
 #include "internal.h"
 #include "cpu/beam.h"
@@ -64,13 +65,18 @@ static int check_groups(const to_tensor *groups, const to_tensor *beam_scores, c
                 return to_fail(TO_ERR_INVALID_ARGUMENT, OP ": beam_scores[%lld] = %g (group %lld) is not "
                                "finite", (long long)r, (double)s, (long long)g);
         }
+        int64_t used = 0;
         for (int64_t q = 0; suppress && q < suppress->shape[1]; q++) {
             int64_t t = at2(suppress, g, q);
             if (t >= V)
                 return to_fail(TO_ERR_BOUNDS, OP ": suppress[%lld, %lld] = %lld is not below the %lld "
                                "logits of a row (negative entries are unused)", (long long)g,
                                (long long)q, (long long)t, (long long)V);
+            used += t >= 0;
         }
+        if (on_gpu && used > 128)
+            return to_fail(TO_ERR_UNSUPPORTED, OP ": group %lld suppresses %lld ids: on a GPU at most 128",
+                           (long long)g, (long long)used);
     }
     return TO_OK;
 }

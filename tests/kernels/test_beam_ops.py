@@ -162,7 +162,7 @@ def run_topk(logits, beam_scores, groups, K, suppress=None):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
-def test_beam_topk_against_reference(dtype, layout, gen):
+def test_beam_topk_against_reference(dtype, layout, gen, simd):
     R, V = 9, 1003
     x = (torch.randn(R, V, generator=gen) * 3).to(TORCH_DTYPES[dtype])
     logits = from_torch(x)
@@ -177,7 +177,7 @@ def test_beam_topk_against_reference(dtype, layout, gen):
         check_group(scores[g], flat[g], reference_values(logits, beam_scores, first, rows), k)
 
 
-def test_beam_topk_qwen_vocabulary(gen):
+def test_beam_topk_qwen_vocabulary(gen, simd):
     # the real vocabulary: rows of 151,936 logits, many chunks, a k of 16 over 8 beams
     R, V = 8, 151936
     x = torch.randn(R, V, generator=gen) * 4

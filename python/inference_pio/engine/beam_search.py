@@ -191,6 +191,11 @@ class BeamSearch:
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eng.eos_ids))
         req = BeamRequest(request_id, prompt_ids, params, stop,
                           min(len(prompt_ids) + params.max_tokens, eng.max_model_len))
+        if eng.model.device != "cpu" and (params.num_beams > 256 or req.num_candidates > 1024
+                                          or (params.min_tokens and len(stop) > 128)):
+            raise ValueError(f"on a GPU a beam search keeps at most 256 beams and 1024 candidates per step "
+                             f"(max(2, 1 + stop tokens) * num_beams) and suppresses at most 128 stop tokens "
+                             f"for min_tokens; got num_beams={params.num_beams} with {len(stop)} stop tokens")
         first = self._sequence(req, prompt_ids)
         req.live, req.scores = [first], [0.0]
         eng.scheduler.add(first)
