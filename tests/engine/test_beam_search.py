@@ -205,10 +205,21 @@ def test_small_cache_and_budget_give_the_same_hypotheses(ckpt):
     assert seen[0][0] > 0 and seen[1][1] > 0 and seen[2][2] > 0, seen
 
 
-def test_mixed_with_sampled_requests(ckpt):
-    # beam requests and sampled ones in the same engine steps: each as it is alone
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mixed_with_sampled_requests(ckpt, overlap):
+    # beam requests and sampled ones in the same engine steps: each as it is alone; with the
+    # overlapped decode (on the CPU the same code path as on a GPU) no step is launched while a
+    # beam search runs (its steps change the beams), and the sampled requests still overlap after
     _, folder, _, second = ckpt
-    llm = LLM(folder, dtype="float32", block_size=4)
+    llm = LLM(folder, dtype="float32", block_size=4, overlap=overlap)
+    launches = []
+    launch = llm.engine._launch
+
+    def recorded_launch(scheduled, token_ids=None):
+        launches.append(bool(llm.engine.beams.requests) or any(q.beam is not None for q, _ in scheduled))
+        return launch(scheduled, token_ids)
+
+    llm.engine._launch = recorded_launch
     bp = make_params(COMBOS["2-beams"][0], second)
     greedy = SamplingParams(max_tokens=8, temperature=0)
     seeded = SamplingParams(max_tokens=8, temperature=0.8, top_k=40, seed=7)
@@ -225,7 +236,8 @@ def test_mixed_with_sampled_requests(ckpt):
         live = [q for r in e.beams.requests for q in r.live]
         mixed_steps += bool(live) and any(not q.status.name == "FINISHED" for q in (g, s))
         e.step()
-    assert mixed_steps > 0
+    assert mixed_steps > 0 and not any(launches)
+    assert bool(launches) == overlap  # the sampled requests' own runs did overlap
     assert g.completion_ids == want_greedy and s.completion_ids == want_seeded
     for req, want in zip(beams, want_beams):
         assert [h[1] for h in req.hypotheses()] == [h.token_ids for h in want.hypotheses]

@@ -25,7 +25,8 @@ How: every live beam is a Sequence in the scheduler, so the beams of all request
 sampled requests, run as rows of one batched forward. After the forward, the rows of each beam
 request (its beams are kept together in the running list, so their rows are adjacent) go to
 ops.beam_topk: log-softmax, running scores and the top candidates of every request in one library
-call over the logits, on their device; only the candidates come back. Then, per request, the
+call over the logits, on their device; only the candidates come back. (Forks join the running
+list directly: max_num_seqs limits admissions, not a request's beams.) Then, per request, the
 transformers rules above in Python over those few candidates, and the new beams: a parent chosen
 once goes on as it is (its token appended), a parent chosen again is forked - the child shares
 all its KV blocks (BlockManager.fork) and the first write into the partly filled last block takes
