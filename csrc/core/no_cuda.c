@@ -117,6 +117,15 @@ int to_cuda_sample(const to_tensor *out, const to_tensor *logits, const to_tenso
     (void)out, (void)logits, (void)temperature, (void)top_k, (void)top_p, (void)min_p, (void)uniform;
     return no_cuda("to_sample");
 }
+int to_cuda_kv_copy_blocks(const to_tensor *caches, int num_caches, const to_tensor *src, const to_tensor *dst) {
+    (void)caches, (void)num_caches, (void)src, (void)dst;
+    return no_cuda("to_kv_copy_blocks");
+}
+int to_cuda_beam_topk(const to_tensor *scores, const to_tensor *ids, const to_tensor *logits,
+                      const to_tensor *beam_scores, const to_tensor *groups, const to_tensor *suppress) {
+    (void)scores, (void)ids, (void)logits, (void)beam_scores, (void)groups, (void)suppress;
+    return no_cuda("to_beam_topk");
+}
 
 int to_cuda_graph_begin(int device_index) { (void)device_index; return no_cuda("to_cuda_graph_begin"); }
 int to_cuda_graph_end(int device_index, void **graph) {

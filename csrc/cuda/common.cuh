@@ -34,6 +34,7 @@ enum {
     TO_GPU_ERR_BATCH = 3,        // a = the sequence, b = what is wrong (TO_GPU_BATCH_*), c = a value
     TO_GPU_ERR_LOGITS = 4,       // to_sample: a = the row, b = 1 NaN, 2 +inf, 3 all -inf
     TO_GPU_ERR_ROPE_KV_SLOT = 5, // to_rope_kv_store: as TO_GPU_ERR_SLOT
+    TO_GPU_ERR_BEAM_LOGITS = 6,  // to_beam_topk: a = the logits row, b = 1 NaN, 2 +inf, 3 all -inf
 };
 enum { TO_GPU_BATCH_CU = 1, TO_GPU_BATCH_CONTEXT = 2, TO_GPU_BATCH_TABLE = 3, TO_GPU_BATCH_BLOCK = 4 };
 

@@ -89,6 +89,17 @@ int to_cuda_sample(const to_tensor *out, const to_tensor *logits, const to_tenso
                    const to_tensor *top_k, const to_tensor *top_p, const to_tensor *min_p,
                    const to_tensor *uniform);
 
+/* ---- kv_copy.cu ---- */
+/* as to_cpu_kv_copy_blocks (csrc/cpu/kv_copy.h): the ids are CPU tensors checked on the host by
+ * csrc/ops/kv_copy.c, whose values travel in the launch's arguments */
+int to_cuda_kv_copy_blocks(const to_tensor *caches, int num_caches, const to_tensor *src, const to_tensor *dst);
+
+/* ---- beam.cu ---- */
+/* as to_cpu_beam_topk (csrc/cpu/beam.h), beam_scores, groups and suppress CPU tensors whose values
+ * travel in the launches' arguments; bad logits are recorded (TO_GPU_ERR_BEAM_LOGITS) */
+int to_cuda_beam_topk(const to_tensor *scores, const to_tensor *ids, const to_tensor *logits,
+                      const to_tensor *beam_scores, const to_tensor *groups, const to_tensor *suppress);
+
 #pragma GCC visibility pop
 #ifdef __cplusplus
 }

@@ -188,6 +188,13 @@ static int gpu_error(const unsigned long long w[4]) {
         return to_fail(TO_ERR_INVALID_ARGUMENT, "to_sample: logits row %lld %s (found on the GPU, reported "
                        "at the next synchronisation; out[%lld] was set to -1)", a, b >= 1 && b <= 3 ? what[b] : what[0], a);
     }
+    case TO_GPU_ERR_BEAM_LOGITS: { // the CPU's words for the same rows
+        static const char *what[] = {"is bad", "holds NaN", "holds +inf (logits must be finite or -inf)",
+                                     "is all -inf (no token has a probability)"};
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "to_beam_topk: logits row %lld %s (found on the GPU, "
+                       "reported at the next synchronisation; that call's candidates are unspecified)", a,
+                       b >= 1 && b <= 3 ? what[b] : what[0]);
+    }
     }
     return to_fail(TO_ERR_INTERNAL, "%s: unknown GPU error code %llu", pre, w[0]);
 }

@@ -311,6 +311,40 @@ int to_gather_by_value(const to_tensor *rows, const to_tensor *order, const to_t
  * in increasing i. */
 int to_scatter_add_by_index(const to_tensor *out, const to_tensor *src, const to_tensor *index,
                             const to_tensor *weight);
+
+/* ---- paged KV cache sharing and beam search ---- */
+/* Copy-on-write of paged KV cache blocks: for every pair i and every cache c,
+ * block dst[i] of caches[c] becomes a copy of its block src[i] (caches[c] viewed as
+ * [num_blocks, ...]: a block is one index of dimension 0). caches: an array of num_caches >= 1
+ * descriptors (a model's k and v cache of every layer: one call copies a block of all of them),
+ * each contiguous, of one dtype and one shape, on one device, none overlapping another. src, dst
+ * [P] i32/i64 are CPU tensors whatever the caches' device (their values are checked on the host
+ * and, on a GPU, travel in the launch's arguments: one launch copies all pairs of up to 64 caches):
+ * every id in [0, num_blocks), src[i] != dst[i], the dst ids distinct and none of them among the
+ * src ids (so the pairs may be copied in any order); a src may repeat (one block copied for
+ * several sharers). Runs in the caches' stream order on a GPU (after the writes queued before it,
+ * before the reads queued after it). P = 0 does nothing. */
+int to_kv_copy_blocks(const to_tensor *caches, int num_caches, const to_tensor *src, const to_tensor *dst);
+/* One beam-search step's candidates for G groups of logits rows (each group: the live beams of one
+ * request). Group g is groups[g] = (first, rows, k) (groups: [G, 3] i32/i64 CPU tensor): it owns logits
+ * rows first .. first + rows - 1 of logits [R, V] (f32, f16 or bf16, any strides), and row
+ * first + b is its beam b, whose running score (sum of log-probabilities so far) is
+ * beam_scores[first + b] (beam_scores [R] f32 CPU tensor, finite where read). Each candidate
+ * (beam b, token t) has
+ *   value = ((x - m) - ln s) + beam_scores[first + b]   (f32 operations in that order)
+ * with x the logit, m the row's max and s = sum over the row of exp(x - m) (exp in f32, summed in
+ * f64, ln s rounded to f32): the log-softmax plus the beam's score. suppress (NULL, or [G, M]
+ * i32/i64 CPU tensor): ids whose value is -inf in every row of group g (negative entries unused;
+ * others < V) - the end tokens of a request still below its minimum length.
+ * Out: scores [G, K] f32 and ids [G, K] i64 on the logits' device; row g holds the group's k best
+ * candidates, best first: larger value first, and of equal values the lower flat index
+ * b * V + t, which ids[g, j] holds (beam = id / V, token = id % V); scores[g, j] its value (a
+ * -0.0 comes out as +0.0). Entries j >= k are -inf and -1. 1 <= k <= min(K, rows * V); rows * V
+ * <= 2^32. Logits must not be NaN or +inf, nor a row all -inf (an error naming the row; on a GPU
+ * the error is recorded and raised by the next call that synchronises with it, and that call's
+ * outputs are unspecified). On a GPU a group has at most 256 rows, k <= 1024 and 128 suppressed ids. */
+int to_beam_topk(const to_tensor *scores, const to_tensor *ids, const to_tensor *logits,
+                 const to_tensor *beam_scores, const to_tensor *groups, const to_tensor *suppress);
 /* CDEF-END */
 
 #ifdef __cplusplus

@@ -10,5 +10,6 @@ from .dtypes import bfloat16, float16, float32, int8, int32, int64, uint8
 from .tensor import Tensor, tensor
 from .runtime import cuda_device_count, num_threads, set_num_threads, simd_level
 from .engine import LLM, CompletionOutput, RequestOutput, SamplingParams, StreamDelta
+from .engine import BeamHypothesis, BeamSearchOutput, BeamSearchParams
 
 __version__ = "0.1.0"

@@ -279,3 +279,32 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
     check(lib.to_paged_attention(out._desc, q._desc, k_cache._desc, v_cache._desc, cu_seqlens_q._desc,
                                  context_lens._desc, block_tables._desc, float(scale)))
     return out
+
+
+def kv_copy_blocks(caches, src, dst):
+    """Copy-on-write of paged KV cache blocks: block dst[i] of every tensor of `caches` (each
+    [num_blocks, ...], contiguous, one dtype, shape and device: a model's k and v caches) becomes
+    a copy of its block src[i], all pairs and caches in one call (one launch on a GPU). src, dst:
+    int32/int64 CPU tensors [P] (whatever the caches' device); ids in range, the dst ids distinct
+    and none of them a src. Writes in place, returns None."""
+    caches = list(caches)
+    descs = ffi.new("to_tensor[]", max(1, len(caches)))
+    for i, c in enumerate(caches):
+        c._check_writable()
+        descs[i] = c._desc[0]
+    check(lib.to_kv_copy_blocks(descs if caches else _NULL, len(caches), src._desc, dst._desc))
+
+
+def beam_topk(logits, beam_scores, groups, k, suppress=None, scores=None, ids=None):
+    """One beam-search step's candidates: for each group (first row, rows, k_g) of groups [G, 3]
+    (int32 CPU tensor) the k_g best (beam, token) continuations of its logits rows by log-softmax
+    plus the beam's running score beam_scores[row] (float32 CPU tensor [rows of logits]), with
+    the ids of suppress [G, M] (int CPU tensor, -1 unused) at -inf. Returns (scores [G, k] float32,
+    ids [G, k] int64) on the logits' device, best first; ids hold beam * V + token (see
+    to_beam_topk in tensor_ops.h); entries past a group's k_g are -inf and -1."""
+    G = groups.shape[0]
+    scores = _out(scores, (G, k), dtypes.float32, logits)
+    ids = _out(ids, (G, k), dtypes.int64, logits)
+    check(lib.to_beam_topk(scores._desc, ids._desc, logits._desc, beam_scores._desc, groups._desc,
+                           suppress._desc if suppress is not None else _NULL))
+    return scores, ids

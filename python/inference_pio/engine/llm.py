@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from .. import dtypes
 from ..io.hf_config import eos_token_ids, load_hf_config
 from ..tokenizer import CheckpointTokenizer, GGUFTokenizer
+from .beam_search import BeamHypothesis, BeamSearchOutput, BeamSearchParams
 from .llm_engine import LLMEngine
 from .loader import load_model, resolve_dtype
 from .params import CompletionOutput, RequestOutput, SamplingParams
@@ -181,6 +182,34 @@ class LLM:
         if seq.output is not None:  # decoded as it ran (and cut at a stop string)
             return seq.output.text
         return self._text(seq.completion_ids, seq.params)
+
+    def beam_search(self, prompts, params=None):
+        """Beam search continuations of one prompt or a list of prompts (text or token ids): a
+        list of BeamSearchOutput in prompt order, each with params.num_return_sequences
+        hypotheses (token_ids, text, score, finish_reason), best first. params: one
+        BeamSearchParams for all, or a list with one per prompt. Every prompt's result is
+        transformers' generate(num_beams=...) on that prompt alone (engine/beam_search.py); all
+        run together through the engine, their beams rows of one batched forward, sharing
+        their prompt's KV cache blocks. Separate from generate(), whose outputs are one
+        completion each: a beam search returns several scored hypotheses."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(params, (list, tuple)):
+            params = [params or BeamSearchParams()] * len(prompts)
+        if len(params) != len(prompts) or not all(isinstance(p, BeamSearchParams) for p in params):
+            raise ValueError(f"params must be one BeamSearchParams or a list of {len(prompts)}")
+        reqs = [self.engine.add_beam_request(self._ids(p), bp) for p, bp in zip(prompts, params)]
+        try:
+            while not all(r.done for r in reqs):
+                self.engine.step()
+        finally:
+            for r in reqs:  # an interrupted call leaves no request behind in the engine
+                self.engine.beams.abort(r)
+            self.engine.drain()
+        return [BeamSearchOutput(r.request_id, r.prompt_ids,
+                                 [BeamHypothesis(ids, self._text(ids, r.params), score, reason)
+                                  for score, ids, reason in r.hypotheses()]) for r in reqs]
 
     def chat(self, messages, sampling_params=None, tools=None, **template_kwargs):
         """The assistant's reply to a conversation (a list of {"role", "content"} dicts), or a

@@ -33,6 +33,7 @@ the attention's key splits, so the other rows' roundings may differ from the syn
 """
 from ..tensor import Tensor
 from .batch import ForwardBatch
+from .beam_search import BeamSearch
 from .block_manager import BlockManager
 from .graphs import DecodeGraphs
 from .kv_cache import KVCache
@@ -68,6 +69,7 @@ class LLMEngine:
         self.overlap = overlap
         self._inflight = None  # the decode step launched and not read back yet (_Launched)
         self._next_id = 0
+        self.beams = BeamSearch(self)  # beam search requests (beam_search.py)
 
     def add_request(self, prompt_ids, params, index=0, text=False):
         """Queues a request; returns its Sequence (which fills in as steps run). index: which of
@@ -82,6 +84,13 @@ class LLMEngine:
         else:
             self.scheduler.add(seq)
         return seq
+
+    def add_beam_request(self, prompt_ids, params):
+        """Queues a beam search (BeamSearchParams); returns its BeamRequest (beam_search.py),
+        done once its hypotheses are."""
+        req = self.beams.add(self._next_id, self._check_prompt(prompt_ids, room=True), params)
+        self._next_id += 1
+        return req
 
     def _check_prompt(self, prompt_ids, room):
         """The prompt as a list of valid ids that fits the context (with room for one more token
@@ -116,8 +125,8 @@ class LLMEngine:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return []
-            if not (self.overlap and DecodeGraphs.applies(scheduled)):
-                return self._run(scheduled)
+            if not (self.overlap and DecodeGraphs.applies(scheduled)) or self.beams.requests:
+                return self._run(scheduled)  # (beam steps change the beams: never overlapped)
             self._inflight = self._launch(scheduled)
         step = self._inflight
         if self._can_follow(step):  # schedule() then picks step's sequences again, one token each
@@ -134,13 +143,14 @@ class LLMEngine:
     def _can_follow(self, step):
         """Whether the next step may be launched behind `step` (see the module docstring)."""
         s = self.scheduler
-        return (not s.waiting and s.running == step.seqs
+        return (not s.waiting and s.running == step.seqs and not self.beams.requests
                 and sum(self.blocks.needed(q, 1) for q in step.seqs) <= self.blocks.num_free
                 and not any(q.at_length_limit(self.max_model_len) for q in step.seqs))
 
     def _launch(self, scheduled, token_ids=None):
         """Queues a decode step from its graph, its token ids read on the device from token_ids
         when given, and starts reading its sampled ids back; its sequences take placeholders."""
+        self.kv_cache.copy_blocks(self.blocks.take_copies())  # copy on write, before the forward
         logits, batch = self.graphs.run(scheduled, token_ids)
         ids = sample_ids(logits, batch.sampled)
         self.scheduler.computed(scheduled)
@@ -172,6 +182,7 @@ class LLMEngine:
 
     def _run(self, scheduled):
         """A step run synchronously: forward, sample, read the ids, update the sequences."""
+        self.kv_cache.copy_blocks(self.blocks.take_copies())  # copy on write, before the forward
         if self.graphs is not None and DecodeGraphs.applies(scheduled):
             logits, batch = self.graphs.run(scheduled)
         else:
@@ -180,8 +191,14 @@ class LLMEngine:
         self.scheduler.computed(scheduled)
         if not batch.sampled:
             return []
+        beams = [(i, seq) for i, seq in enumerate(batch.sampled) if seq.beam is not None]
+        ids = sample(logits, batch.sampled) if len(beams) < len(batch.sampled) else []
+        if beams:  # their rows go to the beam search step, not to the sampler's ids
+            self.beams.step(logits, beams)
         events = []
-        for seq, tid in zip(batch.sampled, sample(logits, batch.sampled)):
+        for seq, tid in zip(batch.sampled, ids):
+            if seq.beam is not None:
+                continue
             seq.append(tid, self.max_model_len)
             events.append((seq, tid))
             if seq.status is Status.FINISHED:

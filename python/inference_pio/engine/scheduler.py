@@ -5,7 +5,10 @@ needs one token; one still prefilling gets the next chunk of its prompt), then w
 admitted while budget, sequence slots and cache blocks last. A prompt longer than the remaining
 budget is prefilled in chunks over several steps. When the cache runs out, the most recently
 admitted sequence is preempted: its blocks are freed and it waits to be recomputed from its
-tokens, so older requests always make progress."""
+tokens, so older requests always make progress. Before that, blocks held by idle sequences are
+reclaimed (`reclaim`: beams waiting out of the scheduler for the rest of their group, which keep
+their logits and are recomputed later), also when they are all that keeps a waiting sequence out
+of an otherwise empty step."""
 from collections import deque
 
 from .sequence import Status
@@ -19,6 +22,7 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting, self.running = deque(), []
         self.num_preemptions = 0
+        self.reclaim = None  # frees blocks of idle sequences, returns whether it freed any (beam search)
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -34,6 +38,8 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.can_allocate(seq, n):
+                if self.reclaim is not None and self.reclaim():
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -47,7 +53,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_allocate(seq, n):
+            if not self.blocks.can_allocate(seq, n) and (
+                    batch or self.reclaim is None or not self.reclaim() or not self.blocks.can_allocate(seq, n)):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, n)

@@ -118,6 +118,7 @@ class Sequence:
         # else is batched with it; each of its n samples from its own.
         self.seed = sample_seed(params.seed, index)
         self.rng = random.Random(self.seed)
+        self.beam = None            # the BeamRequest (beam_search.py) this is a beam of, if any
 
     @property
     def num_tokens(self):
