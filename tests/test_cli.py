@@ -166,6 +166,22 @@ def test_generate_stop_string_and_n(ckpt, capsys):
     assert capsys.readouterr().out == "[sample 0]\n\n[sample 1]\n\n"
 
 
+def test_generate_beam_search(ckpt, capsys):
+    from inference_pio import BeamSearchParams
+    folder, _ = ckpt
+    assert main(["generate", "--model", str(folder), "--prompt", "The quick", "--dtype", "float32",
+                 "--max-tokens", "5", "--num-beams", "3", "--num-return-sequences", "2",
+                 "--length-penalty", "0.5", "--early-stopping", "never", "--ignore-eos"]) == 0
+    want = LLM(folder, dtype="float32").beam_search("The quick", BeamSearchParams(
+        num_beams=3, max_tokens=5, num_return_sequences=2, length_penalty=0.5, early_stopping="never",
+        ignore_eos=True))[0]
+    assert capsys.readouterr().out == "".join(f"[beam {i}, score {h.score:.4f}]\n{h.text}\n"
+                                              for i, h in enumerate(want.hypotheses))
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main(["generate", "--model", str(folder), "--prompt", "x", "--num-beams", "2", "--early-stopping", "maybe"])
+    assert "expected true, false or never, got 'maybe'" in capsys.readouterr().err
+
+
 def test_bad_sampling_flag_is_one_line_error(ckpt, capsys):
     folder, _ = ckpt
     assert main(["generate", "--model", str(folder), "--prompt", "x", "--n", "0"]) == 1

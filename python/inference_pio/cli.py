@@ -186,13 +186,51 @@ def _stream_samples(llm, prompt, params, out):
     advance()
 
 
+def _beam_args(p):
+    g = p.add_argument_group("beam search (with --num-beams; the sampling flags other than "
+                             "--max-tokens, --min-tokens, --stop-token-id and --ignore-eos do not apply)")
+    g.add_argument("--num-beams", type=int, default=None, help="run a beam search with this many beams")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="a hypothesis scores sum(log-probs) / length ** this (default 1)")
+    g.add_argument("--early-stopping", type=_early_stopping, default=False, metavar="true|false|never",
+                   help="transformers' early_stopping (default false)")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="hypotheses printed, best first")
+
+
+def _early_stopping(text):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text == "never":
+        return text
+    raise argparse.ArgumentTypeError(f"expected true, false or never, got {text!r}")
+
+
+def _beam_params(args, params):
+    """BeamSearchParams of the beam flags and the sampling flags that apply to a beam search."""
+    from .engine import BeamSearchParams
+    return BeamSearchParams(num_beams=args.num_beams, max_tokens=params.max_tokens,
+                            min_tokens=getattr(params, "min_tokens", 0), length_penalty=args.length_penalty,
+                            early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences,
+                            stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+                            skip_special_tokens=params.skip_special_tokens)
+
+
+def _print_beams(llm, prompt, params, out):
+    """Writes a beam search's hypotheses, best first, each under a "[beam i, score S]" line."""
+    for i, h in enumerate(llm.beam_search(prompt, params)[0].hypotheses):
+        out.write(f"[beam {i}, score {h.score:.4f}]\n{h.text}\n")
+
+
 def cmd_generate(args):
     params = _params(args)  # bad flags fail before the model loads
+    beams = _beam_params(args, params) if args.num_beams is not None else None
     llm = _load(args)
     prompt = args.prompt
     if args.chat_template:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
-    if params.n > 1:
+    if beams is not None:
+        _print_beams(llm, prompt, beams, sys.stdout)
+    elif params.n > 1:
         _stream_samples(llm, prompt, params, sys.stdout)
     else:
         _stream(llm, prompt, params, sys.stdout)
@@ -293,6 +331,7 @@ def build_parser():
     p.add_argument("--chat-template", action="store_true",
                    help="wrap the prompt as a user message in the model's chat template")
     _sampling_args(p, max_tokens=128)
+    _beam_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat",
