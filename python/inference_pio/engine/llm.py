@@ -118,7 +118,8 @@ class LLM:
     def _output(self, seq):
         ids = seq.completion_ids
         return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], ids,
-                             self._text(ids, seq.params), seq.finish_reason)
+                             self._text(ids, seq.params), seq.finish_reason,
+                             logprobs=seq.logprobs, cumulative_logprob=seq.cumulative_logprob)
 
     def stream(self, prompt, sampling_params=None):
         """Yields a StreamDelta per generated token of one prompt, as it is produced. Text never

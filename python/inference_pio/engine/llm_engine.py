@@ -26,6 +26,10 @@ request added while a step is in flight joins the step after that one (one step 
 synchronous engine would admit it).
 Seeded draws are taken as a step launches, one per sampled token of a sequence, as before: a
 draw spent on a dropped token belonged to a finished sequence.
+Logits processors that read a sequence's tokens (repetition / presence / frequency penalties, the
+n-gram block: SamplingParams.needs_history) cannot run behind an unread step, whose token is still
+a placeholder: a step with such a sequence is never followed before it is read (it runs as the
+synchronous engine would). min_tokens only counts tokens, logit_bias reads none: they overlap.
 The outputs are the synchronous engine's, exactly when the kernels give each row the same
 result whatever the other rows: the step launched behind a stop token still has the stopped row,
 and an arrival joins a later step (on a GPU the number of rows picks the matmul path above 8 and
@@ -37,7 +41,7 @@ from .block_manager import BlockManager
 from .graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .params import SamplingParams
-from .sampler import sample, sample_ids
+from .sampler import Sampled, sample_ids
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
@@ -69,6 +73,7 @@ class LLMEngine:
     def add_request(self, prompt_ids, params):
         """Queues a request; returns its Sequence (which fills in as steps run)."""
         prompt_ids = self._check_prompt(prompt_ids, room=params.max_tokens > 0)
+        self._check_vocab(params)
         seq = Sequence(self._next_id, prompt_ids, params, self.eos_ids)
         self._next_id += 1
         if params.max_tokens == 0:
@@ -91,6 +96,16 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens: too long for a context of "
                              f"{self.max_model_len} tokens (max_model_len)")
         return prompt_ids
+
+    def _check_vocab(self, params):
+        """ValueError for logit_bias ids or a logprobs count the vocabulary does not have."""
+        vocab = self.model.config.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs = {params.logprobs} asks for more alternatives than the "
+                             f"vocabulary has ({vocab})")
 
     def abort(self, seq):
         if seq.status is not Status.FINISHED:
@@ -129,17 +144,18 @@ class LLMEngine:
         s = self.scheduler
         return (not s.waiting and s.running == step.seqs
                 and sum(self.blocks.needed(q, 1) for q in step.seqs) <= self.blocks.num_free
-                and not any(q.at_length_limit(self.max_model_len) for q in step.seqs))
+                and not any(q.at_length_limit(self.max_model_len) for q in step.seqs)
+                and not any(q.params.needs_history for q in step.seqs))
 
     def _launch(self, scheduled, token_ids=None):
         """Queues a decode step from its graph, its token ids read on the device from token_ids
         when given, and starts reading its sampled ids back; its sequences take placeholders."""
         logits, batch = self.graphs.run(scheduled, token_ids)
-        ids = sample_ids(logits, batch.sampled)
+        res = sample_ids(logits, batch.sampled)
         self.scheduler.computed(scheduled)
         for seq in batch.sampled:
             seq.append_placeholder()
-        return _Launched(batch.sampled, ids, ids.tolist_async())
+        return _Launched(batch.sampled, res.ids, Sampled(res, batch.sampled))
 
     def _read(self, step):
         """Waits for a launched step's ids and hands them to its sequences: the events."""
@@ -151,11 +167,13 @@ class LLMEngine:
                 self._inflight.readback.release()
                 self._inflight = None
             raise
-        events = []
-        for seq, tid in zip(step.seqs, ids):
+        events, logprobs = [], step.readback.logprobs
+        for i, (seq, tid) in enumerate(zip(step.seqs, ids)):
             if seq.status is Status.FINISHED:  # at the step before, or aborted: the token is dropped
                 continue
             seq.fill(tid, self.max_model_len)
+            if logprobs and logprobs[i] is not None:
+                seq.add_logprobs(logprobs[i])
             events.append((seq, tid))
             if seq.status is Status.FINISHED:
                 # its blocks may be handed out while the step launched behind still writes this
@@ -173,9 +191,11 @@ class LLMEngine:
         self.scheduler.computed(scheduled)
         if not batch.sampled:
             return []
-        events = []
-        for seq, tid in zip(batch.sampled, sample(logits, batch.sampled)):
+        events, sampled = [], Sampled(sample_ids(logits, batch.sampled), batch.sampled)
+        for seq, tid, lp in zip(batch.sampled, sampled.result(), sampled.logprobs or [None] * len(batch.sampled)):
             seq.append(tid, self.max_model_len)
+            if lp is not None:
+                seq.add_logprobs(lp)
             events.append((seq, tid))
             if seq.status is Status.FINISHED:
                 self.scheduler.finish(seq)

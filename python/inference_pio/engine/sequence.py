@@ -27,6 +27,9 @@ class Sequence:
         # A seeded request draws from its own generator, so its samples do not depend on what
         # else is batched with it.
         self.rng = random.Random(params.seed)
+        # SamplingParams.logprobs: per generated token {token id: logprob}, the chosen one first
+        self.logprobs = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0 if params.logprobs is not None else None
 
     @property
     def num_tokens(self):
@@ -70,6 +73,11 @@ class Sequence:
             self.finish("stop")
         elif n - self.num_prompt_tokens >= self.params.max_tokens or n >= max_len:
             self.finish("length")
+
+    def add_logprobs(self, entry):
+        """Records the logprobs of the token just appended or filled in (dict, chosen first)."""
+        self.logprobs.append(entry)
+        self.cumulative_logprob += next(iter(entry.values()))
 
     def finish(self, reason):
         self.status, self.finish_reason = Status.FINISHED, reason
