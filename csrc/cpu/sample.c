@@ -165,6 +165,29 @@ TO_TARGET_AVX2 static void stats_avx2(const float *x, int64_t n, stats_t *s) {
     s->nan |= _mm256_movemask_ps(nan) != 0;
 }
 
+/* The first i >= from with x[i] == v (n if none): the greedy token, and top_k's ties. */
+static int64_t find_scalar(const float *x, int64_t from, int64_t n, float v) {
+    int64_t i = from;
+    while (i < n && x[i] != v)
+        i++;
+    return i;
+}
+
+TO_TARGET_AVX2 static int64_t find_avx2(const float *x, int64_t from, int64_t n, float v) {
+    const __m256 vv = _mm256_set1_ps(v);
+    int64_t i = from;
+    for (; i + 8 <= n; i += 8) {
+        unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vv, _CMP_EQ_OQ));
+        if (m)
+            return i + __builtin_ctz(m);
+    }
+    return find_scalar(x, i, n, v);
+}
+
+static inline int64_t find_value(const float *x, int64_t from, int64_t n, float v, int simd) {
+    return simd >= TO_SIMD_AVX2 ? find_avx2(x, from, n, v) : find_scalar(x, from, n, v);
+}
+
 static void row_stats(const float *x, int64_t n, int simd, stats_t *s) {
     if (simd >= TO_SIMD_AVX2)
         stats_avx2(x, n, s);
@@ -375,12 +398,13 @@ static int64_t sample_heap(const float *xs, int64_t n, const row_params *rp, uin
     }
     if (st.ties) { /* the tokens tied with the k-th come after it, by index */
         int64_t i = key_index(heap[k - 1]);
-        float vk = xs[i];
-        for (int64_t left = st.ties; left > 0 && ++i < n;)
-            if (xs[i] == vk) {
-                heap[k++] = make_key(xs[i], i);
-                left--;
-            }
+        const float vk = xs[i];
+        for (int64_t left = st.ties; left > 0; left--) {
+            i = find_value(xs, i + 1, n, vk, simd);
+            if (i >= n) /* not reached: the count is exact */
+                break;
+            heap[k++] = make_key(vk, i);
+        }
     }
     uint64_t sk = 0;
     int64_t lm = 0;
@@ -834,8 +858,7 @@ static void sample_rows(void *arg, int64_t begin, int64_t end) {
         kept_t kept = {0, UINT64_MAX};
         float t = to_sample_f32(p->temperature, r, 0);
         if (t <= 0) {
-            while (xs[token] != s.max)
-                token++;
+            token = find_value(xs, 0, n, s.max, job->simd);
         } else {
             row_params rp;
             rp.m = s.max;
