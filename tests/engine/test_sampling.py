@@ -251,3 +251,19 @@ def test_vocab_checked_at_add_request(ckpt):
     with pytest.raises(ValueError, match="logprobs = 1000 asks for more alternatives than the vocabulary has"):
         llm.generate([1, 2], SamplingParams(logprobs=1000))
     assert not llm.engine.has_unfinished()
+
+
+def test_history_cache():
+    """The sampler's int32 copy of a sequence's tokens follows appends, and starts afresh when the
+    sequence is given another list (a copy or a fork) or its tokens change under it."""
+    from inference_pio.engine.sampler import _history
+    from inference_pio.engine.sequence import Sequence
+    seq = Sequence(0, [4, 5, 6], SamplingParams(repetition_penalty=1.2), ())
+    assert list(_history(seq)) == [4, 5, 6]
+    first = _history(seq)
+    seq.append(7, 100)
+    assert _history(seq) is first and list(first) == [4, 5, 6, 7]
+    seq.token_ids = [4, 5, 9, 7]  # same length and last token, another list
+    assert list(_history(seq)) == [4, 5, 9, 7]
+    seq.token_ids[-1] = 8  # the last token changed in place
+    assert list(_history(seq)) == [4, 5, 9, 8]

@@ -123,10 +123,13 @@ def _histories(seqs, inp, kw):
 
 def _history(seq):
     """seq.token_ids as an int32 array, kept on the sequence and extended as tokens are appended
-    (converting a long Python list every step would cost ~60 us per 1,000 tokens)."""
-    h, ids = seq.sampler_history, seq.token_ids
-    if h is None or len(h) > len(ids) or (h and h[-1] != ids[len(h) - 1]):
-        h = seq.sampler_history = array("i", ids)
+    (converting a long Python list every step would cost ~60 us per 1,000 tokens). The cache
+    names the list it copies: a sequence given another list (a copy, a fork) starts afresh."""
+    ids = seq.token_ids
+    owner, h = seq.sampler_history or (None, None)
+    if owner is not ids or len(h) > len(ids) or (h and h[-1] != ids[len(h) - 1]):
+        h = array("i", ids)
+        seq.sampler_history = (ids, h)
     elif len(h) < len(ids):
         h.extend(ids[len(h):])
     return h

@@ -30,7 +30,7 @@ class Sequence:
         # SamplingParams.logprobs: per generated token {token id: logprob}, the chosen one first
         self.logprobs = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0 if params.logprobs is not None else None
-        self.sampler_history = None  # engine/sampler.py's int32 copy of token_ids (penalties)
+        self.sampler_history = None  # (token_ids, its int32 copy): engine/sampler.py's, for penalties
 
     @property
     def num_tokens(self):
