@@ -111,11 +111,8 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
     return no_cuda("to_paged_attention");
 }
 
-int to_cuda_sample(const to_tensor *out, const to_tensor *logits, const to_tensor *temperature,
-                   const to_tensor *top_k, const to_tensor *top_p, const to_tensor *min_p,
-                   const to_tensor *uniform) {
-    (void)out, (void)logits, (void)temperature, (void)top_k, (void)top_p, (void)min_p, (void)uniform;
-    return no_cuda("to_sample");
+int to_cuda_sample(const to_sample_plan *plan) {
+    return no_cuda(plan->op);
 }
 int to_cuda_kv_copy_blocks(const to_tensor *caches, int num_caches, const to_tensor *src, const to_tensor *dst) {
     (void)caches, (void)num_caches, (void)src, (void)dst;

@@ -32,7 +32,7 @@ enum {
     TO_GPU_ERR_EMBEDDING_ID = 1, // a = position in ids, b = the id, c = the table's rows
     TO_GPU_ERR_SLOT = 2,         // a = position in slot_mapping, b = the slot, c = slots in the caches
     TO_GPU_ERR_BATCH = 3,        // a = the sequence, b = what is wrong (TO_GPU_BATCH_*), c = a value
-    TO_GPU_ERR_LOGITS = 4,       // to_sample: a = the row, b = 1 NaN, 2 +inf, 3 all -inf
+    TO_GPU_ERR_LOGITS = 4,       // to_sample: a = the row, b = what (TO_SAMPLE_BAD_*), c = 1 for to_sample_pipeline
     TO_GPU_ERR_ROPE_KV_SLOT = 5, // to_rope_kv_store: as TO_GPU_ERR_SLOT
     TO_GPU_ERR_BEAM_LOGITS = 6,  // to_beam_topk: a = the logits row, b = 1 NaN, 2 +inf, 3 all -inf
 };

@@ -14,6 +14,7 @@
 #define TO_CUDA_OPS_H
 
 #include "internal.h"
+#include "cpu/sample.h" /* to_sample_plan */
 
 #ifdef __cplusplus
 extern "C" {
@@ -82,12 +83,11 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
                             const to_tensor *context_lens, const to_tensor *block_tables, double scale);
 
 /* ---- sample.cu ---- */
-/* as to_cpu_sample (csrc/cpu/sample.h): the same token for the same inputs; the parameters are
- * CPU tensors, checked on the host by csrc/ops/sample.c, whose values travel in the kernel's
- * arguments */
-int to_cuda_sample(const to_tensor *out, const to_tensor *logits, const to_tensor *temperature,
-                   const to_tensor *top_k, const to_tensor *top_p, const to_tensor *min_p,
-                   const to_tensor *uniform);
+/* A validated to_sample / to_sample_pipeline call (csrc/cpu/sample.h) on a GPU: the same outputs
+ * as to_cpu_sample for the same inputs (see csrc/cuda/sample.cu for where the two may differ);
+ * the parameters are CPU tensors, checked on the host by csrc/ops/sample.c: their per-row values
+ * travel in the kernels' arguments and the token lists are uploaded without waiting. */
+int to_cuda_sample(const to_sample_plan *plan);
 
 /* ---- kv_copy.cu ---- */
 /* as to_cpu_kv_copy_blocks (csrc/cpu/kv_copy.h): the ids are CPU tensors checked on the host by

@@ -6,6 +6,8 @@
 // letting a freed block serve later requests of nearby sizes.
 #include "cuda/common.cuh"
 
+#include <stdio.h>
+
 #include <cuda_runtime.h>
 #include <stdlib.h>
 
@@ -182,11 +184,11 @@ static int gpu_error(const unsigned long long w[4]) {
         return to_fail(TO_ERR_BOUNDS, "%s: to_paged_attention: sequence %lld: %s (value %lld); its "
                        "output rows were not written", pre, a, b >= 1 && b <= 4 ? what[b] : "bad batch", c);
     }
-    case TO_GPU_ERR_LOGITS: { // the CPU's words for the same rows
-        static const char *what[] = {"is bad", "holds NaN", "holds +inf (logits must be finite or -inf)",
-                                     "is all -inf (no token has a probability)"};
-        return to_fail(TO_ERR_INVALID_ARGUMENT, "to_sample: logits row %lld %s (found on the GPU, reported "
-                       "at the next synchronisation; out[%lld] was set to -1)", a, b >= 1 && b <= 3 ? what[b] : what[0], a);
+    case TO_GPU_ERR_LOGITS: { // the CPU's words for the same rows (to_sample_bad_row)
+        char where[160];
+        snprintf(where, sizeof where, " (found on the GPU, reported at the next synchronisation; out[%lld] "
+                 "was set to -1)", a);
+        return to_sample_bad_row(c ? "to_sample_pipeline" : "to_sample", a, (int)b, where);
     }
     case TO_GPU_ERR_BEAM_LOGITS: { // the CPU's words for the same rows
         static const char *what[] = {"is bad", "holds NaN", "holds +inf (logits must be finite or -inf)",

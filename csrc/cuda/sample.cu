@@ -1,20 +1,31 @@
-// sample.cu - to_sample on the GPU: one token per row of logits, computed where the logits are,
-// so only the chosen ids ([B] int64) ever cross to the host.
+// sample.cu - to_sample and to_sample_pipeline on the GPU: one token per row of logits, computed
+// where the logits are, so only the chosen ids ([B] int64, and the logprobs when asked) ever cross
+// to the host.
 //
 // Semantics are to_cpu_sample's (csrc/cpu/sample.c), operation for operation:
 //  - m = the row's max; w = (m - x) * (1 / temperature) in f32 (1 / temperature taken on the host,
-//    the CPU's division); e = exp(-w) by the CPU's AVX2 polynomial (exp_neg_avx2: Cephes' expf,
-//    same constants, same operation order, its FMAs as __fmaf_rn and every other step an explicitly
-//    rounded __fmul_rn / __fadd_rn so nvcc contracts nothing), 0 for w > 87; masses
-//    q = trunc(e * 2^45) as u64. So e is bit-identical to the CPU's AVX2 path wherever that path
-//    uses the polynomial (its general path, in whole blocks of 256 tokens); the CPU's scalar path,
-//    its top_k heap path and the row tails use libm's expf, which differs from the polynomial in
-//    the last bit of e for ~15-35% of a row's tokens, so a draw sitting within ~1e-9 (relative)
-//    of a CDF boundary may differ there (see tests/cuda/test_cuda_sample.py).
+//    the CPU's division); e = exp(-w) by the CPU's polynomial (exp_neg_avx2 / exp_neg_scalar:
+//    Cephes' expf, same constants, same operation order, its FMAs as __fmaf_rn and every other
+//    step an explicitly rounded __fmul_rn / __fadd_rn so nvcc contracts nothing), 0 for w > 87;
+//    masses q = trunc(e * 2^45) as u64. e is bit-identical to the CPU's on every path.
 //  - The order (decreasing logit, lower index first on ties), the kept prefix
-//    L = min(L_k, L_p, L_m) and the draw (first position whose inclusive mass > u * mass(L)) are
-//    the CPU's, with the same double comparisons; min_p's bound on w (-ln(min_p) rounded down to
-//    f32) is computed on the host with the CPU's libm calls.
+//    L = min(L_k, L_p, L_m) with top_k's ties, typical_p's segment and the draw (first position of
+//    the kept segment whose inclusive mass within it > u * its mass) are the CPU's, with the same
+//    double comparisons; min_p's bound on w (-ln(min_p) rounded down to f32) is computed on the
+//    host with the CPU's libm calls. typical_p's centre c comes from the same exact 128-bit
+//    integer sums as on the CPU, and its threshold s* is the same order statistic, so the two
+//    agree bit for bit.
+//
+// Processors (to_sample_pipeline): when some row has one, process_kernel first copies every row to
+// an f32 scratch [B, V] (checking the raw rows as it reads them) and rewrites the rows that have
+// processors there, in the CPU's order and float32 operations: the bias entries in list order (one
+// thread: repeats add up in the CPU's order), the repetition penalty and presence / frequency
+// penalties (distinct tokens and counts through a per-row scratch of V u32 counters of which only
+// the history's entries are touched: zeroed, counted with integer atomics, then taken back with
+// atomicExch, so each distinct token is rewritten once, by one thread), then the n-gram block
+// (-inf stores). sample_kernel then reads the scratch. The histories and bias lists arrive on the
+// host (csrc/ops/sample.c checked them) and are uploaded in one packed buffer through the GPU's
+// staging copy, which does not wait.
 //
 // One block per row. Positions in the order are found without sorting the row, by radix
 // selection over 64-bit order keys, all in integers (counts and u64 masses are added with
@@ -31,38 +42,48 @@
 //  - each position query ("the first key where the running count, or mass, reaches a goal")
 //    walks that histogram to the bin holding the answer, then refines the bin by 10 more bits
 //    per pass (a histogram over the keys of that bin only) until it holds <= 1024 keys, which
-//    are gathered, sorted and walked. Queries: top_k's rank (only when it matters), top_p's mass,
-//    the draw. Random logits: usually two passes per query; a row of 151,936 logits costs about 4
-//    passes with no filters and up to 8 with top_k and top_p.
+//    are gathered, sorted and walked. Queries: top_k's rank (only when it matters; one more pass
+//    counts its ties), top_p's mass, the draw. Random logits: usually two passes per query; a row
+//    of 151,936 logits costs about 4 passes with no filters and up to 9 with top_k and top_p.
+//  - typical_p: a pass for c (128-bit sums), 8 radix passes of 8 bits over the bit patterns of
+//    |w - c| (non-negative doubles order as integers) for s*, a pass for the segment.
 //
 // Parameters: validated on the host by csrc/ops/sample.c (they are host tensors) and reduced here,
 // on the host, to per-row values that travel inside the kernel's arguments (kRowsPerLaunch rows
 // per launch): no copy, no allocation, no synchronisation.
 //
-// Bad logits (NaN, +inf, a row of only -inf): nothing waits for the GPU, so the kernel writes -1 to
-// that row's out and records TO_GPU_ERR_LOGITS in the GPU's error word; the next call that
-// synchronises with the GPU (copying out to the host, say) raises it, naming the row (the first
-// recorded when several rows are bad).
+// Logprobs: top_ids / top_logprobs by to_cuda_topk on the raw logits, then logprob_kernel turns
+// the values into logprobs and writes the chosen tokens' (the raw rows' log-sum-exp in double,
+// reduced in a fixed order: deterministic, within ~1e-7 of the CPU's).
+//
+// Bad logits (NaN, +inf, a row of only -inf, before or after its processors): nothing waits for
+// the GPU, so the kernel writes -1 to that row's out and records TO_GPU_ERR_LOGITS in the GPU's
+// error word; the next call that synchronises with the GPU (copying out to the host, say) raises
+// it, naming the row (the first recorded when several rows are bad).
 #include "cuda/common.cuh"
 
 #include <math.h>
+#include <string.h>
 
 namespace {
 
-constexpr int kRowsPerLaunch = 128; // 24 bytes each in the kernel's arguments (limit 4 KB)
-constexpr int kBits0 = 11;          // level 0 of the selection: 2048 bins, kept for the row
+constexpr int kRowsPerLaunch = 80; // 40 bytes each in the kernel's arguments (limit 4 KB)
+constexpr int kBits0 = 11;         // level 0 of the selection: 2048 bins, kept for the row
 constexpr int kBins0 = 1 << kBits0;
-constexpr int kDigitBits = 10;      // later levels: 1024 bins
-constexpr int kGather = 1024;       // a bin this small is sorted outright
-constexpr float kWMax = 87.0f;      // e = 0 beyond (as on the CPU)
+constexpr int kDigitBits = 10;     // later levels: 1024 bins
+constexpr int kGather = 1024;      // a bin this small is sorted outright
+constexpr float kWMax = 87.0f;     // e = 0 beyond (as on the CPU)
 
 // Per-row values, prepared on the host.
 struct RowParams {
-    float inv_t;  // 1 / temperature; 0 marks a greedy row
-    float top_p;  // >= 1: off
-    float u;      // the draw, in [0, 1)
-    float thr_w;  // keep w <= thr_w (min_p); +inf: off
-    int64_t lk;   // top_k prefix length, 1..V
+    float inv_t;   // 1 / temperature; 0 marks a greedy row
+    float t;       // the temperature (processed rows are divided by it, as on the CPU)
+    float top_p;   // >= 1: off
+    float u;       // the draw, in [0, 1)
+    float thr_w;   // keep w <= thr_w (min_p); +inf: off
+    float typical; // >= 1: off
+    int proc;      // the row went through its processors (its errors say so)
+    int64_t lk;    // top_k prefix length before its ties, 1..V
 };
 
 struct SampleArgs {
@@ -70,14 +91,17 @@ struct SampleArgs {
     int64_t row_stride, col_stride, n; // logits [rows, n], strides in elements
     int64_t *out;
     int64_t out_stride;
+    float *processed; // [rows, n] or NULL
+    int64_t proc_row_stride, proc_col_stride;
     int64_t row0; // the row of blockIdx.x == 0 (launches cover kRowsPerLaunch rows each)
     unsigned long long *err;
-    int vshift, ib;
+    int vshift, ib, pipeline;
     RowParams rows[kRowsPerLaunch];
 };
+static_assert(sizeof(SampleArgs) <= 4096, "kernel arguments are limited to 4 KB");
 
-// What a row reports in the error word's b.
-enum { kBadNaN = 1, kBadPosInf = 2, kBadAllNegInf = 3 };
+// What a row reports in the error word's b (TO_SAMPLE_BAD_* of csrc/cpu/sample.h); c = 1 for
+// to_sample_pipeline, 0 for to_sample.
 
 // ===================================================================================== arithmetic
 
@@ -135,12 +159,19 @@ struct Row {
 // ===================================================================================== block tools
 
 // "The running count, or mass, of the keys so far reaches the goal": monotone along the order.
+// Masses are counted from `base` on (running masses below it do not reach).
 struct Goal {
     enum { kCount, kMassAtLeast, kMassAbove } kind;
     uint64_t need;  // kCount: count >= need
-    double target;  // mass compared as (double)mass, as on the CPU
+    double target;  // mass - base compared as a double, as on the CPU
+    uint64_t base;
     __device__ bool reached(uint64_t c, uint64_t s) const {
-        return kind == kCount ? c >= need : kind == kMassAtLeast ? (double)s >= target : (double)s > target;
+        if (kind == kCount)
+            return c >= need;
+        if (s < base)
+            return false;
+        double d = (double)(s - base);
+        return kind == kMassAtLeast ? d >= target : d > target;
     }
 };
 
@@ -159,6 +190,7 @@ struct Shared {
     Scan scan;
     unsigned long long red[32];
     unsigned long long lm_c, lm_s, total;
+    unsigned long long acc[4]; // count_mass / typical's sums
     int ngather;
 };
 
@@ -274,6 +306,32 @@ __device__ void sort_ascending(unsigned long long *a, int p) {
     }
 }
 
+// The block's sums of (count, mass) over the tokens where pred(v, j, key) holds; every thread gets them.
+template <typename T, typename Pred>
+__device__ void count_mass(const Row<T> &row, Shared &sh, Pred pred, uint64_t &count, uint64_t &mass) {
+    uint64_t c = 0, s = 0;
+    for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
+        float v = row.at(j);
+        if (pred(v, j, row.key(v, j))) {
+            c++;
+            s += row.mass(v);
+        }
+    }
+    c = warp_sum_u64(c);
+    s = warp_sum_u64(s);
+    __syncthreads(); // acc may still be read
+    if (threadIdx.x == 0)
+        sh.acc[0] = sh.acc[1] = 0;
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) {
+        atomicAdd(&sh.acc[0], (unsigned long long)c);
+        atomicAdd(&sh.acc[1], (unsigned long long)s);
+    }
+    __syncthreads();
+    count = sh.acc[0];
+    mass = sh.acc[1];
+}
+
 // A position in the order: its key, the count and mass of the keys before it, and its own mass.
 struct Pick {
     uint64_t key, c, s, q;
@@ -284,7 +342,7 @@ template <typename T>
 __device__ Pick select(const Row<T> &row, Shared &sh, const Goal &goal, uint64_t best) {
     const int kb = 32 - row.vshift + row.ib; // key bits
     find_bin(sh.cnt0, sh.mass0, kBins0, goal, 0, 0, sh.scan);
-    if (sh.scan.bin < 0) // not reached for the goals to_sample asks (their targets are below the mass)
+    if (sh.scan.bin < 0) // not reached for the goals asked (their targets are below the mass)
         return Pick{best, 0, 0, 0};
     uint64_t prefix = (uint64_t)sh.scan.bin, c = sh.scan.c, s = sh.scan.s;
     uint32_t in_bin = sh.cnt0[sh.scan.bin];
@@ -356,7 +414,191 @@ __device__ Pick select(const Row<T> &row, Shared &sh, const Goal &goal, uint64_t
     return Pick{sh.keys[sh.scan.bin], sh.scan.c, sh.scan.s, sh.mass[sh.scan.bin]};
 }
 
-// ===================================================================================== the kernel
+// ===================================================================================== typical_p
+
+// (hi, lo) += (bhi, blo) as one 128-bit integer
+__device__ __forceinline__ void add128(uint64_t &hi, uint64_t &lo, uint64_t bhi, uint64_t blo) {
+    lo += blo;
+    hi += bhi + (lo < blo);
+}
+
+// c = the mean of w under the kept masses, as typical_center in csrc/cpu/sample.c: sum of
+// q * round(w * 2^24) in 128 bits over the kept tokens, / z (their mass), in the CPU's doubles.
+template <typename T, typename Kept>
+__device__ double typical_center(const Row<T> &row, Shared &sh, Kept kept, uint64_t z) {
+    uint64_t hi = 0, lo = 0;
+    for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
+        float v = row.at(j);
+        if (!kept(v, row.key(v, j)))
+            continue;
+        float w = row.w(v);
+        uint64_t q = mass_q(exp_neg(w));
+        if (!q)
+            continue;
+        uint64_t W = __double2ull_rn(__dmul_rn((double)w, 0x1p24));
+        add128(hi, lo, __umul64hi(q, W), q * W);
+    }
+    for (int o = 16; o > 0; o >>= 1)
+        add128(hi, lo, __shfl_xor_sync(0xffffffffu, hi, o), __shfl_xor_sync(0xffffffffu, lo, o));
+    __syncthreads(); // scan's words may still be read
+    if (threadIdx.x % 32 == 0) {
+        sh.scan.wc[threadIdx.x / 32] = hi;
+        sh.scan.ws[threadIdx.x / 32] = lo;
+    }
+    __syncthreads();
+    hi = lo = 0;
+    for (int i = 0; i < (int)blockDim.x / 32; i++)
+        add128(hi, lo, sh.scan.wc[i], sh.scan.ws[i]);
+    __syncthreads();
+    double num = __dadd_rn(__dmul_rn(__ull2double_rn(hi), 0x1p64), __ull2double_rn(lo));
+    return __ddiv_rn(__dmul_rn(num, 0x1p-24), __ull2double_rn(z));
+}
+
+// |w - c| as the bits of a non-negative double (which order as unsigned integers)
+template <typename T>
+__device__ __forceinline__ uint64_t shifted_bits(const Row<T> &row, float v, double c) {
+    return (uint64_t)__double_as_longlong(fabs(__dsub_rn((double)row.w(v), c)));
+}
+
+// s*: the smallest |w - c| of a kept token such that the kept tokens at or below it hold mass
+// >= target (all ones, above every value, when none does), by 8 radix passes of 8 bits over
+// the bit patterns, ascending (digit d in bin 255 - d, as find_bin walks bins downwards).
+template <typename T, typename Kept>
+__device__ uint64_t typical_threshold(const Row<T> &row, Shared &sh, Kept kept, double c, double target) {
+    uint64_t prefix = 0, below = 0; // digits chosen so far; mass of the kept tokens below them
+    Goal goal = {Goal::kMassAtLeast, 0, target, 0};
+    for (int level = 0; level < 8; level++) {
+        const int shift = 56 - 8 * level;
+        __syncthreads();
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+            sh.cnt[i] = 0;
+            sh.mass[i] = 0;
+        }
+        __syncthreads();
+        for (int64_t base = 0; base < row.n; base += blockDim.x) {
+            int64_t j = base + threadIdx.x;
+            bool take = false;
+            int bin = 0;
+            uint64_t q = 0;
+            if (j < row.n) {
+                float v = row.at(j);
+                if (kept(v, row.key(v, j))) {
+                    uint64_t bits = shifted_bits(row, v, c);
+                    take = level == 0 || (bits >> (shift + 8)) == prefix;
+                    bin = 255 - (int)((bits >> shift) & 255);
+                    q = row.mass(v);
+                }
+            }
+            add_to_bin(sh.cnt, sh.mass, bin, q, take);
+        }
+        __syncthreads();
+        find_bin(sh.cnt, sh.mass, 256, goal, 0, below, sh.scan);
+        if (sh.scan.bin < 0)
+            return ~0ull;
+        prefix = prefix << 8 | (uint64_t)(255 - sh.scan.bin);
+        below = sh.scan.s;
+    }
+    return prefix;
+}
+
+// ===================================================================================== the kernels
+
+// Copies every row into the f32 scratch and runs the processors of the rows that have some.
+struct ProcRow {
+    int64_t hist0, nhist, nprompt, bias0, nbias;
+    float rep, presence, frequency;
+    int32_t ngram, active;
+};
+
+struct ProcArgs {
+    const void *logits;
+    int64_t row_stride, col_stride, n;
+    float *proc;   // [rows, n], contiguous
+    uint32_t *cnt; // [rows, n] counters, or NULL when no row has a penalty
+    const ProcRow *rows;
+    const int32_t *hist, *bias_ids;
+    const float *bias_values;
+    int64_t *out;
+    int64_t out_stride;
+    unsigned long long *err;
+    int pipeline;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(1024) process_kernel(const ProcArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
+    const int64_t r = blockIdx.x, n = a.n;
+    const T *x = (const T *)a.logits + r * a.row_stride;
+    float *y = a.proc + r * n;
+    bool nan = false, pinf = false, live = false;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = load_f32(x + j * a.col_stride);
+        nan |= v != v;
+        pinf |= v == INFINITY;
+        live |= v > -INFINITY;
+        y[j] = v;
+    }
+    nan = __syncthreads_or(nan);
+    pinf = __syncthreads_or(pinf);
+    live = __syncthreads_or(live);
+    if (nan || pinf || !live) { // the raw row's error comes first (sample_kernel finds it again)
+        if (threadIdx.x == 0) {
+            a.out[r * a.out_stride] = -1;
+            to_gpu_error(a.err, TO_GPU_ERR_LOGITS, r, nan ? TO_SAMPLE_BAD_NAN : pinf ? TO_SAMPLE_BAD_POSINF
+                         : TO_SAMPLE_BAD_ALL_NEGINF, a.pipeline);
+        }
+        return;
+    }
+    const ProcRow pr = a.rows[r];
+    if (!pr.active)
+        return;
+    if (threadIdx.x == 0) // in list order: repeats add up as on the CPU
+        for (int64_t j = pr.bias0; j < pr.bias0 + pr.nbias; j++)
+            y[a.bias_ids[j]] = __fadd_rn(y[a.bias_ids[j]], a.bias_values[j]);
+    __syncthreads();
+    const int64_t h0 = pr.hist0, h1 = pr.hist0 + pr.nhist, g0 = pr.hist0 + pr.nprompt;
+    const bool rep = pr.rep != 1.0f, pf = pr.presence != 0.0f || pr.frequency != 0.0f;
+    if ((rep && h1 > h0) || (pf && h1 > g0)) {
+        uint32_t *c = a.cnt + r * n;
+        const int64_t from = rep ? h0 : g0;
+        for (int64_t t = from + threadIdx.x; t < h1; t += blockDim.x)
+            c[a.hist[t]] = 0;
+        __syncthreads();
+        for (int64_t t = from + threadIdx.x; t < h1; t += blockDim.x) {
+            if (rep)
+                atomicOr(&c[a.hist[t]], 0x80000000u); // in the history
+            if (pf && t >= g0)
+                atomicAdd(&c[a.hist[t]], 1u); // generated, counted
+        }
+        __syncthreads();
+        for (int64_t t = from + threadIdx.x; t < h1; t += blockDim.x) {
+            const int32_t id = a.hist[t];
+            const uint32_t got = atomicExch(&c[id], 0u); // one thread per distinct token
+            if (!got)
+                continue;
+            float v = y[id];
+            if (got & 0x80000000u)
+                v = v < 0.0f ? __fmul_rn(v, pr.rep) : __fdiv_rn(v, pr.rep);
+            const uint32_t count = got & 0x7fffffffu;
+            if (count)
+                v = __fsub_rn(v, __fadd_rn(__fmul_rn(pr.frequency, (float)count), pr.presence));
+            y[id] = v;
+        }
+        __syncthreads();
+    }
+    const int64_t ng = pr.ngram;
+    if (ng > 0 && pr.nhist >= ng) { // windows whose first ng - 1 tokens are the last ng - 1
+        const int64_t suffix = h1 - (ng - 1);
+        for (int64_t i = h0 + threadIdx.x; i + ng <= h1; i += blockDim.x) {
+            int64_t t = 0;
+            while (t < ng - 1 && a.hist[i + t] == a.hist[suffix + t])
+                t++;
+            if (t == ng - 1)
+                y[a.hist[i + ng - 1]] = -INFINITY;
+        }
+    }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
@@ -394,144 +636,403 @@ __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
     if (nan || pinf || row.m == -INFINITY) {
         if (threadIdx.x == 0) {
             *out = -1;
-            to_gpu_error(a.err, TO_GPU_ERR_LOGITS, r, nan ? kBadNaN : pinf ? kBadPosInf : kBadAllNegInf, 0);
+            int bad = nan ? TO_SAMPLE_BAD_NAN : pinf ? TO_SAMPLE_BAD_POSINF : TO_SAMPLE_BAD_ALL_NEGINF;
+            to_gpu_error(a.err, TO_GPU_ERR_LOGITS, r, bad + (rp.proc ? 3 : 0), a.pipeline);
         }
         return;
     }
-    if (rp.inv_t <= 0.0f) { // greedy
+    int64_t token = top;
+    uint64_t lo = 0, hi = ~0ull; // sampled rows keep the keys in [lo, hi] with w <= thr_w
+    if (rp.inv_t > 0.0f) {
+        // pass 2: the level-0 histogram of counts and masses, the min_p prefix, the total mass
+        const int shift0 = 32 - row.vshift + row.ib - kBits0;
+        for (int i = threadIdx.x; i < kBins0; i += blockDim.x) {
+            sh.cnt0[i] = 0;
+            sh.mass0[i] = 0;
+        }
         if (threadIdx.x == 0)
-            *out = top;
-        return;
-    }
+            sh.lm_c = sh.lm_s = sh.total = 0;
+        __syncthreads();
+        uint64_t lm_c = 0, lm_s = 0, total = 0;
+        for (int64_t base = 0; base < row.n; base += blockDim.x) {
+            int64_t j = base + threadIdx.x;
+            bool take = j < row.n;
+            int bin = 0;
+            uint64_t q = 0;
+            if (take) {
+                float v = row.at(j), w = row.w(v);
+                q = mass_q(exp_neg(w));
+                bin = (int)(row.key(v, j) >> shift0);
+                total += q;
+                if (w <= rp.thr_w) {
+                    lm_c++;
+                    lm_s += q;
+                }
+            }
+            add_to_bin(sh.cnt0, sh.mass0, bin, q, take);
+        }
+        lm_c = warp_sum_u64(lm_c);
+        lm_s = warp_sum_u64(lm_s);
+        total = warp_sum_u64(total);
+        if (threadIdx.x % 32 == 0) {
+            atomicAdd(&sh.lm_c, (unsigned long long)lm_c);
+            atomicAdd(&sh.lm_s, (unsigned long long)lm_s);
+            atomicAdd(&sh.total, (unsigned long long)total);
+        }
+        __syncthreads();
 
-    // pass 2: the level-0 histogram of counts and masses, the min_p prefix, the total mass
-    const int shift0 = 32 - row.vshift + row.ib - kBits0;
-    for (int i = threadIdx.x; i < kBins0; i += blockDim.x) {
-        sh.cnt0[i] = 0;
-        sh.mass0[i] = 0;
-    }
-    if (threadIdx.x == 0)
-        sh.lm_c = sh.lm_s = sh.total = 0;
-    __syncthreads();
-    uint64_t lm_c = 0, lm_s = 0, total = 0;
-    for (int64_t base = 0; base < row.n; base += blockDim.x) {
-        int64_t j = base + threadIdx.x;
-        bool take = j < row.n;
-        int bin = 0;
-        uint64_t q = 0;
-        if (take) {
-            float v = row.at(j), w = row.w(v);
-            q = mass_q(exp_neg(w));
-            bin = (int)(row.key(v, j) >> shift0);
-            total += q;
-            if (w <= rp.thr_w) {
-                lm_c++;
-                lm_s += q;
+        // the kept prefix as (length, mass): the shortest of top_k's (with its ties), top_p's and min_p's
+        uint64_t len = sh.lm_c, kept = sh.lm_s, sk = sh.total;
+        const uint64_t lk = (uint64_t)rp.lk;
+        if (lk < (uint64_t)row.n && (rp.top_p < 1.0f || lk < len)) {
+            Goal g = {Goal::kCount, lk, 0.0, 0};
+            const uint64_t vk = select(row, sh, g, best).key >> row.ib; // the top_k-th's value
+            uint64_t kc;
+            count_mass(row, sh, [&](float, int64_t, uint64_t key) { return (key >> row.ib) >= vk; }, kc, sk);
+            lo = vk << row.ib;
+            if (kc < len) {
+                len = kc;
+                kept = sk;
             }
         }
-        add_to_bin(sh.cnt0, sh.mass0, bin, q, take);
+        if (rp.top_p < 1.0f) {
+            Goal g = {Goal::kMassAtLeast, 0, (double)rp.top_p * (double)sk, 0};
+            Pick p = select(row, sh, g, best);
+            lo = p.key > lo ? p.key : lo;
+            if (p.c + 1 < len) {
+                len = p.c + 1;
+                kept = p.s + p.q;
+            }
+        }
+        Goal draw = {Goal::kMassAbove, 0, __dmul_rn((double)rp.u, (double)kept), 0};
+        if (rp.typical < 1.0f) {
+            const float thr = rp.thr_w;
+            const uint64_t klo = lo;
+            auto in_prefix = [&](float v, uint64_t key) { return key >= klo && row.w(v) <= thr; };
+            const double c = typical_center(row, sh, in_prefix, kept);
+            const uint64_t sstar = typical_threshold(row, sh, in_prefix, c,
+                                                     __dmul_rn((double)rp.typical, (double)kept));
+            // the segment: its mass, the mass before it, its keys
+            uint64_t bmass = 0, before = 0, blo = ~0ull, bhi = 0;
+            for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
+                float v = row.at(j);
+                uint64_t key = row.key(v, j);
+                if (!in_prefix(v, key))
+                    continue;
+                uint64_t q = row.mass(v);
+                if (shifted_bits(row, v, c) <= sstar) {
+                    bmass += q;
+                    blo = key < blo ? key : blo;
+                    bhi = key > bhi ? key : bhi;
+                } else if ((double)row.w(v) < c) {
+                    before += q; // ahead of the segment
+                }
+            }
+            bmass = warp_sum_u64(bmass);
+            before = warp_sum_u64(before);
+            for (int o = 16; o > 0; o >>= 1) {
+                uint64_t l2 = __shfl_xor_sync(0xffffffffu, blo, o), h2 = __shfl_xor_sync(0xffffffffu, bhi, o);
+                blo = l2 < blo ? l2 : blo;
+                bhi = h2 > bhi ? h2 : bhi;
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                sh.acc[0] = sh.acc[1] = 0;
+                sh.acc[2] = ~0ull;
+                sh.acc[3] = 0;
+            }
+            __syncthreads();
+            if (threadIdx.x % 32 == 0) {
+                atomicAdd(&sh.acc[0], (unsigned long long)bmass);
+                atomicAdd(&sh.acc[1], (unsigned long long)before);
+                atomicMin(&sh.acc[2], (unsigned long long)blo);
+                atomicMax(&sh.acc[3], (unsigned long long)bhi);
+            }
+            __syncthreads();
+            lo = sh.acc[2];
+            hi = sh.acc[3];
+            draw.base = sh.acc[1];
+            draw.target = __dmul_rn((double)rp.u, (double)sh.acc[0]);
+        }
+        token = row.index(select(row, sh, draw, best).key);
     }
-    lm_c = warp_sum_u64(lm_c);
-    lm_s = warp_sum_u64(lm_s);
-    total = warp_sum_u64(total);
-    if (threadIdx.x % 32 == 0) {
-        atomicAdd(&sh.lm_c, (unsigned long long)lm_c);
-        atomicAdd(&sh.lm_s, (unsigned long long)lm_s);
-        atomicAdd(&sh.total, (unsigned long long)total);
-    }
-    __syncthreads();
-
-    // the kept prefix as (length, mass): the shortest of top_k's, top_p's and min_p's
-    uint64_t len = sh.lm_c, kept = sh.lm_s, sk = sh.total;
-    const uint64_t lk = (uint64_t)rp.lk;
-    if (lk < (uint64_t)row.n && (rp.top_p < 1.0f || lk < len)) {
-        Goal g = {Goal::kCount, lk, 0.0};
-        Pick k = select(row, sh, g, best);
-        sk = k.s + k.q;
-        if (lk < len) {
-            len = lk;
-            kept = sk;
+    if (a.processed) { // what the row keeps, scaled (a greedy row: the logits as processed)
+        float *dst = a.processed + r * a.proc_row_stride;
+        for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
+            float v = row.at(j), y = v;
+            if (rp.inv_t > 0.0f) {
+                uint64_t key = row.key(v, j);
+                y = key >= lo && key <= hi && row.w(v) <= rp.thr_w ? __fdiv_rn(v, rp.t) : -INFINITY;
+            }
+            dst[j * a.proc_col_stride] = y;
         }
     }
-    if (rp.top_p < 1.0f) {
-        Goal g = {Goal::kMassAtLeast, 0, (double)rp.top_p * (double)sk};
-        Pick p = select(row, sh, g, best);
-        if (p.c + 1 < len) {
-            len = p.c + 1;
-            kept = p.s + p.q;
-        }
-    }
-    Goal g = {Goal::kMassAbove, 0, (double)rp.u * (double)kept};
-    Pick d = select(row, sh, g, best);
     if (threadIdx.x == 0)
-        *out = row.index(d.key);
+        *out = token;
+}
+
+// logprobs: the raw rows' log-sum-exp, the chosen tokens' logprobs, top values made logprobs.
+struct LogprobArgs {
+    const void *logits;
+    int64_t row_stride, col_stride, n;
+    const int64_t *out;
+    int64_t out_stride;
+    float *logprobs; // [rows] or NULL
+    int64_t lp_stride;
+    float *top; // [rows, ntop] raw values in, logprobs out; or NULL
+    int64_t top_row_stride, top_col_stride, ntop;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(1024) logprob_kernel(const LogprobArgs a) {
+    to_pdl_wait();
+    to_pdl_trigger();
+    __shared__ double red[32];
+    __shared__ float redf[32];
+    const int64_t r = blockIdx.x;
+    const T *x = (const T *)a.logits + r * a.row_stride;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = (int)blockDim.x / 32;
+    float m = -INFINITY;
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x)
+        m = fmaxf(m, load_f32(x + j * a.col_stride));
+    for (int o = 16; o > 0; o >>= 1)
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0)
+        redf[warp] = m;
+    __syncthreads();
+    m = redf[0];
+    for (int i = 1; i < nw; i++)
+        m = fmaxf(m, redf[i]);
+    double s = 0.0;
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x)
+        s += (double)exp_neg(__fsub_rn(m, load_f32(x + j * a.col_stride)));
+    for (int o = 16; o > 0; o >>= 1)
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0)
+        red[warp] = s;
+    __syncthreads();
+    s = 0.0;
+    for (int i = 0; i < nw; i++)
+        s += red[i];
+    const double shift = (double)m + log(s); // logprob = x - m - log(s)
+    if (threadIdx.x == 0 && a.logprobs) {
+        int64_t tok = a.out[r * a.out_stride];
+        a.logprobs[r * a.lp_stride] = tok >= 0 ? (float)((double)load_f32(x + tok * a.col_stride) - shift) : NAN;
+    }
+    for (int64_t j = threadIdx.x; j < a.ntop; j += blockDim.x) {
+        float *v = a.top + r * a.top_row_stride + j * a.top_col_stride;
+        *v = (float)((double)*v - shift);
+    }
 }
 
 // ===================================================================================== host side
 
-float f32_at(const to_tensor *t, int64_t r) { return ((const float *)t->data)[r * t->strides[0]]; }
+// min_p's bound on w, as min_p_bound in csrc/cpu/sample.c (the same libm calls, on the host)
+float min_p_bound(float min_p) {
+    if (!(min_p > 0))
+        return INFINITY;
+    double d = -log((double)min_p);
+    float f = (float)d;
+    return (double)f > d ? nextafterf(f, 0.0f) : f;
+}
 
-// Row r's values, derived exactly as to_cpu_sample derives them (same libm calls, on the host).
-RowParams row_params(const to_tensor *temperature, const to_tensor *top_k, const to_tensor *top_p,
-                     const to_tensor *min_p, const to_tensor *uniform, int64_t r, int64_t n) {
-    RowParams p;
-    float t = f32_at(temperature, r);
-    p.inv_t = t > 0 ? 1.0f / t : 0.0f;
-    p.top_p = f32_at(top_p, r);
-    p.u = f32_at(uniform, r);
-    float mp = f32_at(min_p, r);
-    p.thr_w = INFINITY;
-    if (mp > 0) { // the largest float f with f <= -ln(min_p)
-        double d = -log((double)mp);
-        p.thr_w = (float)d;
-        if ((double)p.thr_w > d)
-            p.thr_w = nextafterf(p.thr_w, 0.0f);
+// Row r's values, derived exactly as to_cpu_sample derives them.
+RowParams row_params(const to_sample_plan *pl, int64_t r, int proc) {
+    const to_sample_params *p = &pl->p;
+    RowParams rp;
+    float t = to_sample_f32(p->temperature, r, 0);
+    rp.inv_t = t > 0 ? 1.0f / t : 0.0f;
+    rp.t = t;
+    rp.top_p = to_sample_f32(p->top_p, r, 1);
+    rp.u = to_sample_f32(p->uniform, r, 0);
+    rp.thr_w = min_p_bound(to_sample_f32(p->min_p, r, 0));
+    rp.typical = to_sample_f32(p->typical_p, r, 1);
+    rp.proc = proc;
+    int32_t k = to_sample_i32(p->top_k, r, 0);
+    rp.lk = k <= 0 || k >= pl->vocab ? pl->vocab : k;
+    return rp;
+}
+
+template <typename T>
+void launch_sample(SampleArgs &a, int count, int threads, cudaStream_t stream) {
+    to_launch(sample_kernel<T>, count, threads, 0, stream, a);
+}
+
+template <typename T>
+void launch_process(const ProcArgs &a, int64_t rows, int threads, cudaStream_t stream) {
+    to_launch(process_kernel<T>, (unsigned)rows, threads, 0, stream, a);
+}
+
+template <typename T>
+void launch_logprobs(const LogprobArgs &a, int64_t rows, int threads, cudaStream_t stream) {
+    to_launch(logprob_kernel<T>, (unsigned)rows, threads, 0, stream, a);
+}
+
+#define DISPATCH(dtype, fn, ...)                                          \
+    ((dtype) == TO_F32 ? fn<float>(__VA_ARGS__)                           \
+     : (dtype) == TO_F16 ? fn<__half>(__VA_ARGS__) : fn<__nv_bfloat16>(__VA_ARGS__))
+
+// Scratch of one call on the GPU, freed (stream-ordered: only later work reuses it) at the end.
+struct Scratch {
+    int dev;
+    void *ptr[3];
+    ~Scratch() {
+        for (void *p : ptr)
+            if (p)
+                to_cuda_free(dev, p);
     }
-    int32_t k = ((const int32_t *)top_k->data)[r * top_k->strides[0]];
-    p.lk = k <= 0 || k >= n ? n : k;
-    return p;
+};
+
+// The processors' inputs packed for one upload: the rows' ProcRow, the histories, the bias lists.
+// *host: the host buffer (freed by the caller), whose last rows bytes are the rows' processed flags.
+int upload_processors(const to_sample_plan *pl, Scratch &scr, ProcArgs &pa, bool &counters, char *&host,
+                      const char *&proc_flags) {
+    const to_sample_params *p = &pl->p;
+    const int64_t rows = pl->rows;
+    const int64_t nh = p->history ? p->history->shape[0] : 0, nb = p->bias_ids ? p->bias_ids->shape[0] : 0;
+    const size_t rows_bytes = (size_t)rows * sizeof(ProcRow), hist_at = (rows_bytes + 15) / 16 * 16;
+    const size_t ids_at = hist_at + ((size_t)nh * 4 + 15) / 16 * 16, vals_at = ids_at + ((size_t)nb * 4 + 15) / 16 * 16;
+    const size_t bytes = vals_at + (size_t)nb * 4;
+    host = (char *)to_host_alloc(bytes + (size_t)rows);
+    if (!host)
+        return to_fail(TO_ERR_OUT_OF_MEMORY, "%s: no host memory for the processors' inputs", pl->op);
+    ProcRow *pr = (ProcRow *)host;
+    char *flags = host + bytes;
+    proc_flags = flags;
+    counters = false;
+    for (int64_t r = 0; r < rows; r++) {
+        to_sample_proc q = to_sample_row_proc(p, r);
+        pr[r] = ProcRow{q.hist0, q.nhist, q.nprompt, q.bias0, q.nbias, q.rep, q.presence, q.frequency,
+                        q.ngram, to_sample_proc_active(&q)};
+        flags[r] = (char)pr[r].active;
+        counters |= pr[r].active && (q.rep != 1.0f || q.presence != 0.0f || q.frequency != 0.0f);
+    }
+    for (int64_t i = 0; i < nh; i++)
+        ((int32_t *)(host + hist_at))[i] = to_sample_i32(p->history, i, 0);
+    for (int64_t i = 0; i < nb; i++) {
+        ((int32_t *)(host + ids_at))[i] = to_sample_i32(p->bias_ids, i, 0);
+        ((float *)(host + vals_at))[i] = to_sample_f32(p->bias_values, i, 0.0f);
+    }
+    int st = to_cuda_alloc(scr.dev, (int64_t)bytes, &scr.ptr[0]);
+    if (st == TO_OK) // through the staging buffer: the source may go once this returns
+        st = to_cuda_memcpy(scr.dev, scr.ptr[0], host, (int64_t)bytes, 0);
+    if (st != TO_OK)
+        return st;
+    char *dev = (char *)scr.ptr[0];
+    pa.rows = (const ProcRow *)dev;
+    pa.hist = (const int32_t *)(dev + hist_at);
+    pa.bias_ids = (const int32_t *)(dev + ids_at);
+    pa.bias_values = (const float *)(dev + vals_at);
+    return TO_OK;
 }
 
 }  // namespace
 
-extern "C" int to_cuda_sample(const to_tensor *out, const to_tensor *logits, const to_tensor *temperature,
-                              const to_tensor *top_k, const to_tensor *top_p, const to_tensor *min_p,
-                              const to_tensor *uniform) {
-    const int64_t rows = logits->shape[0], n = logits->shape[1];
+extern "C" int to_cuda_sample(const to_sample_plan *pl) {
+    const int64_t rows = pl->rows, n = pl->vocab;
     if (rows == 0)
         return TO_OK;
-    cudaStream_t stream = to_cuda_stream(logits->device_index);
+    const to_tensor *logits = pl->logits;
+    const int dev = logits->device_index;
+    cudaStream_t stream = to_cuda_stream(dev);
     if (!stream)
         return TO_ERR_CUDA;
-    unsigned long long *err = to_cuda_error_word(logits->device_index);
+    unsigned long long *err = to_cuda_error_word(dev);
     if (!err)
         return TO_ERR_CUDA;
+    const int pipeline = strcmp(pl->op, "to_sample") != 0;
+    if (pl->ntop) // the raw values first: logprob_kernel turns them into logprobs
+        TO_TRY(to_cuda_topk(pl->top_logprobs, pl->top_ids, logits, (int)pl->ntop));
+    // a long row is many passes of one block: give it many threads
+    const int threads = n >= 16384 ? 1024 : n >= 2048 ? 256 : 128;
+
+    Scratch scr = {dev, {nullptr, nullptr, nullptr}};
+    char *host = nullptr;           // the upload's source, freed at the end
+    const char *flags = nullptr;    // the rows that went through processors
     SampleArgs a = {};
     a.logits = logits->data;
     a.row_stride = logits->strides[0];
     a.col_stride = logits->strides[1];
-    a.n = n;
-    a.out = (int64_t *)out->data;
-    a.out_stride = out->strides[0];
-    a.err = err;
     a.vshift = logits->dtype == TO_F32 ? 0 : logits->dtype == TO_F16 ? 13 : 16; // f16: 10 mantissa bits
+    int dtype = logits->dtype;
+    if (pl->any_proc) {
+        ProcArgs pa = {};
+        bool counters = false;
+        int st = upload_processors(pl, scr, pa, counters, host, flags);
+        if (st == TO_OK)
+            st = to_cuda_alloc(dev, rows * n * (int64_t)sizeof(float), &scr.ptr[1]);
+        if (st == TO_OK && counters)
+            st = to_cuda_alloc(dev, rows * n * (int64_t)sizeof(uint32_t), &scr.ptr[2]);
+        if (st != TO_OK) {
+            to_host_free(host);
+            return st;
+        }
+        pa.logits = logits->data;
+        pa.row_stride = logits->strides[0];
+        pa.col_stride = logits->strides[1];
+        pa.n = n;
+        pa.proc = (float *)scr.ptr[1];
+        pa.cnt = (uint32_t *)scr.ptr[2];
+        pa.out = (int64_t *)pl->out->data;
+        pa.out_stride = pl->out->strides[0];
+        pa.err = err;
+        pa.pipeline = pipeline;
+        DISPATCH(dtype, launch_process, pa, rows, threads, stream);
+        st = to_cuda_check_launch(pl->op);
+        if (st != TO_OK) {
+            to_host_free(host);
+            return st;
+        }
+        a.logits = scr.ptr[1]; // the rows, processed, as f32
+        a.row_stride = n;
+        a.col_stride = 1;
+        a.vshift = 0;
+        dtype = TO_F32;
+    }
+    a.n = n;
+    a.out = (int64_t *)pl->out->data;
+    a.out_stride = pl->out->strides[0];
+    if (pl->processed) {
+        a.processed = (float *)pl->processed->data;
+        a.proc_row_stride = pl->processed->strides[0];
+        a.proc_col_stride = pl->processed->strides[1];
+    }
+    a.err = err;
+    a.pipeline = pipeline;
     a.ib = 0;
     while (a.ib < 64 && ((uint64_t)(n - 1) >> a.ib) != 0)
         a.ib++;
-    // a long row is many passes of one block: give it many threads
-    const int threads = n >= 16384 ? 1024 : n >= 2048 ? 256 : 128;
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerLaunch) {
+    int st = TO_OK;
+    for (int64_t r0 = 0; r0 < rows && st == TO_OK; r0 += kRowsPerLaunch) {
         const int count = (int)(rows - r0 < kRowsPerLaunch ? rows - r0 : kRowsPerLaunch);
         a.row0 = r0;
         for (int i = 0; i < count; i++)
-            a.rows[i] = row_params(temperature, top_k, top_p, min_p, uniform, r0 + i, n);
-        if (logits->dtype == TO_F32)
-            to_launch(sample_kernel<float>, count, threads, 0, stream, a);
-        else if (logits->dtype == TO_F16)
-            to_launch(sample_kernel<__half>, count, threads, 0, stream, a);
-        else
-            to_launch(sample_kernel<__nv_bfloat16>, count, threads, 0, stream, a);
-        TO_TRY(to_cuda_check_launch("to_sample"));
+            a.rows[i] = row_params(pl, r0 + i, flags ? flags[r0 + i] : 0);
+        DISPATCH(dtype, launch_sample, a, count, threads, stream);
+        st = to_cuda_check_launch(pl->op);
+    }
+    to_host_free(host);
+    TO_TRY(st);
+    if (pl->logprobs || pl->ntop) {
+        LogprobArgs la = {};
+        la.logits = logits->data;
+        la.row_stride = logits->strides[0];
+        la.col_stride = logits->strides[1];
+        la.n = n;
+        la.out = (const int64_t *)pl->out->data;
+        la.out_stride = pl->out->strides[0];
+        if (pl->logprobs) {
+            la.logprobs = (float *)pl->logprobs->data;
+            la.lp_stride = pl->logprobs->strides[0];
+        }
+        if (pl->ntop) {
+            la.top = (float *)pl->top_logprobs->data;
+            la.top_row_stride = pl->top_logprobs->strides[0];
+            la.top_col_stride = pl->top_logprobs->strides[1];
+            la.ntop = pl->ntop;
+        }
+        DISPATCH(logits->dtype, launch_logprobs, la, rows, threads, stream);
+        TO_TRY(to_cuda_check_launch(pl->op));
     }
     return TO_OK;
 }

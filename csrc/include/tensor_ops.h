@@ -275,7 +275,8 @@ int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor
  * Per row (all parameter tensors [B], f32 or i32 as named):
  *   temperature f32: <= 0 picks the argmax (lowest index on ties) and ignores the rest;
  *   otherwise p = softmax(logits / temperature), then
- *   top_k i32: keep the top_k most probable tokens (<= 0 or >= V: all);
+ *   top_k i32: keep the top_k most probable tokens and every token tied with the top_k-th
+ *     (transformers' TopKLogitsWarper; <= 0 or >= V: all);
  *   top_p f32: of those, in order of decreasing p, keep a token while the mass of the kept
  *     tokens before it is < top_p times the mass of all top_k kept (transformers' rule: the
  *     smallest prefix reaching top_p; >= 1: all; the most probable token is always kept);
@@ -297,6 +298,59 @@ int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor
 int to_sample(const to_tensor *out, const to_tensor *logits, const to_tensor *temperature,
               const to_tensor *top_k, const to_tensor *top_p, const to_tensor *min_p,
               const to_tensor *uniform);
+
+/* The whole sampling pipeline of a decode step (to_sample_pipeline). Every tensor here is a CPU
+ * tensor, whatever the logits' device: the values are checked on the host before any work (a GPU
+ * run then uploads the token lists without waiting). Per-row tensors are [B]; NULL means "off"
+ * for every row. */
+typedef struct to_sample_params {
+    const to_tensor *temperature, *top_k, *top_p, *min_p, *uniform; /* as to_sample; required */
+    const to_tensor *typical_p;          /* f32: transformers' TypicalLogitsWarper (>= 1: off) */
+    const to_tensor *repetition_penalty; /* f32 > 0 (1: off) */
+    const to_tensor *presence_penalty;   /* f32, finite (0: off) */
+    const to_tensor *frequency_penalty;  /* f32, finite (0: off) */
+    const to_tensor *no_repeat_ngram;    /* i32 >= 0 (0: off) */
+    /* token histories, CSR: row r's is history[history_offsets[r] : history_offsets[r + 1]]
+     * (i32 ids in [0, V); offsets i32 [B + 1], non-decreasing, within [0, H]), whose first
+     * prompt_lens[r] tokens (i32 [B]) are its prompt and the rest its generated tokens. Needed by
+     * (and only by) the penalties and the n-gram block. */
+    const to_tensor *history, *history_offsets, *prompt_lens;
+    /* additive bias, CSR: logits[r, bias_ids[j]] += bias_values[j] for j in bias_offsets[r] ..
+     * bias_offsets[r + 1] (ids i32 in [0, V), repeats added in order; values f32, finite or -inf:
+     * -inf bans a token) */
+    const to_tensor *bias_ids, *bias_offsets, *bias_values;
+} to_sample_params;
+
+/* One token per row, as to_sample, after the logits processors, in transformers' order
+ * (generation/utils.py _get_logits_processor) applied to a copy of the row (logits is never
+ * written):
+ *   1. bias (SequenceBiasLogitsProcessor with one-token sequences: logit_bias, bans);
+ *   2. repetition_penalty over the whole history, each distinct token once
+ *      (RepetitionPenaltyLogitsProcessor: x < 0 ? x * penalty : x / penalty);
+ *   3. presence / frequency penalties over the generated tokens (OpenAI: x -= frequency * count
+ *      + presence * (count > 0); not in transformers, applied after the repetition penalty as
+ *      vLLM does);
+ *   4. no_repeat_ngram: -inf for every token that would complete an n-gram already in the history
+ *      (NoRepeatNGramLogitsProcessor);
+ * then greedy rows take the argmax; sampled rows go through temperature, top_k, top_p, min_p
+ * (to_sample's rules) and typical_p: of the kept tokens, with p renormalised over them and
+ * H = -sum p log p, keep those with |-log p - H| <= s, s the smallest such bound whose tokens
+ * hold at least typical_p of the kept mass (TypicalLogitsWarper, min_tokens_to_keep = 1), and
+ * draw as to_sample does among what is kept.
+ * Outputs (all on the logits' device; NULL: not wanted):
+ *   out i64 [B]: the tokens (required);
+ *   logprobs f32 [B]: log_softmax of the row's raw logits (before any processor: vLLM's default
+ *     and what OpenAI-style servers report) at the chosen token;
+ *   top_ids i64 [B, N], top_logprobs f32 [B, N] (both or neither, 0 <= N <= V): the N largest
+ *     raw log-probabilities of each row, decreasing, lower index first on ties;
+ *   processed f32 [B, V]: the row after the processors and warpers, as transformers' chain
+ *     leaves its scores: kept tokens hold (processed logit) / temperature, the others -inf;
+ *     greedy rows hold the processed logits (no warper applies to them).
+ * A row is checked before its processors (as to_sample checks it) and after them: a processor
+ * may not make it NaN or +inf (overflow) or all -inf (every token banned); errors name the row. */
+int to_sample_pipeline(const to_tensor *out, const to_tensor *logprobs, const to_tensor *top_ids,
+                       const to_tensor *top_logprobs, const to_tensor *processed,
+                       const to_tensor *logits, const to_sample_params *params);
 
 /* ---- MoE routing ---- */
 /* Groups the (token, slot) assignments of values [T, k] (i32/i64 expert ids in [0, num_values))

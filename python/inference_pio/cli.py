@@ -209,7 +209,7 @@ def _beam_params(args, params):
     """BeamSearchParams of the beam flags and the sampling flags that apply to a beam search."""
     from .engine import BeamSearchParams
     return BeamSearchParams(num_beams=args.num_beams, max_tokens=params.max_tokens,
-                            min_tokens=getattr(params, "min_tokens", 0), length_penalty=args.length_penalty,
+                            min_tokens=params.min_tokens, length_penalty=args.length_penalty,
                             early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences,
                             stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
                             skip_special_tokens=params.skip_special_tokens)

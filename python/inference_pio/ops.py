@@ -261,6 +261,56 @@ def sample(logits, temperature, top_k, top_p, min_p, uniform, out=None):
     return out
 
 
+_SAMPLE_OPTIONAL = ("typical_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                    "no_repeat_ngram", "history", "history_offsets", "prompt_lens", "bias_ids",
+                    "bias_offsets", "bias_values")
+
+
+class SampleResult:
+    """What sample_pipeline returns: ids (int64 [B]) and, when asked for, logprobs (float32 [B]),
+    top_ids (int64 [B, N]), top_logprobs (float32 [B, N]) and processed (float32 [B, V]), all on
+    the logits' device (None when not asked for)."""
+
+    __slots__ = ("ids", "logprobs", "top_ids", "top_logprobs", "processed")
+
+    def __init__(self, ids, logprobs=None, top_ids=None, top_logprobs=None, processed=None):
+        self.ids, self.logprobs, self.top_ids = ids, logprobs, top_ids
+        self.top_logprobs, self.processed = top_logprobs, processed
+
+
+def sample_pipeline(logits, temperature, top_k, top_p, min_p, uniform, *, logprobs=False, num_top=0,
+                    processed=False, out=None, **optional):
+    """to_sample_pipeline (tensor_ops.h): one token per row of logits [B, V] after the logits
+    processors and warpers. The five to_sample parameters are required (CPU Tensors [B]); the
+    optional ones (keyword arguments, CPU Tensors, None: off) are typical_p, repetition_penalty,
+    presence_penalty, frequency_penalty (f32 [B]), no_repeat_ngram (i32 [B]), the histories
+    history / history_offsets / prompt_lens (i32 CSR) and the bias bias_ids / bias_offsets /
+    bias_values (CSR). logprobs: also the chosen tokens' raw logprobs; num_top: also the num_top
+    best raw logprobs per row; processed: also the processed logits rows. Returns a SampleResult."""
+    unknown = set(optional) - set(_SAMPLE_OPTIONAL)
+    if unknown:
+        raise TypeError(f"sample_pipeline: unknown parameter {sorted(unknown)[0]!r}")
+    B, dev = logits.shape[0], logits.storage.device
+    res = SampleResult(_out(out, (B,), dtypes.int64, logits))
+    if logprobs:
+        res.logprobs = Tensor.empty((B,), dtype=dtypes.float32, device=dev)
+    if num_top:
+        res.top_ids = Tensor.empty((B, num_top), dtype=dtypes.int64, device=dev)
+        res.top_logprobs = Tensor.empty((B, num_top), dtype=dtypes.float32, device=dev)
+    if processed:
+        res.processed = Tensor.empty((B, logits.shape[1]), dtype=dtypes.float32, device=dev)
+    p = ffi.new("to_sample_params *")
+    for name, t in [("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
+                    ("uniform", uniform)] + [(n, optional.get(n)) for n in _SAMPLE_OPTIONAL]:
+        setattr(p, name, t._desc if t is not None else _NULL)
+
+    def desc(t):
+        return t._desc if t is not None else _NULL
+    check(lib.to_sample_pipeline(res.ids._desc, desc(res.logprobs), desc(res.top_ids), desc(res.top_logprobs),
+                                 desc(res.processed), logits._desc, p))
+    return res
+
+
 def kv_cache_store(k_cache, v_cache, k, v, slot_mapping):
     """Paged KV cache write: k[t], v[t] ([T, Hkv, D]) go to slot slot_mapping[t] of k_cache and
     v_cache ([num_blocks, block_size, Hkv, D], contiguous; slot s is row s % block_size of block

@@ -6,7 +6,7 @@ from array import array
 
 import pytest
 
-from inference_pio import dtypes
+from inference_pio import dtypes, ops
 from inference_pio.engine import llm_engine
 from inference_pio.tensor import Tensor
 from inference_pio.tokenizer.pretokenize import bytes_to_unicode
@@ -45,7 +45,6 @@ def script(monkeypatch):
             k = s.num_tokens - s.num_prompt_tokens  # placeholders counted: the overlapped step too
             out.append(ids[min(k, len(ids) - 1)])
         return out
-    monkeypatch.setattr(llm_engine, "sample", lambda logits, seqs: pick(seqs))
-    monkeypatch.setattr(llm_engine, "sample_ids", lambda logits, seqs: Tensor.frombuffer(
-        array("q", pick(seqs)), dtypes.int64, copy=True))
+    monkeypatch.setattr(llm_engine, "sample_ids", lambda logits, seqs: ops.SampleResult(Tensor.frombuffer(
+        array("q", pick(seqs)), dtypes.int64, copy=True)))
     return scripts

@@ -75,13 +75,14 @@ def ref_order(x):
 
 
 def reference(x, T, k, p, mp):
-    """(order, e, lk, s_k, L): the full order, e = p / max p along it, the top_k length, the
-    top_k mass and the kept length L (float64)."""
+    """(order, e, lk, s_k, L): the full order, e = p / max p along it, the top_k length (with the
+    tokens tied with the top_k-th, as transformers keeps them), the top_k mass and the kept
+    length L (float64)."""
     order = ref_order(x)
     xs = x[order]
     e = torch.exp((xs - xs[0]) / T)
     V = x.numel()
-    lk = V if k <= 0 or k >= V else k
+    lk = V if k <= 0 or k >= V else int((xs >= xs[k - 1]).sum())
     c = torch.cumsum(e[:lk], 0)
     s_k = float(c[-1])
     L = lk
@@ -256,14 +257,21 @@ def test_sample_ties(simd):
     params = Params(8, temperature=1e-3, uniform=[0.0, 0.2, 0.3, 0.45, 0.55, 0.7, 0.8, 0.99])
     assert run(x, params) == [1, 1, 3, 3, 4, 4, 7, 7]
     check_rows(run(x, params), ref, params)
-    # top_k = 2 cuts inside the tie: the two lowest indices of it
+    # top_k = 2 falls inside the tie: every token tied with the 2nd is kept (transformers' rule)
     params = Params(8, top_k=2, uniform=[0.1, 0.3, 0.45, 0.55, 0.7, 0.9, 0.0, 0.999])
-    assert run(x, params) == [1, 1, 1, 3, 3, 3, 1, 3]
+    assert run(x, params) == run(x, Params(8, top_k=4, uniform=params.uniform))
+    # top_k = 5 cuts inside the tie at 1.0 (tokens 2 and 5): both kept
+    params = Params(8, top_k=5, temperature=0.5, uniform=[0.0, 0.3, 0.7, 0.95, 0.97, 0.98, 0.99, 0.999])
+    got = run(x, params)
+    check_rows(got, ref, params)
+    assert 5 in got
     # min_p = 1 keeps exactly the tokens tied at the max
     params = Params(8, min_p=1.0, uniform=[0.1, 0.3, 0.45, 0.55, 0.7, 0.9, 0.0, 0.999])
     assert run(x, params) == [1, 3, 3, 4, 4, 7, 1, 7]
-    # top_k = 1 is greedy among the sampled rows
-    assert run(x, Params(8, top_k=1, uniform=0.99)) == [1] * 8
+    # top_k = 1 keeps the tokens tied at the max
+    assert run(x, Params(8, top_k=1, uniform=[0.1, 0.3, 0.6, 0.9] * 2)) == [1, 3, 4, 7] * 2
+    # a row without ties: top_k = 1 is greedy among the sampled rows
+    assert run(ip.tensor([[0.0, 3.0, 1.0, 2.0]] * 2), Params(2, top_k=1, uniform=0.99)) == [1, 1]
 
 
 def test_sample_top_p_rule(simd):

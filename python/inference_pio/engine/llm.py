@@ -172,11 +172,11 @@ class LLM:
         self.engine.drain()
 
     def _output(self, group):
-        outs = [CompletionOutput(s.index, self._seq_text(s), s.completion_ids, s.finish_reason, s.stop_reason)
-                for s in group]
+        outs = [CompletionOutput(s.index, self._seq_text(s), s.completion_ids, s.finish_reason, s.stop_reason,
+                                 s.logprobs, s.cumulative_logprob) for s in group]
         first, c = group[0], outs[0]
         return RequestOutput(first.request_id, first.token_ids[:first.num_prompt_tokens], c.token_ids,
-                             c.text, c.finish_reason, c.stop_reason, outs)
+                             c.text, c.finish_reason, c.stop_reason, outs, c.logprobs, c.cumulative_logprob)
 
     def _seq_text(self, seq):
         if seq.output is not None:  # decoded as it ran (and cut at a stop string)

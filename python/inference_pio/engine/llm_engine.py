@@ -26,6 +26,10 @@ request added while a step is in flight joins the step after that one (one step 
 synchronous engine would admit it).
 Seeded draws are taken as a step launches, one per sampled token of a sequence, as before: a
 draw spent on a dropped token belonged to a finished sequence.
+Logits processors that read a sequence's tokens (repetition / presence / frequency penalties, the
+n-gram block: SamplingParams.needs_history) cannot run behind an unread step, whose token is still
+a placeholder: a step with such a sequence is never followed before it is read (it runs as the
+synchronous engine would). min_tokens only counts tokens, logit_bias reads none: they overlap.
 The outputs are the synchronous engine's, exactly when the kernels give each row the same
 result whatever the other rows: the step launched behind a stop token still has the stopped row,
 and an arrival joins a later step (on a GPU the number of rows picks the matmul path above 8 and
@@ -38,7 +42,7 @@ from .block_manager import BlockManager
 from .graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .params import SamplingParams
-from .sampler import sample, sample_ids
+from .sampler import Sampled, sample_ids
 from .scheduler import Scheduler
 from .sequence import OutputText, Sequence, Status
 
@@ -76,6 +80,7 @@ class LLMEngine:
         the request's n samples it is (its random stream). text: decode its text as the tokens
         arrive (for a stream; stop strings always do)."""
         prompt_ids = self._check_prompt(prompt_ids, room=params.max_tokens > 0)
+        self._check_vocab(params)
         seq = Sequence(self._next_id, prompt_ids, params, self.eos_ids, index,
                        OutputText.make(self.detokenizer, params, text))
         self._next_id += 1
@@ -107,6 +112,16 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens: too long for a context of "
                              f"{self.max_model_len} tokens (max_model_len){why}")
         return prompt_ids
+
+    def _check_vocab(self, params):
+        """ValueError for logit_bias ids or a logprobs count the vocabulary does not have."""
+        vocab = self.model.config.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs = {params.logprobs} asks for more alternatives than the "
+                             f"vocabulary has ({vocab})")
 
     def abort(self, seq):
         if seq.status is not Status.FINISHED:
@@ -145,18 +160,19 @@ class LLMEngine:
         s = self.scheduler
         return (not s.waiting and s.running == step.seqs and not self.beams.requests
                 and sum(self.blocks.needed(q, 1) for q in step.seqs) <= self.blocks.num_free
-                and not any(q.at_length_limit(self.max_model_len) for q in step.seqs))
+                and not any(q.at_length_limit(self.max_model_len) for q in step.seqs)
+                and not any(q.params.needs_history for q in step.seqs))
 
     def _launch(self, scheduled, token_ids=None):
         """Queues a decode step from its graph, its token ids read on the device from token_ids
         when given, and starts reading its sampled ids back; its sequences take placeholders."""
         self.kv_cache.copy_blocks(self.blocks.take_copies())  # copy on write, before the forward
         logits, batch = self.graphs.run(scheduled, token_ids)
-        ids = sample_ids(logits, batch.sampled)
+        res = sample_ids(logits, batch.sampled)
         self.scheduler.computed(scheduled)
         for seq in batch.sampled:
             seq.append_placeholder()
-        return _Launched(batch.sampled, ids, ids.tolist_async())
+        return _Launched(batch.sampled, res.ids, Sampled(res, batch.sampled))
 
     def _read(self, step):
         """Waits for a launched step's ids and hands them to its sequences: the events."""
@@ -168,11 +184,13 @@ class LLMEngine:
                 self._inflight.readback.release()
                 self._inflight = None
             raise
-        events = []
-        for seq, tid in zip(step.seqs, ids):
+        events, logprobs = [], step.readback.logprobs
+        for i, (seq, tid) in enumerate(zip(step.seqs, ids)):
             if seq.status is Status.FINISHED:  # at the step before, or aborted: the token is dropped
                 continue
             seq.fill(tid, self.max_model_len)
+            if logprobs and logprobs[i] is not None:
+                seq.add_logprobs(logprobs[i])
             events.append((seq, tid))
             if seq.status is Status.FINISHED:
                 # its blocks may be handed out while the step launched behind still writes this
@@ -192,14 +210,18 @@ class LLMEngine:
         if not batch.sampled:
             return []
         beams = [(i, seq) for i, seq in enumerate(batch.sampled) if seq.beam is not None]
-        ids = sample(logits, batch.sampled) if len(beams) < len(batch.sampled) else []
         if beams:  # their rows go to the beam search step, not to the sampler's ids
             self.beams.step(logits, beams)
-        events = []
-        for seq, tid in zip(batch.sampled, ids):
+            if len(beams) == len(batch.sampled):
+                return []
+        # (beam rows, greedy for the sampler, are sampled with the others and skipped: one call)
+        events, sampled = [], Sampled(sample_ids(logits, batch.sampled), batch.sampled)
+        for seq, tid, lp in zip(batch.sampled, sampled.result(), sampled.logprobs or [None] * len(batch.sampled)):
             if seq.beam is not None:
                 continue
             seq.append(tid, self.max_model_len)
+            if lp is not None:
+                seq.add_logprobs(lp)
             events.append((seq, tid))
             if seq.status is Status.FINISHED:
                 self.scheduler.finish(seq)

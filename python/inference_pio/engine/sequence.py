@@ -119,6 +119,10 @@ class Sequence:
         self.seed = sample_seed(params.seed, index)
         self.rng = random.Random(self.seed)
         self.beam = None            # the BeamRequest (beam_search.py) this is a beam of, if any
+        # SamplingParams.logprobs: per generated token {token id: logprob}, the chosen one first
+        self.logprobs = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0 if params.logprobs is not None else None
+        self.sampler_history = None  # (token_ids, its int32 copy): engine/sampler.py's, for penalties
 
     @property
     def num_tokens(self):
@@ -161,9 +165,9 @@ class Sequence:
         string its text completes (which outranks the length limits, as in vLLM), its length."""
         stop_string = None
         if self.output is not None:
-            # stop strings count once min_tokens (h-sampling's field) tokens are out, as in vLLM
+            # stop strings count once min_tokens tokens are out, as in vLLM
             search = (token_id not in self.stop_ids
-                      and n - self.num_prompt_tokens > getattr(self.params, "min_tokens", 0))
+                      and n - self.num_prompt_tokens > self.params.min_tokens)
             stop_string = self.output.add(token_id, search)
         if token_id in self.stop_ids:
             self.finish("stop", None if token_id in self.eos_ids else token_id)
@@ -171,6 +175,11 @@ class Sequence:
             self.finish("stop", stop_string)
         elif n - self.num_prompt_tokens >= self.params.max_tokens or n >= max_len:
             self.finish("length")
+
+    def add_logprobs(self, entry):
+        """Records the logprobs of the token just appended or filled in (dict, chosen first)."""
+        self.logprobs.append(entry)
+        self.cumulative_logprob += next(iter(entry.values()))
 
     def finish(self, reason, stop_reason=None):
         self.status, self.finish_reason, self.stop_reason = Status.FINISHED, reason, stop_reason
