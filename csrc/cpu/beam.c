@@ -19,6 +19,8 @@
 #include "cpu/beam.h"
 #include "cpu/embedding.h"
 #include "cpu/heap.h"
+#include "cpu/order_key.h"
+#include "cpu/simd_avx2.h"
 
 #include <immintrin.h>
 #include <limits.h>
@@ -27,24 +29,6 @@
 
 #define CHUNK 2048 /* values per chunk: 8 KB of f32 on the stack */
 
-static inline uint32_t order_key(float v) {
-    union { float f; uint32_t u; } b = {v};
-    if (b.u == 0x80000000u) /* -0.0 ties with +0.0 */
-        b.u = 0;
-    return (b.u & 0x80000000u) ? ~b.u : b.u | 0x80000000u;
-}
-
-static inline float key_value(uint64_t key) {
-    uint32_t k = (uint32_t)(key >> 32);
-    union { uint32_t u; float f; } b = {(k & 0x80000000u) ? k & 0x7fffffffu : ~k};
-    return b.f;
-}
-
-static inline uint64_t make_key(float v, int64_t flat) {
-    return (uint64_t)order_key(v) << 32 | (uint32_t)~(uint32_t)flat;
-}
-
-static inline int64_t key_flat(uint64_t key) { return (int64_t)(uint32_t)~(uint32_t)key; }
 
 /* A min-heap of the best `k` keys so far (the root is the worst of them). */
 typedef struct {
@@ -107,50 +91,6 @@ static const float *chunk_at(const char *row, int dtype, int64_t stride, int64_t
         return (const float *)row + j;
     to_load_f32(buf, row + j * stride * to_dtype_size(dtype), dtype, n, stride);
     return buf;
-}
-
-/* e^x for x <= 0 (or NaN): elementwise.c's exp_avx2 (Cody-Waite reduction, Cephes polynomial,
- * within ~2 ulp of the true value; below ln(FLT_MIN) flushed to 0) */
-TO_TARGET_AVX2 static inline __m256 exp_avx2(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.33654475f); /* ln(FLT_MIN) */
-    __m256 xc = _mm256_max_ps(x, lo);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
-    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y); /* tiny: 0 */
-}
-
-/* sum of e^(p[i] - m) over a chunk, in double (p[i] <= m, no NaN) */
-TO_TARGET_AVX2 static double exp_sum_avx2(const float *p, int64_t n, float m) {
-    __m256 mv = _mm256_set1_ps(m);
-    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-    for (int64_t i = 0; i < n; i += 8) {
-        __m256 v;
-        if (i + 8 <= n) {
-            v = _mm256_loadu_ps(p + i);
-        } else { /* the tail through the same exp: padded with -inf, e^-inf = 0 */
-            float t[8];
-            for (int j = 0; j < 8; j++)
-                t[j] = i + j < n ? p[i + j] : -INFINITY;
-            v = _mm256_loadu_ps(t);
-        }
-        __m256 e = exp_avx2(_mm256_sub_ps(v, mv));
-        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
-    }
-    double lanes[4];
-    _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
-    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 }
 
 static double exp_sum_scalar(const float *p, int64_t n, float m) {
@@ -236,7 +176,7 @@ static void beam_rows(void *arg, int64_t begin, int64_t end) {
                 continue;
             for (;;) {
                 if (key_value(heap[0]) != -INFINITY) {
-                    int64_t t = key_flat(heap[0]) - flat0;
+                    int64_t t = key_index(heap[0]) - flat0;
                     to_load_f32(&x_root, row + t * sx * to_dtype_size(x->dtype), x->dtype, 1, 1);
                 } else {
                     x_root = -INFINITY;
@@ -331,7 +271,7 @@ int to_cpu_beam_topk(const to_tensor *scores, const to_tensor *ids, const to_ten
         int64_t *id = (int64_t *)ids->data + g * ids->strides[0];
         for (int64_t j = 0; j < K; j++) {
             sc[j * scores->strides[1]] = j < k ? key_value(best[j]) : -INFINITY;
-            id[j * ids->strides[1]] = j < k ? key_flat(best[j]) : -1;
+            id[j * ids->strides[1]] = j < k ? key_index(best[j]) : -1;
         }
     }
     to_host_free(job.item_group);

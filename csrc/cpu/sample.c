@@ -56,6 +56,7 @@
  * the thread count. The scalar and AVX2 paths compute e with one polynomial, bit for bit. */
 #include "cpu/sample.h"
 #include "cpu/heap.h"
+#include "cpu/order_key.h"
 #include "cpu/reduce.h"
 
 #include <immintrin.h>
@@ -108,16 +109,6 @@ TO_TARGET_AVX2 static inline __m256 exp_neg_avx2(__m256 w) {
     return _mm256_andnot_ps(big, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
 }
 
-/* 64-bit keys ordered like the ranking (larger logit first, then lower index), as in reduce.c;
- * the logits hold no NaN here. */
-static inline uint32_t order_key(float v) {
-    union { float f; uint32_t u; } b = {v};
-    if (b.u == 0x80000000u) /* -0.0 ties with +0.0 */
-        b.u = 0;
-    return (b.u & 0x80000000u) ? ~b.u : b.u | 0x80000000u;
-}
-static inline uint64_t make_key(float v, int64_t i) { return (uint64_t)order_key(v) << 32 | (uint32_t)~(uint32_t)i; }
-static inline int64_t key_index(uint64_t key) { return (int64_t)(uint32_t)~(uint32_t)key; }
 
 static int cmp_desc(const void *a, const void *b) {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;

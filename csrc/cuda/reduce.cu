@@ -23,28 +23,17 @@
 // The usual calls (sampling with k <= a few hundred, MoE routing) are one chunk: a few streaming
 // passes over the row. Values written out are read back from x at the chosen indices (bits moved
 // unchanged when values has x's dtype), so -0.0 and NaN payloads come out as they are in x.
-#include "cuda/common.cuh"
+#include "cuda/select.cuh"
 
 namespace {
 
 constexpr int kChunk = 2048; // output positions sorted at once in shared memory (16 KB of keys)
-constexpr int kBins = 256;   // radix digit of 8 bits
 
 struct RowArgs {
     TensorView x, out, values, indices;
     int64_t rows, n, sx; // rows, row length, stride of x's last dimension
     int k;
 };
-
-// The value's rank as an unsigned integer (same as order_key in csrc/cpu/reduce.c).
-__device__ __forceinline__ uint32_t order_key(float v) {
-    if (v != v)
-        return 0xffffffffu;
-    uint32_t u = __float_as_uint(v);
-    if (u == 0x80000000u) // -0.0 ties with +0.0
-        u = 0;
-    return (u & 0x80000000u) ? ~u : u | 0x80000000u;
-}
 
 // The entry key of element j of a row. Real keys are never 0 (order_key(-inf) = 0x007fffff is the
 // smallest), so 0 can pad a sort.
@@ -148,100 +137,6 @@ __global__ void argmax_pick_kernel(RowArgs a, const uint64_t *best, int64_t chun
 
 // ===================================================================================== top-k
 
-struct SelectShared {
-    uint32_t hist[kBins];
-    uint64_t found;  // the selected key
-    int digit;       // the digit chosen in this pass
-    int64_t rank;    // the wanted rank within the keys that share the chosen digits
-    int64_t in_bin;  // how many keys share the chosen digits
-    int count;       // keys collected so far in this chunk
-};
-
-// The key of descending rank `rank` (0: the largest) among the row's n keys. Called by the whole
-// block; every thread gets the result.
-__device__ uint64_t select_rank(const RowArgs &a, int64_t xo, int64_t rank, SelectShared &sh) {
-    uint64_t prefix = 0, mask = 0;
-    for (int shift = 56; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < kBins; b += blockDim.x)
-            sh.hist[b] = 0;
-        __syncthreads();
-        for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
-            uint64_t key = entry_key(a.x.data, a.x.dtype, xo, a.sx, j);
-            if ((key & mask) == prefix)
-                atomicAdd(&sh.hist[(key >> shift) & 0xff], 1u);
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) {
-            // warp 0 finds the digit: lane l holds bins 255 - 8l down to 248 - 8l (descending),
-            // an inclusive scan over the lanes gives the keys in higher bins
-            int lane = threadIdx.x;
-            uint32_t counts[8], sum = 0;
-            for (int i = 0; i < 8; i++) {
-                counts[i] = sh.hist[kBins - 1 - 8 * lane - i];
-                sum += counts[i];
-            }
-            uint32_t incl = sum;
-            for (int o = 1; o < 32; o <<= 1) {
-                uint32_t up = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o)
-                    incl += up;
-            }
-            int64_t before = (int64_t)(incl - sum); // keys in the bins above this lane's
-            if (before <= rank && rank < (int64_t)incl) { // exactly one lane holds the rank
-                int64_t r = rank - before;
-                for (int i = 0; i < 8; i++) {
-                    if (r < (int64_t)counts[i]) {
-                        sh.digit = kBins - 1 - 8 * lane - i;
-                        sh.rank = r;
-                        sh.in_bin = counts[i];
-                        break;
-                    }
-                    r -= counts[i];
-                }
-            }
-        }
-        __syncthreads();
-        prefix |= (uint64_t)sh.digit << shift;
-        mask |= (uint64_t)0xff << shift;
-        rank = sh.rank;
-        int64_t in_bin = sh.in_bin;
-        __syncthreads(); // sh.digit/rank/in_bin are rewritten by the next pass
-        if (shift == 0)
-            return prefix; // all 64 bits chosen
-        if (in_bin == 1) {
-            // a single key has these leading digits: one pass finds it
-            for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
-                uint64_t key = entry_key(a.x.data, a.x.dtype, xo, a.sx, j);
-                if ((key & mask) == prefix)
-                    sh.found = key;
-            }
-            __syncthreads();
-            uint64_t found = sh.found;
-            __syncthreads();
-            return found;
-        }
-    }
-    return prefix; // not reached
-}
-
-// buf[0 .. p) sorted largest first (p a power of two)
-__device__ void bitonic_sort_desc(uint64_t *buf, int p) {
-    for (int size = 2; size <= p; size <<= 1) {
-        for (int stride = size / 2; stride > 0; stride >>= 1) {
-            for (int i = threadIdx.x; i < p / 2; i += blockDim.x) {
-                int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
-                bool desc = (lo & size) == 0; // the final merge (size == p) is descending throughout
-                uint64_t a = buf[lo], b = buf[hi];
-                if ((a < b) == desc) {
-                    buf[lo] = b;
-                    buf[hi] = a;
-                }
-            }
-            __syncthreads();
-        }
-    }
-}
-
 __global__ void topk_kernel(RowArgs a) {
     to_pdl_wait();
     to_pdl_trigger();
@@ -257,7 +152,8 @@ __global__ void topk_kernel(RowArgs a) {
         uint64_t upper = 0; // the previous chunk's lowest key (unused for the first chunk)
         for (int64_t s = 0; s < a.k; s += kChunk) {
             const int m = (int)(a.k - s < kChunk ? a.k - s : kChunk);
-            const uint64_t lo = select_rank(a, xo, s + m - 1, sh);
+            const uint64_t lo = select_rank([&](int64_t j) { return entry_key(a.x.data, a.x.dtype, xo, a.sx, j); },
+                                            a.n, s + m - 1, sh);
 
             // collect the chunk's m keys (any order) and pad to a power of two with 0 (sorts last)
             if (threadIdx.x == 0)
