@@ -6,6 +6,9 @@
 #include "internal.h"
 
 #pragma GCC visibility push(hidden)
+#ifdef __cplusplus
+extern "C" { /* also included by the CUDA sources (cuda_ops.h) */
+#endif
 
 /* A call whose every tensor and value was checked by csrc/ops/sample.c (see to_sample_pipeline
  * in tensor_ops.h): logits [rows, vocab] (vocab >= 1) and the outputs on one device, p's tensors
@@ -75,6 +78,9 @@ int to_sample_bad_row(const char *op, int64_t r, int kind, const char *where);
  * are then unspecified). */
 int to_cpu_sample(const to_sample_plan *plan);
 
+#ifdef __cplusplus
+}
+#endif
 #pragma GCC visibility pop
 
 #endif
