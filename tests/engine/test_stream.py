@@ -117,3 +117,17 @@ def test_sampled_n_stream_matches_generate(tok_folder, device):
     for i, sample in enumerate(out.outputs):
         mine = [d for d in deltas if d.sample_index == i]
         assert [d.token_id for d in mine] == sample.token_ids and "".join(d.text for d in mine) == sample.text
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stream_carries_the_logprobs_generate_reports(tok_folder, overlap):
+    """With SamplingParams.logprobs, each delta holds its token's entry of the output's logprobs."""
+    llm = LLM(tok_folder[0], dtype="float32", overlap=overlap)
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=3, logprobs=2, ignore_eos=True)
+    out = llm.generate("the quick brown fox", params)[0]
+    deltas = list(llm.stream("the quick brown fox", params))
+    assert [d.token_id for d in deltas] == out.token_ids
+    assert [d.logprobs for d in deltas] == out.logprobs
+    assert all(next(iter(d.logprobs)) == d.token_id and len(d.logprobs) >= 2 for d in deltas)
+    plain = list(llm.stream("the quick brown fox", SamplingParams(max_tokens=2, ignore_eos=True)))
+    assert all(d.logprobs is None for d in plain)

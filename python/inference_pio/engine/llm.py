@@ -19,13 +19,15 @@ class StreamDelta:
     while a multi-byte character is still partial, and text that could still be the start of a
     stop string is held back until that is resolved (never sent if it becomes one). The last
     delta of a sample has finish_reason and stop_reason set. prompt_index: which prompt of the
-    stream() call; sample_index: which of its n samples."""
+    stream() call; sample_index: which of its n samples. logprobs (with SamplingParams.logprobs):
+    this token's entry of RequestOutput.logprobs, {token id: logprob}, the chosen one first."""
     token_id: int
     text: str
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_index: int = 0
     sample_index: int = 0
+    logprobs: dict | None = None
 
 
 def _kv_dtype(model, name):
@@ -142,7 +144,8 @@ class LLM:
                         text, sent[seq] = seq.output.text[sent.get(seq, 0):end], end
                     done = seq.status is Status.FINISHED
                     yield StreamDelta(tid, text, seq.finish_reason if done else None,
-                                      seq.stop_reason if done else None, *tags[seq])
+                                      seq.stop_reason if done else None, *tags[seq],
+                                      seq.logprobs[-1] if seq.logprobs else None)
         finally:
             self._abandon(groups)  # and read back the step launched behind the last one
 
