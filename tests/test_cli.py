@@ -166,6 +166,20 @@ def test_generate_stop_string_and_n(ckpt, capsys):
     assert capsys.readouterr().out == "[sample 0]\n\n[sample 1]\n\n"
 
 
+def test_generate_prints_logprobs(ckpt, capsys):
+    folder, _ = ckpt
+    assert main(["generate", "--model", str(folder), "--prompt", "The quick", "--max-tokens", "4",
+                 "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--logprobs", "2"]) == 0
+    llm = LLM(folder, dtype="float32")
+    out = llm.generate("The quick", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2))[0]
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[0] == out.text and lines[1] == "[logprobs]" and len(lines) == 2 + 4 + 1
+    for line, entry in zip(lines[2:], out.logprobs):
+        (tid, lp), *alts = entry.items()
+        assert line == (f"{llm.tokenizer.decode([tid])!r} {tid} {lp:.4f}"
+                        + "".join(f" | {t} {v:.4f}" for t, v in alts))
+
+
 def test_generate_beam_search(ckpt, capsys):
     from inference_pio import BeamSearchParams
     folder, _ = ckpt

@@ -31,7 +31,8 @@ _HELP = {
     "frequency_penalty": "subtract this times a token's count so far from its logit (OpenAI's; 0: off)",
     "no_repeat_ngram_size": "never generate an n-gram of this size twice (0: off)",
     "logit_bias": "ID=BIAS: add BIAS to token ID's logit (repeatable, or comma-separated pairs)",
-    "logprobs": "log-probabilities of the chosen tokens and of this many alternatives",
+    "logprobs": "after the text, each token's log-probability and this many alternatives' "
+                "(generate with one sample; from the model's raw distribution)",
 }
 _FLAGS = {"stop_token_ids": ["--stop-token-id", "--stop-token-ids"]}  # the singular is the old name
 _ITEMS = {"stop_token_ids": int, "stop": str}  # element type of the list fields
@@ -152,13 +153,26 @@ def _load(args):
 
 def _stream(llm, prompt, params, out):
     """Writes the completion as it comes (a stop string is held back until resolved, never
-    written); returns its text."""
-    text = []
+    written); returns its text. With --logprobs, a table of them follows the text (_write_logprobs)."""
+    text, logprobs = [], []
     for delta in llm.stream(prompt, params):
         out.write(delta.text)
         out.flush()
         text.append(delta.text)
+        logprobs.append(delta.logprobs)
+    if params.logprobs is not None:
+        _write_logprobs(llm, logprobs, out)
     return "".join(text)
+
+
+def _write_logprobs(llm, entries, out):
+    """After the text: a line per generated token, its text (repr), id and logprob, then the
+    alternatives asked for, "id logprob" each."""
+    piece = (lambda t: repr(llm.tokenizer.decode([t]))) if llm.tokenizer else (lambda t: "")
+    out.write("\n[logprobs]")
+    for entry in entries:
+        (tid, lp), *alts = entry.items()
+        out.write(f"\n{piece(tid)} {tid} {lp:.4f}" + "".join(f" | {t} {v:.4f}" for t, v in alts))
 
 
 def _stream_samples(llm, prompt, params, out):
