@@ -62,6 +62,7 @@ bench-gpu:
 	$(INSTALL_GPU)
 	$(PYTHON) benchmarks/bench_gpu_kernels.py --model 0.6b
 	$(PYTHON) benchmarks/bench_gpu_kernels.py --model 4b
+	$(PYTHON) benchmarks/bench_sampling.py --devices cuda --json $(or $(OUT),.)/sampling-gpu.json
 	$(PYTHON) benchmarks/bench_gpu.py --compile --json $(or $(OUT),.)/gpu.json
 
 bench: install-test
