@@ -149,13 +149,14 @@ class LLM:
         finally:
             self._abandon(groups)  # and read back the step launched behind the last one
 
-    def _requests(self, prompts, sampling_params):
-        """(prompts as token id lists, one SamplingParams per prompt) of generate's arguments."""
+    def _requests(self, prompts, params, kind=SamplingParams):
+        """(prompts as token id lists, one `kind` of params per prompt) of generate's, stream's or
+        beam_search's arguments: one prompt (text or ids) or a list; one params (None: the
+        defaults) or a list with one per prompt."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
-        params = _per_prompt(sampling_params, len(prompts))
-        return [self._ids(p) for p in prompts], params
+        return [self._ids(p) for p in prompts], _per_prompt(params, len(prompts), kind)
 
     def _add(self, prompts, params, groups, text=False):
         """Adds each prompt's n samples to the engine, a list of sequences per prompt appended
@@ -195,14 +196,8 @@ class LLM:
         run together through the engine, their beams rows of one batched forward, sharing
         their prompt's KV cache blocks. Separate from generate(), whose outputs are one
         completion each: a beam search returns several scored hypotheses."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        if not isinstance(params, (list, tuple)):
-            params = [params or BeamSearchParams()] * len(prompts)
-        if len(params) != len(prompts) or not all(isinstance(p, BeamSearchParams) for p in params):
-            raise ValueError(f"params must be one BeamSearchParams or a list of {len(prompts)}")
-        reqs = [self.engine.add_beam_request(self._ids(p), bp) for p, bp in zip(prompts, params)]
+        prompts, params = self._requests(prompts, params, BeamSearchParams)
+        reqs = [self.engine.add_beam_request(p, bp) for p, bp in zip(prompts, params)]
         try:
             while not all(r.done for r in reqs):
                 self.engine.step()
@@ -240,16 +235,20 @@ def _tokenizer_and_generation_config(path, model):
             load_hf_config(gen_path) if os.path.exists(gen_path) else {})
 
 
-def _per_prompt(sampling_params, n):
-    if sampling_params is None:
-        return [SamplingParams()] * n
-    if isinstance(sampling_params, SamplingParams):
-        return [sampling_params] * n
-    params = list(sampling_params)
+def _per_prompt(params, n, kind):
+    """n params of class `kind`: params itself n times (None: kind()), or params, a list of n."""
+    if params is None:
+        return [kind()] * n
+    if isinstance(params, kind):
+        return [params] * n
+    name = "sampling_params" if kind is SamplingParams else "params"
+    if not isinstance(params, (list, tuple)):
+        raise ValueError(f"{name} must be one {kind.__name__} or a list of {n} (one per prompt), "
+                         f"got {type(params).__name__}")
     if len(params) != n:
-        raise ValueError(f"sampling_params must be one SamplingParams or a list of {n} (one per "
+        raise ValueError(f"{name} must be one {kind.__name__} or a list of {n} (one per "
                          f"prompt), got a list of {len(params)}")
     for p in params:
-        if not isinstance(p, SamplingParams):
-            raise ValueError(f"sampling_params must hold SamplingParams, got {type(p).__name__}")
+        if not isinstance(p, kind):
+            raise ValueError(f"{name} must hold {kind.__name__}, got {type(p).__name__}")
     return params
