@@ -151,3 +151,53 @@ def test_sample_seeds():
     assert len(seeds) == 98 and 7 not in seeds
     assert sample_seed(7, 5) == sample_seed(7, 5)
     assert sample_seed(-7, 1) != sample_seed(7, 1) and isinstance(sample_seed(2 ** 70, 1), int)
+
+
+def test_n_samples_share_the_prompt(tok_folder):
+    """The n samples prefill the prompt once: after the prompt's step all of them hold the same
+    blocks (no block used but the prompt's), the first write into the shared partly filled block
+    copies it, and the samples are exactly what separate requests with their seeds draw."""
+    llm = LLM(tok_folder[0], dtype="float32", block_size=4)
+    eng = llm.engine
+    prompt = llm.tokenizer.encode("the quick brown fox jumps")  # not a whole number of blocks
+    assert len(prompt) % 4
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=9, n=4, ignore_eos=True)
+    seqs = eng.add_samples(prompt, params)
+    events = eng.step()  # the prompt, once; every sample draws its first token from its row
+    assert [s for s, _ in events] == seqs
+    tables = {tuple(s.block_table) for s in seqs}
+    assert len(tables) == 1 and eng.blocks.num_free == eng.blocks.num_blocks - len(next(iter(tables)))
+    eng.step()  # each writes its first token: the shared last block is copied for all but one
+    assert len({s.block_table[-1] for s in seqs}) == 4
+    assert len({tuple(s.block_table[:-1]) for s in seqs}) == 1  # the full blocks stay shared
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.blocks.num_free == eng.blocks.num_blocks
+    shared = [s.completion_ids for s in seqs]
+    alone = [llm.generate([prompt], SamplingParams(**{**vars(params), "n": 1, "seed": sample_seed(9, i)}))[0].token_ids
+             for i in range(4)]
+    assert shared == alone
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_n_samples_of_a_one_token_prompt(tok_folder, overlap):
+    """A one-token prompt's step is a decode step (graphs, overlap): the samples join all the same."""
+    llm = LLM(tok_folder[0], dtype="float32", overlap=overlap)
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=2, n=3, ignore_eos=True)
+    out = llm.generate([[5]], params)[0]
+    alone = [llm.generate([[5]], SamplingParams(**{**vars(params), "n": 1, "seed": sample_seed(2, i)}))[0].token_ids
+             for i in range(3)]
+    assert [o.token_ids for o in out.outputs] == alone
+
+
+def test_aborting_sample_zero_first_lets_the_others_run(tok_folder):
+    llm = LLM(tok_folder[0], dtype="float32")
+    eng = llm.engine
+    params = SamplingParams(max_tokens=3, temperature=0, n=3, ignore_eos=True)
+    first, *others = eng.add_samples([5, 6, 7], params)
+    eng.abort(first)  # before its prompt ran: the others prefill it themselves
+    while eng.has_unfinished():
+        eng.step()
+    greedy = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+    assert first.finish_reason == "abort" and [o.completion_ids for o in others] == [greedy.token_ids] * 2
+    assert eng.blocks.num_free == eng.blocks.num_blocks

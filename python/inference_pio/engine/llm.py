@@ -159,13 +159,13 @@ class LLM:
         return [self._ids(p) for p in prompts], _per_prompt(params, len(prompts), kind)
 
     def _add(self, prompts, params, groups, text=False):
-        """Adds each prompt's n samples to the engine, a list of sequences per prompt appended
-        to `groups` as they go (so that _abandon finds them if a later prompt is refused)."""
+        """Adds each prompt's n samples to the engine (LLMEngine.add_samples: the prompt is
+        prefilled once for all of them), a list of sequences per prompt appended to `groups` as
+        they go (so that _abandon finds them if a later prompt is refused)."""
         for ids, sp in zip(prompts, params):
             group = []
             groups.append(group)
-            for i in range(sp.n):
-                group.append(self.engine.add_request(ids, sp, i, text))
+            group.extend(self.engine.add_samples(ids, sp, text))
 
     def _abandon(self, groups):
         """An interrupted call leaves no request behind in the engine, nor a step in flight."""

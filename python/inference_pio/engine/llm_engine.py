@@ -35,6 +35,9 @@ result whatever the other rows: the step launched behind a stop token still has 
 and an arrival joins a later step (on a GPU the number of rows picks the matmul path above 8 and
 the attention's key splits, so the other rows' roundings may differ from the synchronous step's).
 """
+from array import array
+
+from .. import dtypes, ops
 from ..tensor import Tensor
 from .batch import ForwardBatch
 from .beam_search import BeamSearch
@@ -74,6 +77,7 @@ class LLMEngine:
         self._inflight = None  # the decode step launched and not read back yet (_Launched)
         self._next_id = 0
         self.beams = BeamSearch(self)  # beam search requests (beam_search.py)
+        self._forks = {}  # sample 0 of a request -> its other samples, until its prompt is computed
 
     def add_request(self, prompt_ids, params, index=0, text=False):
         """Queues a request; returns its Sequence (which fills in as steps run). index: which of
@@ -89,6 +93,25 @@ class LLMEngine:
         else:
             self.scheduler.add(seq)
         return seq
+
+    def add_samples(self, prompt_ids, params, text=False):
+        """Queues a request's params.n samples; returns their Sequences. Sample 0 is queued as by
+        add_request; the others wait until its prompt is in the cache, then join it sharing its
+        blocks (BlockManager.fork; the partly filled last block is copied on the first write),
+        each drawing its first token from the same logits row: the prompt is prefilled and
+        stored once, whatever n."""
+        first = self.add_request(prompt_ids, params, 0, text)
+        others = []
+        for i in range(1, params.n):
+            seq = Sequence(self._next_id, first.token_ids, params, self.eos_ids, i,
+                           OutputText.make(self.detokenizer, params, text))
+            self._next_id += 1
+            if params.max_tokens == 0:
+                seq.finish("length")
+            others.append(seq)
+        if others and first.status is not Status.FINISHED:
+            self._forks[first] = others
+        return [first] + others
 
     def add_beam_request(self, prompt_ids, params):
         """Queues a beam search (BeamSearchParams); returns its BeamRequest (beam_search.py),
@@ -124,6 +147,9 @@ class LLMEngine:
                              f"vocabulary has ({vocab})")
 
     def abort(self, seq):
+        for other in self._forks.pop(seq, ()):  # its other samples prefill their own prompt now
+            if other.status is not Status.FINISHED:
+                self.scheduler.add(other)
         if seq.status is not Status.FINISHED:
             # drops its placeholders: a step in flight skips it (its freed blocks: see _read)
             seq.finish("abort")
@@ -140,8 +166,10 @@ class LLMEngine:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return []
-            if not (self.overlap and DecodeGraphs.applies(scheduled)) or self.beams.requests:
-                return self._run(scheduled)  # (beam steps change the beams: never overlapped)
+            if (not (self.overlap and DecodeGraphs.applies(scheduled)) or self.beams.requests
+                    or any(seq in self._forks for seq, _ in scheduled)):
+                # (beam steps change the beams, and samples join their first: never overlapped)
+                return self._run(scheduled)
             self._inflight = self._launch(scheduled)
         step = self._inflight
         if self._can_follow(step):  # schedule() then picks step's sequences again, one token each
@@ -214,9 +242,12 @@ class LLMEngine:
             self.beams.step(logits, beams)
             if len(beams) == len(batch.sampled):
                 return []
+        seqs = batch.sampled
+        if self._forks:
+            seqs, logits = self._join_samples(seqs, logits)
         # (beam rows, greedy for the sampler, are sampled with the others and skipped: one call)
-        events, sampled = [], Sampled(sample_ids(logits, batch.sampled), batch.sampled)
-        for seq, tid, lp in zip(batch.sampled, sampled.result(), sampled.logprobs or [None] * len(batch.sampled)):
+        events, sampled = [], Sampled(sample_ids(logits, seqs), seqs)
+        for seq, tid, lp in zip(seqs, sampled.result(), sampled.logprobs or [None] * len(seqs)):
             if seq.beam is not None:
                 continue
             seq.append(tid, self.max_model_len)
@@ -226,6 +257,25 @@ class LLMEngine:
             if seq.status is Status.FINISHED:
                 self.scheduler.finish(seq)
         return events
+
+    def _join_samples(self, seqs, logits):
+        """(seqs, logits) with the waiting samples of every sequence in seqs whose prompt this step
+        computed (add_samples) joined: forked from it, and its logits row repeated for each."""
+        rows, joined = list(range(len(seqs))), []
+        for i, seq in enumerate(seqs):
+            for other in self._forks.pop(seq, ()):
+                if other.status is Status.FINISHED:  # aborted while it waited
+                    continue
+                assert seq.num_tokens == seq.num_prompt_tokens, "a sample joins before its first token"
+                self.blocks.fork(seq, other)
+                other.status = Status.RUNNING
+                self.scheduler.running.append(other)
+                rows.append(i)
+                joined.append(other)
+        if not joined:
+            return seqs, logits
+        idx = Tensor.frombuffer(array("q", rows), dtypes.int64).to(logits.device)
+        return seqs + joined, ops.embedding(logits, idx)
 
     def all_logits(self, prompt_ids):
         """float32 logits [n, vocab] of every position of one sequence, prefilled in chunks of the

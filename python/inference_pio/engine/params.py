@@ -40,7 +40,8 @@ class SamplingParams:
     include_stop_str_in_output). As in vLLM, token_ids keep every generated token, the ones
     that completed the stop string included (the text after it in the last token is dropped).
     Stop strings need the model's tokenizer.
-    n: independent samples of each prompt, run together as n sequences; sample i draws from its
+    n: independent samples of each prompt, run together as n sequences that share the prompt's
+    KV cache blocks (it is prefilled once: LLMEngine.add_samples); sample i draws from its
     own stream (seeded from (seed, i): reproducible with a seed, and sample 0 draws what n=1
     draws). Greedy samples are allowed and identical."""
     max_tokens: int = 16
