@@ -20,7 +20,8 @@ depend on the tokens). Until its id is read, a sequence holds a placeholder toke
 num_computed and its blocks already count, so the scheduler and block manager see what they
 would have seen. A sequence found stopped at step n has computed one more token in step n+1: it
 is dropped unreported. Every other step (prefill, chunked or mixed, arrivals, preemption, graphs
-off) first reads the step in flight back, then runs synchronously. So each finish costs one step
+off, a beam search step, one in which a request's other samples join its first: add_samples)
+first reads the step in flight back, then runs synchronously. So each finish costs one step
 with nothing launched behind it: the last step of a length finish, the step after a stop. A
 request added while a step is in flight joins the step after that one (one step later than the
 synchronous engine would admit it).
