@@ -90,7 +90,9 @@ static inline float exp_neg_scalar(float w) {
     return w > W_MAX ? 0.0f : p * pow2.f;
 }
 
-/* e^-w for w >= 0 (Cephes' expf polynomial); 0 for w > W_MAX, +inf included. */
+/* e^-w for w >= 0 (Cephes' expf polynomial); 0 for w > W_MAX, +inf included. Not simd_avx2.h's
+ * exp_avx2: the masses must be the GPU's bit for bit (csrc/cuda/sample.cu's exp_neg follows this
+ * operation order), and that one rounds its last steps in another order. */
 TO_TARGET_AVX2 static inline __m256 exp_neg_avx2(__m256 w) {
     __m256 big = _mm256_cmp_ps(w, _mm256_set1_ps(W_MAX), _CMP_GT_OQ);
     __m256 z = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_min_ps(w, _mm256_set1_ps(W_MAX)));

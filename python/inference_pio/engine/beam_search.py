@@ -45,12 +45,8 @@ from dataclasses import dataclass, field
 
 from .. import dtypes, ops
 from ..tensor import Tensor
-from .params import SamplingParams
+from .params import SamplingParams, _is_int, _is_real
 from .sequence import Sequence, Status
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _f32(x):
@@ -91,8 +87,7 @@ class BeamSearchParams:
             bad("max_tokens", "must be an integer >= 1 (a beam search generates at least one token)")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             bad("min_tokens", "must be an integer >= 0")
-        if (not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool)
-                or not math.isfinite(self.length_penalty)):
+        if not _is_real(self.length_penalty) or not math.isfinite(self.length_penalty):
             bad("length_penalty", "must be a finite number")
         if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
             bad("early_stopping", 'must be True, False or "never"')

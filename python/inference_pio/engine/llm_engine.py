@@ -168,7 +168,7 @@ class LLMEngine:
             if not scheduled:
                 return []
             if (not (self.overlap and DecodeGraphs.applies(scheduled)) or self.beams.requests
-                    or any(seq in self._forks for seq, _ in scheduled)):
+                    or (self._forks and any(seq in self._forks for seq, _ in scheduled))):
                 # (beam steps change the beams, and samples join their first: never overlapped)
                 return self._run(scheduled)
             self._inflight = self._launch(scheduled)
