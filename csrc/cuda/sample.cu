@@ -192,6 +192,7 @@ struct Shared {
     unsigned long long lm_c, lm_s, total;
     unsigned long long acc[4]; // count_mass / typical's sums
     int ngather;
+    unsigned flags; // block_or's word
 };
 
 __device__ __forceinline__ uint64_t warp_sum_u64(uint64_t v) {
@@ -214,6 +215,21 @@ __device__ uint64_t block_max_u64(uint64_t v, unsigned long long *red) {
     for (int i = 0; i < (int)blockDim.x / 32; i++)
         v = red[i] > v ? red[i] : v;
     return v;
+}
+
+// The OR of every thread's bits, for every thread. One reduction for all of a row's flags: three
+// __syncthreads_or in a row (bar.red.or, one per flag) returned false for the third on the H200
+// although every thread's flag was true (sm_90a, nvcc 12; with a printf between them it did not).
+__device__ unsigned block_or(unsigned bits, unsigned *word) {
+    bits = __reduce_or_sync(0xffffffffu, bits);
+    __syncthreads(); // word may still be read
+    if (threadIdx.x == 0)
+        *word = 0;
+    __syncthreads();
+    if (threadIdx.x % 32 == 0 && bits)
+        atomicOr(word, bits);
+    __syncthreads();
+    return *word;
 }
 
 // Adds a token (count 1, mass q) to bin `bin` where `take`; the whole warp calls it together.
@@ -531,17 +547,15 @@ __global__ void __launch_bounds__(1024) process_kernel(const ProcArgs a) {
     const int64_t r = blockIdx.x, n = a.n;
     const T *x = (const T *)a.logits + r * a.row_stride;
     float *y = a.proc + r * n;
-    bool nan = false, pinf = false, live = false;
+    __shared__ unsigned word;
+    unsigned seen = 0; // 1: NaN, 2: +inf, 4: a value above -inf
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
         float v = load_f32(x + j * a.col_stride);
-        nan |= v != v;
-        pinf |= v == INFINITY;
-        live |= v > -INFINITY;
+        seen |= (v != v ? 1u : 0u) | (v == INFINITY ? 2u : 0u) | (v > -INFINITY ? 4u : 0u);
         y[j] = v;
     }
-    nan = __syncthreads_or(nan);
-    pinf = __syncthreads_or(pinf);
-    live = __syncthreads_or(live);
+    seen = block_or(seen, &word);
+    const bool nan = seen & 1u, pinf = seen & 2u, live = seen & 4u;
     if (nan || pinf || !live) { // the raw row's error comes first (sample_kernel finds it again)
         if (threadIdx.x == 0) {
             a.out[r * a.out_stride] = -1;
@@ -620,16 +634,15 @@ __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
 
     // pass 1: the max key (first index of the max), and the checks
     uint64_t best = 0;
-    bool nan = false, pinf = false;
+    unsigned seen = 0; // 1: NaN, 2: +inf
     for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
         float v = row.at(j);
-        nan |= v != v;
-        pinf |= v == INFINITY;
+        seen |= (v != v ? 1u : 0u) | (v == INFINITY ? 2u : 0u);
         uint64_t key = row.key(v, j);
         best = key > best ? key : best;
     }
-    nan = __syncthreads_or(nan);
-    pinf = __syncthreads_or(pinf);
+    seen = block_or(seen, &sh.flags);
+    const bool nan = seen & 1u, pinf = seen & 2u;
     best = block_max_u64(best, sh.red);
     const int64_t top = row.index(best);
     row.m = row.at(top);

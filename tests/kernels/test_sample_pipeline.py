@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     MinPLogitsWarper, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
-    SequenceBiasLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
     TypicalLogitsWarper)
 
 import inference_pio as ip
@@ -91,11 +91,12 @@ def run(x, rows, **kw):
 
 def hf_processors(row, ids, scores):
     """transformers' processors, in generate's order, on one row: scores [1, V] float32."""
-    if row.bias:
-        bias = {}
+    if row.bias:  # OpenAI's logit_bias: added to the logit, in list order, in float32 (the
+        # ids are distinct; transformers' SequenceBiasLogitsProcessor adds the same, but versions
+        # before 5.23 refuse token id 0)
+        scores = scores.clone()
         for t, v in row.bias:
-            bias[(t,)] = bias.get((t,), 0.0) + v
-        scores = SequenceBiasLogitsProcessor(sequence_bias=[[list(k), v] for k, v in bias.items()])(ids, scores)
+            scores[0, t] += v
     if row.rep != 1.0 and row.history:
         scores = RepetitionPenaltyLogitsProcessor(row.rep)(ids, scores)
     gen = row.history[row.prompt_len:]
