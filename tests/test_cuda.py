@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import inference_pio as ip
+from inference_pio import ops
+from inference_pio.graph import CudaGraph
 from helpers import FLOAT_DTYPES, from_torch, to_torch
 
 pytestmark = pytest.mark.skipif(ip.cuda_device_count() == 0,
@@ -47,3 +49,24 @@ def test_bad_device_index_and_misplaced_sampling_parameters_are_clear_errors():
     f = ip.Tensor.full((2,), 0.5, device="cuda")
     with pytest.raises(ip.DeviceError, match="temperature is on cuda:0 but the parameters must be CPU tensors"):
         ip.ops.sample(logits, f, ip.Tensor.zeros(2, dtype=ip.int32, device="cuda"), f, f, f)
+
+
+def test_a_graph_dropped_while_another_records(gen):
+    """A garbage collection can run in the middle of a recorded forward and drop an older graph:
+    destroying it waits for the stream, which would invalidate the recording, so it is put off
+    until the recording ends, and both graphs' work stays right."""
+    ref = torch.randn(1000, generator=gen)
+    x, y = from_torch(ref, "cuda"), ip.Tensor.empty(1000, device="cuda")
+    old = CudaGraph.capture(lambda: y.copy_(x), 0)
+    old.replay()
+    assert torch.equal(to_torch(y.cpu()), ref)
+    z = ip.Tensor.empty(1000, device="cuda")
+
+    def forward():
+        nonlocal old
+        z.fill_(2.0)
+        old = None  # the last reference: destroyed here, in the middle of the recording
+        return ops.add(z, x, out=z)
+    graph = CudaGraph.capture(forward, 0)
+    assert torch.equal(to_torch(graph.replay().cpu()), ref + 2.0)
+    assert torch.equal(to_torch(ip.Tensor.full((3,), 1.0, device="cuda").cpu()), torch.ones(3))

@@ -22,19 +22,23 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
+// A recorded graph, instantiated, with the blocks it keeps from the free lists.
+struct Graph {
+    int device_index;
+    cudaGraphExec_t exec;
+    std::vector<std::pair<size_t, void *>> held;
+};
+
 struct DeviceCache {
     std::multimap<size_t, void *> free_blocks;    // size -> block
     std::unordered_map<void *, size_t> live_sizes; // block -> size, for blocks handed out
     // while a graph is being recorded: the blocks freed meanwhile, which its kernels may use
     bool recording = false;
     std::vector<std::pair<size_t, void *>> held;
-};
-
-// A recorded graph, instantiated, with the blocks it keeps from the free lists.
-struct Graph {
-    int device_index;
-    cudaGraphExec_t exec;
-    std::vector<std::pair<size_t, void *>> held;
+    // graphs dropped while another is recorded (a garbage collection can run in the middle of a
+    // forward): destroying waits for the stream, which would break the recording, so they go
+    // when it ends
+    std::vector<Graph *> dropped;
 };
 
 std::mutex cache_lock;
@@ -356,13 +360,17 @@ int to_cuda_graph_end(int device_index, void **graph) {
     if (!stream)
         return TO_ERR_CUDA;
     Graph *g = new Graph{device_index, nullptr, {}};
+    std::vector<Graph *> dropped;
     {
         std::lock_guard<std::mutex> guard(cache_lock);
         caches[device_index].recording = false;
         g->held.swap(caches[device_index].held);
+        dropped.swap(caches[device_index].dropped);
     }
     cudaGraph_t recorded = nullptr;
     cudaError_t err = cudaStreamEndCapture(stream, &recorded);
+    for (Graph *d : dropped)
+        to_cuda_graph_destroy(d);
     if (err == cudaSuccess)
         err = cudaGraphInstantiate(&g->exec, recorded, 0);
     if (recorded)
@@ -390,6 +398,13 @@ int to_cuda_graph_destroy(void *graph) {
     if (!graph)
         return TO_OK;
     Graph *g = static_cast<Graph *>(graph);
+    {
+        std::lock_guard<std::mutex> guard(cache_lock);
+        if (caches[g->device_index].recording) {
+            caches[g->device_index].dropped.push_back(g);
+            return TO_OK;
+        }
+    }
     // a launch may still be running: the held blocks go back once it is done
     cudaStream_t stream = to_cuda_stream(g->device_index);
     if (stream)
