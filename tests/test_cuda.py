@@ -57,9 +57,9 @@ def test_a_graph_dropped_while_another_records(gen):
     until the recording ends, and both graphs' work stays right."""
     ref = torch.randn(1000, generator=gen)
     x, y = from_torch(ref, "cuda"), ip.Tensor.empty(1000, device="cuda")
-    old = CudaGraph.capture(lambda: y.copy_(x), 0)
+    old = CudaGraph.capture(lambda: ops.add(x, x, out=y), 0)
     old.replay()
-    assert torch.equal(to_torch(y.cpu()), ref)
+    assert torch.equal(to_torch(y.cpu()), ref + ref)
     z = ip.Tensor.empty(1000, device="cuda")
 
     def forward():
@@ -70,3 +70,14 @@ def test_a_graph_dropped_while_another_records(gen):
     graph = CudaGraph.capture(forward, 0)
     assert torch.equal(to_torch(graph.replay().cpu()), ref + 2.0)
     assert torch.equal(to_torch(ip.Tensor.full((3,), 1.0, device="cuda").cpu()), torch.ones(3))
+
+
+def test_a_failed_recording_leaves_the_next_ops_working(gen):
+    """An op that waits for the GPU fails while a graph records (a copy between GPU tensors does);
+    the recording ends with that error, and the error is not raised again by later ops."""
+    x = from_torch(torch.randn(10, generator=gen), "cuda")
+    y = ip.Tensor.empty(10, device="cuda")
+    with pytest.raises(ip.CudaError, match="to_copy"):
+        CudaGraph.capture(lambda: y.copy_(x), 0)
+    assert torch.equal(to_torch(ip.Tensor.full((3,), 1.0, device="cuda").cpu()), torch.ones(3))
+    assert torch.equal(to_torch(y.copy_(x).cpu()), to_torch(x.cpu()))

@@ -47,6 +47,10 @@ cudaStream_t streams[kMaxDevices]; // created on first use, never destroyed
 std::mutex stream_lock;
 
 int cuda_fail(cudaError_t err, const char *what) {
+    // reported here, so cleared: the runtime would otherwise keep it as the last error and the
+    // next launch's check (to_cuda_check_launch) would raise it again, for an op that worked
+    // (sticky errors, a broken context, stay whatever this does)
+    cudaGetLastError();
     return to_fail(TO_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(err), cudaGetErrorName(err));
 }
 
