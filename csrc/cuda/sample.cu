@@ -219,7 +219,7 @@ __device__ uint64_t block_max_u64(uint64_t v, unsigned long long *red) {
 
 // The OR of every thread's bits, for every thread. One reduction for all of a row's flags: three
 // __syncthreads_or in a row (bar.red.or, one per flag) returned false for the third on the H200
-// although every thread's flag was true (sm_90a, nvcc 12; with a printf between them it did not).
+// although every thread's flag was true (sm_90a build; with a printf between them it did not).
 __device__ unsigned block_or(unsigned bits, unsigned *word) {
     bits = __reduce_or_sync(0xffffffffu, bits);
     __syncthreads(); // word may still be read
