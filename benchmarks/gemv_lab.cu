@@ -134,76 +134,8 @@ __global__ void __launch_bounds__(256) gemv_rows(Args a) {
 }
 
 
-// R2G4 written the library's way (matmul.cu gemv_stream_kernel), one difference at a time, to find
-// what makes the library's kernel slower than gemv_rows<2, 4> in the same conditions:
-//   I64: 64-bit loop indices and offsets; MRL: x rows through a runtime-bounded loop over M with a
-//   row stride (MR = 1); DT: the norm weight read through a runtime dtype switch.
-template <typename I, bool MRL, bool DT, int KSPLIT, bool NORM>
-__global__ void __launch_bounds__(256) gemv_libstyle(Args a, int64_t M, int64_t xs0, int norm_dt) {
-    constexpr int R = 2, G = 4, WARPS = 8, UNITS = WARPS / KSPLIT;
-    __shared__ float part_acc[WARPS][R + 1];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % KSPLIT;
-    int64_t n0 = ((int64_t)blockIdx.x * UNITS + warp / KSPLIT) * R;
-    const I nvec = a.K / 8;
-    const uint4 *rows[R];
-    bool ok[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        ok[r] = n0 + r < a.N;
-        rows[r] = (const uint4 *)(a.w + (ok[r] ? n0 + r : 0) * a.row_bytes);
-    }
-    if (part == 0 && lane < R && n0 + lane < a.N)
-        prefetch_l2(a.w + (n0 + lane) * a.row_bytes, (uint32_t)nvec * 16);
-    pdl_wait();
-    pdl_trigger();
-    float acc[R] = {}, ss = 0.0f;
-    const I stride = 32 * KSPLIT;
-    for (I j = part * 32 + lane; j < nvec; j += G * stride) {
-        uint4 wv[G][R];
-#pragma unroll
-        for (int g = 0; g < G; g++)
-#pragma unroll
-            for (int r = 0; r < R; r++)
-                wv[g][r] = ok[r] && j + g * stride < nvec ? __ldg(rows[r] + j + g * stride) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            const I k = (j + g * stride) * 8;
-            if (k >= a.K) break;
-            float gv[8];
-            if constexpr (NORM) {
-                if (DT && norm_dt == 0) {
-                    float4 t0 = __ldg((const float4 *)a.g + k / 4), t1 = __ldg((const float4 *)a.g + k / 4 + 1);
-                    gv[0] = t0.x, gv[1] = t0.y, gv[2] = t0.z, gv[3] = t0.w, gv[4] = t1.x, gv[5] = t1.y, gv[6] = t1.z, gv[7] = t1.w;
-                } else {
-                    unpack(__ldg((const uint4 *)a.g + k / 8), gv);
-                }
-            }
-            float wf[R][8];
-#pragma unroll
-            for (int r = 0; r < R; r++) unpack(wv[g][r], wf[r]);
-#pragma unroll
-            for (int m = 0; m < 1; m++) {
-                if (MRL && m >= M) break;
-                const float4 *xr = (const float4 *)(a.x + (MRL ? m * xs0 : 0) + k);
-#pragma unroll
-                for (int q = 0; q < 2; q++) {
-                    float4 x4 = xr[q];
-                    float xv[4] = {x4.x, x4.y, x4.z, x4.w};
-                    if constexpr (NORM) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) { ss += xv[e] * xv[e]; xv[e] *= gv[4 * q + e]; }
-                    }
-#pragma unroll
-                    for (int r = 0; r < R; r++)
-                        acc[r] += wf[r][4 * q] * xv[0] + wf[r][4 * q + 1] * xv[1] + wf[r][4 * q + 2] * xv[2] + wf[r][4 * q + 3] * xv[3];
-                }
-            }
-        }
-    }
-    finish_rows<R, KSPLIT, NORM>(a, acc, ss, part_acc, warp, lane, n0, ok);
-}
-
-// The library's current kernel (matmul.cu gemv_stream_kernel, MR = 1, bf16), for reference.
+// The library's kernel before the fifth pass (x consumed four values at a time, 64-bit indices;
+// BENCHMARKS.md), kept as the correctness reference and the baseline of the timings.
 #define GV_GROUP 4
 template <int KSPLIT, bool NORM>
 __global__ void __launch_bounds__(256) gemv_base(Args a) {
@@ -484,46 +416,9 @@ static void launch_base(const Args &a, cudaStream_t s) {
 }
 
 
-// kind 3: gemv_libstyle, flags in Variant.R: 1 = I64, 2 = MRL, 4 = DT; G unused (4).
-template <typename I, bool MRL, bool DT, bool NORM>
-static void launch_libstyle_t(const Args &a, int target, cudaStream_t s) {
-    int units = (a.N + 1) / 2, ks = 1;
-    while (ks < 8 && (units * ks + 7) / 8 < target * g_sms && a.K / 8 >= 32 * 4 * ks) ks *= 2;
-    int grid = (units * ks + 7) / 8;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(256);
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = g_pdl ? 1 : 0;
-    int64_t M = 1, xs0 = a.K;
-    int dt = 1;
-    switch (ks) {
-    case 1: CK(cudaLaunchKernelEx(&cfg, gemv_libstyle<I, MRL, DT, 1, NORM>, a, M, xs0, dt)); break;
-    case 2: CK(cudaLaunchKernelEx(&cfg, gemv_libstyle<I, MRL, DT, 2, NORM>, a, M, xs0, dt)); break;
-    case 4: CK(cudaLaunchKernelEx(&cfg, gemv_libstyle<I, MRL, DT, 4, NORM>, a, M, xs0, dt)); break;
-    default: CK(cudaLaunchKernelEx(&cfg, gemv_libstyle<I, MRL, DT, 8, NORM>, a, M, xs0, dt)); break;
-    }
-}
-
-template <bool NORM>
-static void launch_libstyle(const Args &a, int flags, int target, cudaStream_t s) {
-    switch (flags) {
-    case 0: launch_libstyle_t<int, false, false, NORM>(a, target, s); break;
-    case 1: launch_libstyle_t<int64_t, false, false, NORM>(a, target, s); break;
-    case 2: launch_libstyle_t<int, true, false, NORM>(a, target, s); break;
-    case 4: launch_libstyle_t<int, false, true, NORM>(a, target, s); break;
-    default: launch_libstyle_t<int64_t, true, true, NORM>(a, target, s); break;
-    }
-}
-
 template <bool NORM>
 static void run_variant(const Variant &v, const Args &a, cudaStream_t s) {
     if (v.kind == 0) { launch_base<NORM>(a, s); return; }
-    if (v.kind == 3) { launch_libstyle<NORM>(a, v.R, v.target, s); return; }
     if (v.kind == 2) {
         if (v.R == 4 && v.G == 16) launch_tma<4, 16384, NORM>(a, v.target, s);
         else if (v.R == 8 && v.G == 16) launch_tma<8, 16384, NORM>(a, v.target, s);
@@ -587,8 +482,6 @@ int main(int argc, char **argv) {
         {"R4G1 t2", 1, 4, 1, 2}, {"R4G2 t2", 1, 4, 2, 2}, {"R4G4 t2", 1, 4, 4, 2},
         {"R8G1 t2", 1, 8, 1, 2}, {"R8G2 t2", 1, 8, 2, 2},
         {"R2G4 t4", 1, 2, 4, 4}, {"R4G2 t4", 1, 4, 2, 4},
-        {"lib-0 t2", 3, 0, 4, 2}, {"lib-i64 t2", 3, 1, 4, 2}, {"lib-mrl t2", 3, 2, 4, 2}, {"lib-dt t2", 3, 4, 4, 2},
-        {"lib-all t2", 3, 7, 4, 2}, {"lib-0 t4", 3, 0, 4, 4}, {"lib-all t4", 3, 7, 4, 4},
         {"tma4x16 1", 2, 4, 16, 1}, {"tma4x16 2", 2, 4, 16, 2}, {"tma8x16 1", 2, 8, 16, 1},
         {"tma4x32 1", 2, 4, 32, 1}, {"tma6x8 2", 2, 6, 8, 2}, {"tma12x8 1", 2, 12, 8, 1},
     };
