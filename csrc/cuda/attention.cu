@@ -780,11 +780,47 @@ __device__ void report_bad_sequence(const AttnArgs &a, int s) {
         to_gpu_error(a.err, TO_GPU_ERR_BATCH, s, what, value);
 }
 
+// This lane's slice of q (times scale * log2 e) for query rows r0 .. r0 + RMAX of kv head g, the
+// rows of sequence s starting at q row b: zeros past `nr` rows (padding rows see no key) and past
+// D. All loads are issued together (to_load_n): one trip to memory.
+template <int DMAX, typename T, int RMAX>
+__device__ __forceinline__ void load_q(const AttnArgs &a, int64_t b, int g, int r0, int nr,
+                                       float (&q)[RMAX][DecodeShape<DMAX, T, RMAX>::E]) {
+    using Sh = DecodeShape<DMAX, T, RMAX>;
+    constexpr int L = Sh::L, VEC = Sh::VEC, E = Sh::E;
+    const int li = threadIdx.x % L, G = a.G;
+    int64_t off[RMAX * E];
+    bool in[RMAX * E];
+#pragma unroll
+    for (int r = 0; r < RMAX; r++)
+#pragma unroll
+        for (int i = 0; i < E; i++) {
+            const int rr = r0 + r, d = (i / VEC * L + li) * VEC + i % VEC;
+            const int64_t t = b + rr / G, h = (int64_t)g * G + rr % G;
+            in[r * E + i] = r < nr && d < a.D;
+            off[r * E + i] = t * a.qs0 + h * a.qs1 + d * a.qs2;
+        }
+    float v[RMAX * E];
+    to_load_n(a.q, a.q_dtype, off, in, v);
+#pragma unroll
+    for (int r = 0; r < RMAX; r++)
+#pragma unroll
+        for (int i = 0; i < E; i++)
+            q[r][i] = v[r * E + i] * a.qscale;
+}
+
 // What decode_segment tells the merge, in shared memory (nothing held in registers across it).
 struct SegmentRows {
     int64_t first; // s's first query row
     int rows;      // its rows that read kv head g (nq * G, maybe 0); -1: s's own lengths are wrong
+    int filled;    // segments that hold keys (the first ones; the rest are empty)
 };
+
+// Keys per segment of a context of len keys cut into `splits` (a multiple of kSegMin)
+__device__ __forceinline__ int64_t segment_length(int64_t len, int splits) {
+    const int64_t per = (len + splits - 1) / splits;
+    return per <= kSegMin ? kSegMin : (per + kSegMin - 1) / kSegMin * kSegMin;
+}
 
 // This block's segment (sequence s, kv head g, segment split, from blockIdx.x): with merging, its
 // partials (acc, m, l) for every row of s that reads g; otherwise, once the whole batch checked
@@ -807,11 +843,19 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
     // at most splits * kSegMin keys), loaded together with the sequence's lengths.
     const int64_t guess0 = (int64_t)split * kSegMin;
     int64_t entry = table_entry(a, s, guess0 + tid);
+    // So are the first pass's q rows, guessing one query per sequence (q row s: a decode step);
+    // rows past q's end are zeros, never used (the guess is right only when they are padding).
+    float q[RMAX][E];
+    const bool q_guessed = s < a.T;
+    if (q_guessed)
+        load_q<DMAX, T, RMAX>(a, s, g, 0, (int)(a.T - s < RMAX ? (a.T - s) * G : RMAX), q);
     SeqMeta sm;
     int64_t value;
     const bool head_bad = check_sequence_head(a, s, &sm, &value) != 0;
     if (tid == 0)
-        *rows_out = SegmentRows{sm.b, head_bad ? -1 : (int)((sm.e - sm.b) * G)};
+        *rows_out = SegmentRows{sm.b, head_bad ? -1 : (int)((sm.e - sm.b) * G),
+                                head_bad ? 0 : (int)((sm.len + segment_length(sm.len, a.splits) - 1)
+                                                           / segment_length(sm.len, a.splits))};
     if (head_bad) { // nothing of s may be read
         if (!a.merge) {
             const int bad = find_bad_sequence(a, sScan, sBad);
@@ -830,8 +874,7 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
     }
 
     // this block's segment of the context
-    const int64_t per = (len + a.splits - 1) / a.splits;
-    const int64_t seglen = per <= kSegMin ? kSegMin : (per + kSegMin - 1) / kSegMin * kSegMin;
+    const int64_t seglen = segment_length(len, a.splits);
     const int64_t k_begin = split * seglen, k_end = len < k_begin + seglen ? len : k_begin + seglen;
     const int rows = (int)(nq * G); // the host bounds T * Hq by INT32_MAX
     if (k_begin >= len) { // past the context: an empty partial for the merge
@@ -847,23 +890,12 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
 
     for (int r0 = 0; r0 < rows; r0 += RMAX) {
         const int nr = rows - r0 < RMAX ? rows - r0 : RMAX;
-        // this lane's slice of q (times scale * log2 e) for each row, zero past D and past nr
-        float q[RMAX][E];
+        if (!(r0 == 0 && q_guessed && b == s))
+            load_q<DMAX, T, RMAX>(a, b, g, r0, nr, q);
         int pos[RMAX]; // -1 for a padding row: it sees no key
 #pragma unroll
-        for (int r = 0; r < RMAX; r++) {
-            const int rr = r0 + r;
-            const int64_t t = b + rr / G, h = (int64_t)g * G + rr % G;
-            pos[r] = r < nr ? (int)(pos0 + rr / G) : -1;
-#pragma unroll
-            for (int c = 0; c < NC; c++)
-#pragma unroll
-                for (int e = 0; e < VEC; e++) {
-                    const int d = (c * L + li) * VEC + e;
-                    q[r][c * VEC + e] = r < nr && d < D
-                        ? to_load(a.q, a.q_dtype, t * a.qs0 + h * a.qs1 + d * a.qs2) * a.qscale : 0.0f;
-                }
-        }
+        for (int r = 0; r < RMAX; r++)
+            pos[r] = r < nr ? (int)(pos0 + (r0 + r) / G) : -1;
         // keys past the pass's last position are masked for all its rows
         const int64_t last = pos0 + (r0 + nr - 1) / G + 1;
         const int64_t k_stop = k_end < last ? k_end : last;
@@ -1023,46 +1055,52 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
 }
 
 // One warp, for query row t and q head h: out = sum_i w_i acc_i / sum_i w_i l_i over the
-// segments, w_i = 2^(m_i - max m), in segment order (deterministic). Empty segments (m = -inf)
-// weigh 0 and are not read; segment 0 holds key 0, so max m is finite. (The arithmetic of the
-// separate merge kernel this replaced, unchanged: the same bits.) The other segments' partials
-// were written by other blocks in this launch: read through L2 (__ldcg), after the acquiring
-// fence of the arrival. With `verdict` the checking block's verdict decides whether out is
-// written (loaded with the first partials, used only at the stores); without it the caller
-// knows the batch is good.
-__device__ __forceinline__ void merge_row(const AttnArgs &a, int64_t t, int64_t h, bool verdict) {
+// segments, w_i = 2^(m_i - max m), in segment order (deterministic). Only the first `filled`
+// segments hold keys; the others are empty (m = -inf, weight 0) and are not read. Segment 0 holds
+// key 0, so max m is finite. (The arithmetic of the separate merge kernel this replaced,
+// unchanged: the same bits.) The other segments' partials were written by other blocks in this
+// launch: read through L2 (__ldcg), after the acquiring fence of the arrival. Every (m, l) and the
+// first kMergeLoads segments' acc are loaded together, before any is used: one trip to memory
+// for up to kMergeLoads segments. With `verdict` the checking block's verdict decides whether
+// out is written (loaded with the partials, used only at the stores); without it the caller knows
+// the batch is good.
+constexpr int kMergeLoads = 8; // segments whose acc loads are in flight together
+
+__device__ __forceinline__ void merge_row(const AttnArgs &a, int64_t t, int64_t h, int filled, bool verdict) {
     const int lane = threadIdx.x % 32;
     const bool ok = !verdict || *(volatile const int *)a.batch_ok;
     const int64_t pair = t * a.Hq + h;
-    const int ns = a.splits, D = a.D;
-    const float2 *ml = a.ml + pair * ns;
+    const int ns = filled, D = a.D;
+    const float2 *ml = a.ml + pair * a.splits;
+    const float *part = a.part + pair * a.splits * D;
     const float2 none = make_float2(-INFINITY, 0.0f);
     const float2 x0 = lane < ns ? __ldcg(ml + lane) : none, x1 = lane + 32 < ns ? __ldcg(ml + lane + 32) : none;
-    const float mx = to_warp_max(fmaxf(x0.x, x1.x));
-    const float w0 = x0.x == -INFINITY ? 0.0f : exp2f(x0.x - mx);
-    const float w1 = x1.x == -INFINITY ? 0.0f : exp2f(x1.x - mx);
-    const float inv = 1.0f / to_warp_sum(w0 * x0.y + w1 * x1.y);
-    const float *part = a.part + pair * ns * D;
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; // d = lane + 32 c, D <= 256
-    constexpr int U = 4;                     // segments whose loads are in flight together
-    for (int i0 = 0; i0 < ns; i0 += U) {
-        float w[U], v[U][8];
+    float w0 = 0.0f, w1 = 0.0f, inv = 0.0f;
+    for (int i0 = 0; i0 < ns; i0 += kMergeLoads) {
+        float v[kMergeLoads][8];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int i = i0 + u;
-            w[u] = __shfl_sync(0xffffffffu, i < 32 ? w0 : w1, i % 32);
-            w[u] = i < ns ? w[u] : 0.0f;
+        for (int u = 0; u < kMergeLoads; u++)
 #pragma unroll
-            for (int c = 0; c < 8; c++) {
-                const int d = lane + 32 * c;
-                v[u][c] = w[u] != 0.0f && d < D ? __ldcg(part + (int64_t)i * D + d) : 0.0f;
+            for (int c = 0; c < 8; c++) { // an address always there (segment 0's); the value unused
+                const int i = i0 + u, d = lane + 32 * c;
+                v[u][c] = __ldcg(part + (i < ns && d < D ? (int64_t)i * D + d : 0));
             }
+        if (i0 == 0) { // the weights, once the (m, l) loads are in
+            const float mx = to_warp_max(fmaxf(x0.x, x1.x));
+            w0 = x0.x == -INFINITY ? 0.0f : exp2f(x0.x - mx);
+            w1 = x1.x == -INFINITY ? 0.0f : exp2f(x1.x - mx);
+            inv = 1.0f / to_warp_sum(w0 * x0.y + w1 * x1.y);
         }
 #pragma unroll
-        for (int u = 0; u < U; u++)
+        for (int u = 0; u < kMergeLoads; u++) {
+            const int i = i0 + u;
+            float w = __shfl_sync(0xffffffffu, i < 32 ? w0 : w1, i % 32);
+            w = i < ns ? w : 0.0f;
 #pragma unroll
             for (int c = 0; c < 8; c++)
-                acc[c] += w[u] * v[u][c];
+                acc[c] += w != 0.0f ? w * v[u][c] : 0.0f;
+        }
     }
     if (!ok)
         return; // a bad batch: nothing written
@@ -1161,7 +1199,7 @@ __global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(
     const int rows = sRows.rows;
     const int64_t b = sRows.first, g0 = (int64_t)(sPair % a.Hkv) * a.G; // first row, first q head
     for (int r = tid / 32; r < rows; r += kDecThreads / 32)
-        merge_row(a, b + r / a.G, g0 + r % a.G, verdict);
+        merge_row(a, b + r / a.G, g0 + r % a.G, sRows.filled, verdict);
 }
 
 // The arrival counters of merging decode launches on GPU `dev` (decode_kernel): at least n

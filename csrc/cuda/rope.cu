@@ -74,8 +74,23 @@ __device__ void copy_v_head(const RopeArgs &a, int64_t t, int64_t hv, int lane) 
     if (slot < 0)
         return;
     const int64_t row = kv_row(a.kv, slot, hv);
-    for (int64_t d = lane; d < a.D; d += 32)
-        to_store(a.kv.v_cache, a.kv.cache_dtype, row + d, kv_load_v(a.kv, t, hv, d));
+    constexpr int U = 8; // loads in flight per lane (to_load_n)
+    for (int64_t d0 = lane; d0 < a.D; d0 += 32 * U) {
+        int64_t off[U];
+        bool in[U];
+        float v[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t d = d0 + 32 * u;
+            in[u] = d < a.D;
+            off[u] = t * a.kv.vs0 + hv * a.kv.vs1 + d * a.kv.vs2;
+        }
+        to_load_n(a.kv.v, a.kv.v_dtype, off, in, v);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (in[u])
+                to_store(a.kv.v_cache, a.kv.cache_dtype, row + d0 + 32 * u, v[u]);
+    }
 }
 
 // cs, sn [R/2] in shared memory: token t's scaled cos/sin, computed by the whole block.
@@ -150,6 +165,32 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
 
     const int64_t t = blockIdx.x;
     const int64_t h = (int64_t)blockIdx.y * a.warps + warp;
+    const int64_t sx = a.x.strides[2], sw = a.weight.strides[a.weight.ndim - 1];
+    const int64_t wo = a.weight.ndim == 2 ? h * a.weight.strides[0] : 0; // a per-head weight's row
+    const int64_t xo = t * a.x.strides[0] + h * a.x.strides[1];
+    // pair i's members: (i, i + R/2) rotate-half, (2i, 2i + 1) interleaved
+    const int64_t step = a.interleaved ? 2 : 1, other = a.interleaved ? 1 : half;
+
+    // The head's values and the norm's weights: [k] the pairs' members, [N + k] their partners,
+    // [2N + k] the dims >= R (zeros where missing), all loaded before the cos/sin table is built.
+    float v[3 * N], w[3 * N];
+    if (h < a.H) {
+        int64_t xoff[3 * N], woff[3 * N];
+        bool in[3 * N];
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            const int64_t i = lane + 32 * k, j = a.R + i;
+            const int64_t e[3] = {i * step, i * step + other, j};
+#pragma unroll
+            for (int m = 0; m < 3; m++) {
+                in[m * N + k] = m < 2 ? i < half : j < a.D;
+                xoff[m * N + k] = xo + e[m] * sx;
+                woff[m * N + k] = wo + e[m] * sw;
+            }
+        }
+        to_load_n(a.x.data, a.x.dtype, xoff, in, v);
+        to_load_n(a.weight.data, a.weight.dtype, woff, in, w);
+    }
     if ((int64_t)blockIdx.y * a.warps < a.H) // (block-uniform: blocks of v's heads alone skip it)
         cos_sin_table(a, t, cs, sn);
     if (h >= a.H) { // whole warps leave: the shuffles below always have all 32 lanes
@@ -157,29 +198,13 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
             copy_v_head(a, t, h - a.H, lane);
         return;
     }
-    const int64_t sx = a.x.strides[2], sw = a.weight.strides[a.weight.ndim - 1];
     const int64_t krow = k_row(a, t, h);
-    const int64_t wo = a.weight.ndim == 2 ? h * a.weight.strides[0] : 0; // a per-head weight's row
-    const int64_t xo = t * a.x.strides[0] + h * a.x.strides[1];
     const int64_t oo = t * a.out.strides[0] + h * a.out.strides[1];
-    // pair i's members: (i, i + R/2) rotate-half, (2i, 2i + 1) interleaved
-    const int64_t step = a.interleaved ? 2 : 1, other = a.interleaved ? 1 : half;
-
-    float v0[N], v1[N], vr[N]; // the pairs' members and the dims >= R
+    float *v0 = v, *v1 = v + N, *vr = v + 2 * N;
     double ss = 0.0;
 #pragma unroll
-    for (int k = 0; k < N; k++) {
-        const int64_t i = lane + 32 * k, j = a.R + i;
-        v0[k] = v1[k] = vr[k] = 0.0f;
-        if (i < half) {
-            v0[k] = to_load(a.x.data, a.x.dtype, xo + i * step * sx);
-            v1[k] = to_load(a.x.data, a.x.dtype, xo + (i * step + other) * sx);
-        }
-        if (j < a.D)
-            vr[k] = to_load(a.x.data, a.x.dtype, xo + j * sx);
-        // squares are exact in double; the zeros of missing elements add nothing
+    for (int k = 0; k < N; k++) // squares are exact in double; the zeros of missing elements add nothing
         ss += (double)v0[k] * v0[k] + (double)v1[k] * v1[k] + (double)vr[k] * vr[k];
-    }
     __syncwarp(); // every lane has read its part of the head before any lane writes (out may be x)
     ss = to_warp_sum_double(ss);
     const float rinv = (float)(1.0 / sqrt(ss / (double)a.D + a.eps));
@@ -188,16 +213,15 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
     for (int k = 0; k < N; k++) {
         const int64_t i = lane + 32 * k, j = a.R + i;
         if (i < half) {
-            const int64_t e0 = i * step, e1 = i * step + other;
-            float y0 = __fmul_rn(__fmul_rn(v0[k], rinv), to_load(a.weight.data, a.weight.dtype, wo + e0 * sw));
-            float y1 = __fmul_rn(__fmul_rn(v1[k], rinv), to_load(a.weight.data, a.weight.dtype, wo + e1 * sw));
+            float y0 = __fmul_rn(__fmul_rn(v0[k], rinv), w[k]);
+            float y1 = __fmul_rn(__fmul_rn(v1[k], rinv), w[N + k]);
             float r0 = __fsub_rn(__fmul_rn(y0, cs[i]), __fmul_rn(y1, sn[i]));
             float r1 = __fadd_rn(__fmul_rn(y1, cs[i]), __fmul_rn(y0, sn[i]));
             put(a, oo, krow, i, r0);
             put(a, oo, krow, i + half, r1);
         }
         if (j < a.D) {
-            float y = __fmul_rn(__fmul_rn(vr[k], rinv), to_load(a.weight.data, a.weight.dtype, wo + j * sw));
+            float y = __fmul_rn(__fmul_rn(vr[k], rinv), w[2 * N + k]);
             put(a, oo, krow, j, y);
         }
     }
