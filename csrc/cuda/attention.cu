@@ -678,32 +678,11 @@ __device__ __forceinline__ int64_t cache_row(const AttnArgs &a, int64_t entry, i
     return ((entry * a.block_size + p % a.block_size) * a.Hkv + g) * a.D;
 }
 
-// 16 bytes of cache elements from p: one load, or element by element (zeros past `valid`) where
-// rows are not 16-byte pieces.
-template <typename T>
-__device__ __forceinline__ uint4 load16(const T *p, bool vec, int valid) {
-    if (vec)
-        return __ldg(reinterpret_cast<const uint4 *>(p));
-    unsigned w[4] = {0, 0, 0, 0}; // packed by shifts: no type punning of a local
-    if (sizeof(T) == 4) {
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            if (i < valid)
-                w[i] = reinterpret_cast<const unsigned *>(p)[i];
-    } else {
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            if (i < valid)
-                w[i / 2] |= (unsigned)reinterpret_cast<const unsigned short *>(p)[i] << (16 * (i % 2));
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 // The lowest sequence that check_sequence finds wrong, or -1; every thread of the block calls it
 // and gets the answer. Runs of kDecThreads sequences: one thread checks a sequence's lengths, a
 // block scan lays out the table entries their contexts need, and all threads check those, several
 // loads in flight each. A batch of S sequences with contexts of n_s blocks costs sum n_s loads.
-__device__ int find_bad_sequence(const AttnArgs &a, long long *scan, int *bad) {
+__device__ __noinline__ int find_bad_sequence(const AttnArgs &a, long long *scan, int *bad) {
     constexpr int U = 8; // entry loads in flight per thread
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     __syncthreads(); // scan and bad may still be read by a previous use
@@ -774,7 +753,7 @@ __device__ int find_bad_sequence(const AttnArgs &a, long long *scan, int *bad) {
 }
 
 // Records sequence s's error as the planning kernel does (one thread calls it).
-__device__ void report_bad_sequence(const AttnArgs &a, int s) {
+__device__ __noinline__ void report_bad_sequence(const AttnArgs &a, int s) {
     int64_t value;
     if (int what = check_sequence(a, s, &value))
         to_gpu_error(a.err, TO_GPU_ERR_BATCH, s, what, value);
@@ -886,7 +865,6 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
     }
     const int64_t pos0 = len - nq; // position of the first query
     const T *kc = static_cast<const T *>(a.k_cache), *vc = static_cast<const T *>(a.v_cache);
-    const bool vec = a.vec;
 
     for (int r0 = 0; r0 < rows; r0 += RMAX) {
         const int nr = rows - r0 < RMAX ? rows - r0 : RMAX;
@@ -937,8 +915,8 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
                             const int d0 = (c * L + li) * VEC;
                             kr[k][c] = vr[k][c] = make_uint4(0, 0, 0, 0); // zero past D and k_stop
                             if (roff[k] >= 0 && d0 < D) {
-                                kr[k][c] = load16(kc + roff[k] + d0, vec, D - d0);
-                                vr[k][c] = load16(vc + roff[k] + d0, vec, D - d0);
+                                kr[k][c] = __ldg(reinterpret_cast<const uint4 *>(kc + roff[k] + d0));
+                                vr[k][c] = __ldg(reinterpret_cast<const uint4 *>(vc + roff[k] + d0));
                             }
                         }
                     // scores (base 2), reduced over the group's lanes; masked ones -inf
@@ -1356,7 +1334,7 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
     // so that a long context is streamed by every multiprocessor; never more than kMaxSplits, nor
     // more than kSegMin-key pieces of the longest context the table can hold. (Short contexts use
     // only the first segments: the device cuts the real length, in pieces of at least kSegMin.)
-    if (T <= S && T * Hq <= INT32_MAX && S <= INT32_MAX && Hkv <= INT32_MAX) {
+    if (T <= S && a.vec && T * Hq <= INT32_MAX && S <= INT32_MAX && Hkv <= INT32_MAX) {
         const int64_t resident = (G > 4 ? 2 : 3) * (int64_t)sms;
         int64_t splits = 1;
         if (2 * S * Hkv <= resident) {

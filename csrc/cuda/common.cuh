@@ -109,10 +109,11 @@ __device__ __forceinline__ float to_load(const char *base, int dtype, int64_t i)
     return 0.0f;
 }
 
-// N values of one runtime dtype, as to_load reads them, at element offsets off[i] where in[i] (0
-// where not): the dtype is switched on once and every load is issued before any is converted.
-// (Loads through to_load one by one each wait for the one before: the switch between them keeps
-// the compiler from moving the next load up, so N loads cost N trips to memory, not one.)
+// N values of one float dtype (f32, f16, bf16), as to_load reads them, at element offsets off[i]
+// where in[i] (0 where not): the dtype is switched on once and every load is issued before any
+// is converted. (Loads through to_load one by one each wait for the one before: the switch
+// between them keeps the compiler from moving the next load up, so N loads cost N trips to
+// memory, not one.)
 template <typename T, int N>
 __device__ __forceinline__ void to_load_n_typed(const char *base, const int64_t (&off)[N], const bool (&in)[N],
                                                 float (&out)[N]) {
@@ -129,15 +130,12 @@ __device__ __forceinline__ void to_load_n_typed(const char *base, const int64_t 
 template <int N>
 __device__ __forceinline__ void to_load_n(const char *base, int dtype, const int64_t (&off)[N], const bool (&in)[N],
                                           float (&out)[N]) {
-    switch (dtype) {
-    case TO_F32: to_load_n_typed<float, N>(base, off, in, out); break;
-    case TO_F16: to_load_n_typed<__half, N>(base, off, in, out); break;
-    case TO_BF16: to_load_n_typed<__nv_bfloat16, N>(base, off, in, out); break;
-    default:
-#pragma unroll
-        for (int i = 0; i < N; i++)
-            out[i] = in[i] ? to_load(base, dtype, off[i]) : 0.0f;
-    }
+    if (dtype == TO_BF16)
+        to_load_n_typed<__nv_bfloat16, N>(base, off, in, out);
+    else if (dtype == TO_F16)
+        to_load_n_typed<__half, N>(base, off, in, out);
+    else
+        to_load_n_typed<float, N>(base, off, in, out);
 }
 
 __device__ __forceinline__ void to_store(char *base, int dtype, int64_t i, float x) {
