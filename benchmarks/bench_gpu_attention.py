@@ -12,9 +12,6 @@ context; default: just the context's blocks).
 --strided-q: q is a view of a qkv row [S, (q heads + 2 kv heads) * D], as the model's is.
 --pool: cache blocks in the pool (a model's pool is sized for many sequences; default: just the
 context's), the sequences' blocks at its end.
---evict MB: between ops a copy of that many MB (read and written) pushes the L2 out, as a model's
-weight streaming does to everything the op touches: its code, its batch's metadata, its q; the
-copies' own time, measured alone, is subtracted.
 --cold: the captured ops cycle over enough distinct caches, queries and tables (more than the
 L2 holds) that each op reads them from DRAM, as a model's layer does after the weights streamed.
 """
@@ -66,7 +63,6 @@ def main():
     ap.add_argument("--width", type=int, default=0, help="block-table columns (0: the context's blocks)")
     ap.add_argument("--strided-q", action="store_true", help="q a view of a qkv row, as in a model")
     ap.add_argument("--pool", type=int, default=0, help="cache blocks in the pool (0: the context's)")
-    ap.add_argument("--evict", type=int, default=0, help="MB copied between ops (0: none)")
     args = ap.parse_args()
     hq, hkv, D, bs = args.heads, 8, 128, 16
     for S in (int(b) for b in args.batch.split(",")):
@@ -78,18 +74,11 @@ def main():
             out = ip.Tensor.empty(S, hq, D, device="cuda")
             step = iter(range(1 << 30))
 
-            n = args.evict * 2**20 // 4
-            src, dst = (ip.Tensor.empty(n, device="cuda"), ip.Tensor.empty(n, device="cuda")) if n else (None, None)
-
-            def evict():
-                return dst.copy_(src) if n else out
-
             def op():
                 q, k_cache, v_cache, cu, lens, tables = sets[next(step) % copies]
-                evict()
                 return ops.paged_attention(q, k_cache, v_cache, cu, lens, tables, D ** -0.5, out=out)
 
-            us = per_op_us(op, args.repeat) - (per_op_us(evict, args.repeat) if n else 0.0)
+            us = per_op_us(op, args.repeat)
             gbs = 2 * S * ctx * hkv * D * 2 / (us * 1e-6) / 1e9
             print(f"batch {S:3d} context {ctx:6d}: {us:8.2f} us  {gbs:7.0f} GB/s of K/V")
 
