@@ -27,10 +27,9 @@
 // host (csrc/ops/sample.c checked them) and are uploaded in one packed buffer through the GPU's
 // staging copy, which does not wait.
 //
-// One block per row. Positions in the order are found without sorting the row, by radix
-// selection over 64-bit order keys, all in integers (counts and u64 masses are added with
-// atomics, but integer sums do not depend on the order they happen in: results never depend on
-// thread scheduling):
+// Positions in the order are found without sorting the row, by radix selection over 64-bit order
+// keys, all in integers (counts and u64 masses are added with atomics, but integer sums do not
+// depend on the order they happen in: results never depend on thread or block scheduling):
 //  - key = (order_key(x) >> vshift) << ib | (2^ib - 1 - j): larger key = earlier in the order.
 //    ib is the bit length of V - 1 and vshift drops the low bits of f16/bf16 values (always
 //    equal, given the sign), so for a bf16 row of 151,936 logits a key has 16 + 18 bits; ties are
@@ -48,9 +47,58 @@
 //  - typical_p: a pass for c (128-bit sums), 8 radix passes of 8 bits over the bit patterns of
 //    |w - c| (non-negative doubles order as integers) for s*, a pass for the segment.
 //
+// A row's blocks. One SM walking a 151,936-logit row 4-9 times took ~575 us at batch 1 (H200), so
+// a row is split over P blocks (grid (rows, P), blockIdx.y = the block's part; P = 1 when rows
+// are many). Block p takes the elements j = p * T + t + k * P * T (T threads, t its thread) -
+// coalesced, and every block of a row does the same number of loop trips up to one. Each pass's
+// result - a histogram, counts, masses, a max - is a sum (or max) of integers, so the blocks add
+// their shares up in any order and get the one-block result exactly: a block reduces in shared
+// memory as before, adds its non-zero bins and values to the row's global copy with one atomic
+// each, waits at the row's barrier, and reads the row's totals back into shared memory. Then
+// every block makes the same decision (find_bin on the same histogram: redundant, identical), so
+// all blocks of a row take the same branches and reach the same barriers in the same order; a
+// row that stops early (bad logits, a greedy row after pass 1) stops in all its blocks at once.
+// The gather (a bin's <= 1024 keys): each block collects its keys, reserves a range of the row's
+// global key array with one atomic and copies them there; after the barrier every block loads
+// all of them (in whatever order they landed) and sorts them, which makes the order canonical.
+//  - The barrier: a u64 arrival counter per row and kernel that only grows. A block's thread 0
+//    fences (its block's writes, ordered by __syncthreads, become visible: release), adds 1, and
+//    spins until the count reaches (barriers passed + 1) * P, then fences again (acquire). The
+//    row's totals are then read with ld.global.cg (L2). No reset between barriers is needed.
+//  - The blocks of a row must be resident together or the barrier never opens: a launch with
+//    P > 1 is cooperative (cudaLaunchAttributeCooperative), which the runtime refuses, rather
+//    than hangs, when the grid cannot be resident at once; P is chosen so that it can
+//    (rows * P <= blocks per SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor) * SMs). It keeps
+//    the programmatic-launch attribute (PDL): no CUDA document found says the two exclude each
+//    other, and both wait safely - the blocks spin only after griddepcontrol.wait (the kernel
+//    before has finished, so its blocks leave the SMs), and the next kernel starts only once
+//    every block of this one has called griddepcontrol.launch_dependents (so all are resident).
+//    Should a runtime refuse the pair, the launch is retried once without PDL and later
+//    cooperative launches go without it (launch_rows).
+//  - P: capacity / rows (fill the GPU about once), at most 64, and at most V / 2048 (one block's
+//    pass over fewer logits costs less than a barrier, ~1-2 us, would save); P < 2 means 1 (no
+//    barrier, no scratch, an ordinary launch). INFERENCE_PIO_SAMPLE_PARTS=k asks for k instead of V / 2048 (still
+//    within 64 and the capacity): tests force the split on small rows with it.
+//  - Scratch (one to_cuda_alloc per call, only when some kernel splits): a 128-byte head per row
+//    (the barriers' counters and the first exchange's values), zeroed by a cudaMemsetAsync on
+//    the stream before the first kernel (a CUDA graph replays it), then three exchange buffers
+//    per row of a launch (values, 2048 bins, 1024 keys), used in turn: exchange g of a row uses
+//    buffer g % 3 (exchange 0, pass 1's, uses the head), and while in it every block clears its
+//    share of buffer (g + 1) % 3, which was last read in exchange g - 2, which every block left
+//    before arriving at barrier g - 1. So no buffer needs zeroing beforehand, and the launches of
+//    a call (kRowsPerLaunch rows each) reuse them: a launch touches memory only after
+//    griddepcontrol.wait, when the one before has finished.
+//  - process_kernel splits its copy of the rows the same way (one barrier: the row's NaN / +inf
+//    / live flags), then part 0 alone runs the processors (they touch only the history's and the
+//    bias list's tokens). logprob_kernel: each block's max and its sum of exponentials (in a fixed
+//    order within the block) go to a slot per part; after each barrier the parts' slots are
+//    combined in part order, so the result is deterministic for a given P.
+//  - Errors: only part 0 of a row writes -1 and records the error, as the one block did before:
+//    the error word keeps the first recorded (atomicCAS), whichever bad row gets there first.
+//
 // Parameters: validated on the host by csrc/ops/sample.c (they are host tensors) and reduced here,
 // on the host, to per-row values that travel inside the kernel's arguments (kRowsPerLaunch rows
-// per launch): no copy, no allocation, no synchronisation.
+// per launch): no copy, no synchronisation (a split's scratch comes from the stream-ordered cache).
 //
 // Logprobs: top_ids / top_logprobs by to_cuda_topk on the raw logits, then logprob_kernel turns
 // the values into logprobs and writes the chosen tokens' (the raw rows' log-sum-exp in double,
@@ -62,7 +110,9 @@
 // it, naming the row (the first recorded when several rows are bad).
 #include "cuda/common.cuh"
 
+#include <atomic>
 #include <math.h>
+#include <stddef.h>
 #include <string.h>
 
 namespace {
@@ -73,6 +123,8 @@ constexpr int kBins0 = 1 << kBits0;
 constexpr int kDigitBits = 10;     // later levels: 1024 bins
 constexpr int kGather = 1024;      // a bin this small is sorted outright
 constexpr float kWMax = 87.0f;     // e = 0 beyond (as on the CPU)
+constexpr int kMaxParts = 64;          // blocks per row, at most
+constexpr int64_t kMinPerBlock = 2048; // logits per block, at least (unless INFERENCE_PIO_SAMPLE_PARTS)
 
 // Per-row values, prepared on the host.
 struct RowParams {
@@ -86,22 +138,64 @@ struct RowParams {
     int64_t lk;    // top_k prefix length before its ties, 1..V
 };
 
-struct SampleArgs {
-    const void *logits;
-    int64_t row_stride, col_stride, n; // logits [rows, n], strides in elements
-    int64_t *out;
-    int64_t out_stride;
-    float *processed; // [rows, n] or NULL
-    int64_t proc_row_stride, proc_col_stride;
-    int64_t row0; // the row of blockIdx.x == 0 (launches cover kRowsPerLaunch rows each)
-    unsigned long long *err;
-    int vshift, ib, pipeline;
-    RowParams rows[kRowsPerLaunch];
-};
-static_assert(sizeof(SampleArgs) <= 4096, "kernel arguments are limited to 4 KB");
+// ===================================================================================== split rows
 
-// What a row reports in the error word's b (TO_SAMPLE_BAD_* of csrc/cpu/sample.h); c = 1 for
-// to_sample_pipeline, 0 for to_sample.
+// A row's words that must start at zero, one per row of the call (cudaMemsetAsync before the
+// first kernel). 128 bytes: rows spinning on their counters do not share a line.
+struct alignas(128) RowHead {
+    unsigned long long bar[3];   // arrivals at the barriers of process_kernel, sample_kernel, logprob_kernel
+    unsigned long long proc[3];  // process_kernel's exchange (its flags)
+    unsigned long long first[3]; // sample_kernel's exchange 0 (pass 1's flags and max key)
+};
+
+// One exchange of sample_kernel among a row's blocks: values and a histogram that every block
+// adds its share to, and gathered keys. Three per row, used in turn (see open_exchange).
+struct Exchange {
+    unsigned long long vals[8];
+    unsigned long long ngather, pad[7];
+    uint32_t cnt[kBins0];
+    unsigned long long mass[kBins0];
+    unsigned long long keys[kGather]; // not cleared: only the ngather written are read
+};
+constexpr int kClearWords = (int)(offsetof(Exchange, keys) / 8); // the part cleared, in u64 words
+
+// logprob_kernel's slots: each part's max, then its sum (written once each: nothing to clear)
+struct LpSlots {
+    float m[kMaxParts];
+    double s[kMaxParts];
+};
+
+// This block's place in its row.
+struct Part {
+    int parts, part;         // the row's blocks (gridDim.y), this one (blockIdx.y)
+    unsigned gen;            // barriers passed (the same in every block of the row)
+    unsigned long long *bar; // the row's arrival counter for this kernel (NULL when parts == 1)
+};
+
+__device__ Part row_part(RowHead *heads, int64_t r, int kernel) {
+    Part pt;
+    pt.parts = (int)gridDim.y;
+    pt.part = (int)blockIdx.y;
+    pt.gen = 0;
+    pt.bar = pt.parts > 1 ? &heads[r].bar[kernel] : nullptr;
+    return pt;
+}
+
+// Waits until every block of the row has arrived here (as many times as this block). Called by
+// every thread of the block; what the block wrote before is visible to the row's blocks after.
+__device__ void row_barrier(Part &pt) {
+    __syncthreads(); // the block's writes and atomics are done
+    if (threadIdx.x == 0) {
+        const unsigned long long target = (unsigned long long)(pt.gen + 1) * (unsigned)pt.parts;
+        __threadfence(); // release: the block's writes before the arrival
+        atomicAdd(pt.bar, 1ull);
+        while (*(volatile unsigned long long *)pt.bar < target)
+            __nanosleep(32);
+        __threadfence(); // acquire: the other blocks' writes after it
+    }
+    __syncthreads();
+    pt.gen++;
+}
 
 // ===================================================================================== arithmetic
 
@@ -139,10 +233,12 @@ __device__ __forceinline__ uint32_t order_key(float v) {
     return (u & 0x80000000u) ? ~u : u | 0x80000000u;
 }
 
+// A row as this block sees it: its elements, and its share of them (j = j0 + t + k * step).
 template <typename T>
 struct Row {
     const T *x;
     int64_t sx, n;
+    int64_t j0, step; // part * blockDim.x, parts * blockDim.x
     int vshift, ib;
     uint64_t imask; // 2^ib - 1
     float m, inv_t;
@@ -188,11 +284,9 @@ struct Shared {
     unsigned long long mass[kGather];
     unsigned long long keys[kGather];
     Scan scan;
-    unsigned long long red[32];
-    unsigned long long lm_c, lm_s, total;
-    unsigned long long acc[4]; // count_mass / typical's sums
+    unsigned long long vals[8]; // block_totals' results (then the row's)
+    unsigned long long gather_at;
     int ngather;
-    unsigned flags; // block_or's word
 };
 
 __device__ __forceinline__ uint64_t warp_sum_u64(uint64_t v) {
@@ -201,35 +295,118 @@ __device__ __forceinline__ uint64_t warp_sum_u64(uint64_t v) {
     return v;
 }
 
-// The block's largest value; every thread gets it.
-__device__ uint64_t block_max_u64(uint64_t v, unsigned long long *red) {
+__device__ __forceinline__ uint64_t warp_max_u64(uint64_t v) {
     for (int o = 16; o > 0; o >>= 1) {
         uint64_t other = __shfl_xor_sync(0xffffffffu, v, o);
         v = other > v ? other : v;
     }
-    __syncthreads(); // red may still be read
-    if (threadIdx.x % 32 == 0)
-        red[threadIdx.x / 32] = v;
-    __syncthreads();
-    v = 0;
-    for (int i = 0; i < (int)blockDim.x / 32; i++)
-        v = red[i] > v ? red[i] : v;
     return v;
 }
 
-// The OR of every thread's bits, for every thread. One reduction for all of a row's flags: three
-// __syncthreads_or in a row (bar.red.or, one per flag) returned false for the third on the H200
-// although every thread's flag was true (sm_90a build; with a printf between them it did not).
-__device__ unsigned block_or(unsigned bits, unsigned *word) {
-    bits = __reduce_or_sync(0xffffffffu, bits);
-    __syncthreads(); // word may still be read
+// The block's totals of K values per thread into vals[0 .. K) (shared): sums, or maxima where
+// bit i of max_mask is set (flags are 0/1 values under a max: their OR). Ends with __syncthreads,
+// so what the block wrote before (a histogram) is complete too. One reduction for all of a pass's
+// values: three __syncthreads_or in a row (bar.red.or, one per flag) returned false for the third
+// on the H200 although every thread's flag was true (sm_90a build; with a printf between them it
+// did not), so flags go through here as well.
+template <int K>
+__device__ void block_totals(uint64_t (&v)[K], unsigned max_mask, unsigned long long *vals) {
+    for (int i = 0; i < K; i++)
+        v[i] = (max_mask >> i & 1u) ? warp_max_u64(v[i]) : warp_sum_u64(v[i]);
+    __syncthreads(); // vals may still be read
+    if (threadIdx.x < K)
+        vals[threadIdx.x] = 0;
+    __syncthreads();
+    if (threadIdx.x % 32 == 0)
+        for (int i = 0; i < K; i++) {
+            if (!v[i])
+                continue;
+            if (max_mask >> i & 1u)
+                atomicMax(&vals[i], (unsigned long long)v[i]);
+            else
+                atomicAdd(&vals[i], (unsigned long long)v[i]);
+        }
+    __syncthreads();
+}
+
+// The row's totals from the blocks' (P > 1): adds this block's k values (vals, as block_totals
+// left them) into acc and its nb bins (cnt, mass in shared memory) into gcnt / gmass - one atomic
+// per non-zero entry -, waits for the row's other blocks to have done the same, and reads the
+// totals back into vals and the bins. Every block of the row ends with the same numbers.
+__device__ void combine(Part &pt, unsigned long long *acc, unsigned long long *vals, int k, unsigned max_mask,
+                        uint32_t *gcnt, unsigned long long *gmass, uint32_t *cnt, unsigned long long *mass,
+                        int nb) {
+    if (threadIdx.x < k && vals[threadIdx.x]) {
+        if (max_mask >> threadIdx.x & 1u)
+            atomicMax(&acc[threadIdx.x], vals[threadIdx.x]);
+        else
+            atomicAdd(&acc[threadIdx.x], vals[threadIdx.x]);
+    }
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) {
+        if (!cnt[i])
+            continue;
+        atomicAdd(&gcnt[i], cnt[i]);
+        if (mass[i])
+            atomicAdd(&gmass[i], mass[i]);
+    }
+    row_barrier(pt);
+    if (threadIdx.x < k)
+        vals[threadIdx.x] = __ldcg(&acc[threadIdx.x]);
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) {
+        cnt[i] = __ldcg(&gcnt[i]);
+        mass[i] = __ldcg(&gmass[i]);
+    }
+    __syncthreads();
+}
+
+// sample_kernel's exchanges: where each one's values and bins go.
+struct Exchanges {
+    unsigned long long *first; // exchange 0's values (the row's head, zeroed by the call)
+    Exchange *ring;            // the row's three buffers
+};
+
+// The buffer of the row's exchange pt.gen; also clears this block's share of the next one's
+// buffer, (gen + 1) % 3. That buffer was last read in exchange gen - 2, and every block left it
+// before arriving at barrier gen - 1, which this block has passed; the clearing is done before
+// this block arrives at barrier gen, after which the next exchange starts adding.
+__device__ Exchange *open_exchange(const Part &pt, const Exchanges &ex) {
+    unsigned long long *next = (unsigned long long *)(ex.ring + (pt.gen + 1) % 3);
+    for (int i = pt.part * (int)blockDim.x + (int)threadIdx.x; i < kClearWords; i += pt.parts * (int)blockDim.x)
+        next[i] = 0;
+    return ex.ring + pt.gen % 3;
+}
+
+// The row's totals of the block's k values (sh.vals) and nb bins (cnt, mass; nb == 0 for none)
+// into the same places; nothing to do for a row of one block. Exchange 0 (pass 1) carries
+// values only: its buffer's bins have not been cleared.
+__device__ void row_exchange(Part &pt, const Exchanges &ex, Shared &sh, int k, unsigned max_mask,
+                             uint32_t *cnt = nullptr, unsigned long long *mass = nullptr, int nb = 0) {
+    if (pt.parts == 1)
+        return;
+    Exchange *x = open_exchange(pt, ex);
+    combine(pt, pt.gen == 0 ? ex.first : x->vals, sh.vals, k, max_mask, x->cnt, x->mass, cnt, mass, nb);
+}
+
+// The row's keys of a bin, each block having gathered its own into sh.keys[0 .. sh.ngather):
+// returns how many, all of them in sh.keys of every block (in an order that depends on
+// scheduling: the caller sorts them).
+__device__ int row_gather(Part &pt, const Exchanges &ex, Shared &sh) {
+    const int m = sh.ngather < kGather ? sh.ngather : kGather;
+    if (pt.parts == 1)
+        return m;
+    Exchange *x = open_exchange(pt, ex);
     if (threadIdx.x == 0)
-        *word = 0;
+        sh.gather_at = atomicAdd(&x->ngather, (unsigned long long)m);
     __syncthreads();
-    if (threadIdx.x % 32 == 0 && bits)
-        atomicOr(word, bits);
+    for (int i = threadIdx.x; i < m && sh.gather_at + i < (unsigned long long)kGather; i += blockDim.x)
+        x->keys[sh.gather_at + i] = sh.keys[i];
+    row_barrier(pt);
+    const unsigned long long total = __ldcg(&x->ngather);
+    const int all = total < (unsigned long long)kGather ? (int)total : kGather; // the bin's count: <= kGather
+    for (int i = threadIdx.x; i < all; i += blockDim.x)
+        sh.keys[i] = __ldcg(&x->keys[i]);
     __syncthreads();
-    return *word;
+    return all;
 }
 
 // Adds a token (count 1, mass q) to bin `bin` where `take`; the whole warp calls it together.
@@ -322,30 +499,22 @@ __device__ void sort_ascending(unsigned long long *a, int p) {
     }
 }
 
-// The block's sums of (count, mass) over the tokens where pred(v, j, key) holds; every thread gets them.
+// The row's sums of (count, mass) over the tokens where pred(v, j, key) holds; every thread gets them.
 template <typename T, typename Pred>
-__device__ void count_mass(const Row<T> &row, Shared &sh, Pred pred, uint64_t &count, uint64_t &mass) {
-    uint64_t c = 0, s = 0;
-    for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
-        float v = row.at(j);
-        if (pred(v, j, row.key(v, j))) {
-            c++;
-            s += row.mass(v);
+__device__ void count_mass(const Row<T> &row, Part &pt, const Exchanges &ex, Shared &sh, Pred pred,
+                           uint64_t &count, uint64_t &mass) {
+    uint64_t v[2] = {0, 0};
+    for (int64_t j = row.j0 + threadIdx.x; j < row.n; j += row.step) {
+        float x = row.at(j);
+        if (pred(x, j, row.key(x, j))) {
+            v[0]++;
+            v[1] += row.mass(x);
         }
     }
-    c = warp_sum_u64(c);
-    s = warp_sum_u64(s);
-    __syncthreads(); // acc may still be read
-    if (threadIdx.x == 0)
-        sh.acc[0] = sh.acc[1] = 0;
-    __syncthreads();
-    if (threadIdx.x % 32 == 0) {
-        atomicAdd(&sh.acc[0], (unsigned long long)c);
-        atomicAdd(&sh.acc[1], (unsigned long long)s);
-    }
-    __syncthreads();
-    count = sh.acc[0];
-    mass = sh.acc[1];
+    block_totals(v, 0u, sh.vals);
+    row_exchange(pt, ex, sh, 2, 0u);
+    count = sh.vals[0];
+    mass = sh.vals[1];
 }
 
 // A position in the order: its key, the count and mass of the keys before it, and its own mass.
@@ -355,7 +524,8 @@ struct Pick {
 
 // The first key of the order at which the running count or mass reaches `goal`.
 template <typename T>
-__device__ Pick select(const Row<T> &row, Shared &sh, const Goal &goal, uint64_t best) {
+__device__ Pick select(const Row<T> &row, Part &pt, const Exchanges &ex, Shared &sh, const Goal &goal,
+                       uint64_t best) {
     const int kb = 32 - row.vshift + row.ib; // key bits
     find_bin(sh.cnt0, sh.mass0, kBins0, goal, 0, 0, sh.scan);
     if (sh.scan.bin < 0) // not reached for the goals asked (their targets are below the mass)
@@ -371,7 +541,7 @@ __device__ Pick select(const Row<T> &row, Shared &sh, const Goal &goal, uint64_t
             sh.mass[i] = 0;
         }
         __syncthreads();
-        for (int64_t base = 0; base < row.n; base += blockDim.x) {
+        for (int64_t base = row.j0; base < row.n; base += row.step) {
             int64_t j = base + threadIdx.x;
             bool take = false;
             int bin = 0;
@@ -388,6 +558,7 @@ __device__ Pick select(const Row<T> &row, Shared &sh, const Goal &goal, uint64_t
             add_to_bin(sh.cnt, sh.mass, bin, q, take);
         }
         __syncthreads();
+        row_exchange(pt, ex, sh, 0, 0u, sh.cnt, sh.mass, nb);
         find_bin(sh.cnt, sh.mass, nb, goal, c, s, sh.scan);
         if (sh.scan.bin < 0)
             return Pick{best, 0, 0, 0};
@@ -402,7 +573,7 @@ __device__ Pick select(const Row<T> &row, Shared &sh, const Goal &goal, uint64_t
     if (threadIdx.x == 0)
         sh.ngather = 0;
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
+    for (int64_t j = row.j0 + threadIdx.x; j < row.n; j += row.step) {
         uint64_t key = row.key(row.at(j), j);
         if ((key >> hi) == prefix) {
             int slot = atomicAdd(&sh.ngather, 1);
@@ -411,7 +582,8 @@ __device__ Pick select(const Row<T> &row, Shared &sh, const Goal &goal, uint64_t
         }
     }
     __syncthreads();
-    int m = sh.ngather < kGather ? sh.ngather : kGather, p = 1;
+    const int m = row_gather(pt, ex, sh);
+    int p = 1;
     while (p < m)
         p <<= 1;
     for (int i = m + threadIdx.x; i < p; i += blockDim.x)
@@ -440,10 +612,14 @@ __device__ __forceinline__ void add128(uint64_t &hi, uint64_t &lo, uint64_t bhi,
 
 // c = the mean of w under the kept masses, as typical_center in csrc/cpu/sample.c: sum of
 // q * round(w * 2^24) in 128 bits over the kept tokens, / z (their mass), in the CPU's doubles.
+// The 128-bit sum crosses threads and blocks as three u64 sums: of each thread's low 32 bits,
+// of its next 32 bits, and of its high word (each stays far below 2^64: at most 2^16 threads
+// add < 2^32 each, and the high words add to < 2^30), put back together exactly at the end.
 template <typename T, typename Kept>
-__device__ double typical_center(const Row<T> &row, Shared &sh, Kept kept, uint64_t z) {
+__device__ double typical_center(const Row<T> &row, Part &pt, const Exchanges &ex, Shared &sh, Kept kept,
+                                 uint64_t z) {
     uint64_t hi = 0, lo = 0;
-    for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
+    for (int64_t j = row.j0 + threadIdx.x; j < row.n; j += row.step) {
         float v = row.at(j);
         if (!kept(v, row.key(v, j)))
             continue;
@@ -454,18 +630,13 @@ __device__ double typical_center(const Row<T> &row, Shared &sh, Kept kept, uint6
         uint64_t W = __double2ull_rn(__dmul_rn((double)w, 0x1p24));
         add128(hi, lo, __umul64hi(q, W), q * W);
     }
-    for (int o = 16; o > 0; o >>= 1)
-        add128(hi, lo, __shfl_xor_sync(0xffffffffu, hi, o), __shfl_xor_sync(0xffffffffu, lo, o));
-    __syncthreads(); // scan's words may still be read
-    if (threadIdx.x % 32 == 0) {
-        sh.scan.wc[threadIdx.x / 32] = hi;
-        sh.scan.ws[threadIdx.x / 32] = lo;
-    }
-    __syncthreads();
-    hi = lo = 0;
-    for (int i = 0; i < (int)blockDim.x / 32; i++)
-        add128(hi, lo, sh.scan.wc[i], sh.scan.ws[i]);
-    __syncthreads();
+    uint64_t limbs[3] = {lo & 0xffffffffull, lo >> 32, hi};
+    block_totals(limbs, 0u, sh.vals);
+    row_exchange(pt, ex, sh, 3, 0u);
+    const uint64_t l1 = sh.vals[1];
+    lo = sh.vals[0];
+    hi = sh.vals[2] + (l1 >> 32);
+    add128(hi, lo, 0, l1 << 32);
     double num = __dadd_rn(__dmul_rn(__ull2double_rn(hi), 0x1p64), __ull2double_rn(lo));
     return __ddiv_rn(__dmul_rn(num, 0x1p-24), __ull2double_rn(z));
 }
@@ -480,7 +651,8 @@ __device__ __forceinline__ uint64_t shifted_bits(const Row<T> &row, float v, dou
 // >= target (all ones, above every value, when none does), by 8 radix passes of 8 bits over
 // the bit patterns, ascending (digit d in bin 255 - d, as find_bin walks bins downwards).
 template <typename T, typename Kept>
-__device__ uint64_t typical_threshold(const Row<T> &row, Shared &sh, Kept kept, double c, double target) {
+__device__ uint64_t typical_threshold(const Row<T> &row, Part &pt, const Exchanges &ex, Shared &sh, Kept kept,
+                                      double c, double target) {
     uint64_t prefix = 0, below = 0; // digits chosen so far; mass of the kept tokens below them
     Goal goal = {Goal::kMassAtLeast, 0, target, 0};
     for (int level = 0; level < 8; level++) {
@@ -491,7 +663,7 @@ __device__ uint64_t typical_threshold(const Row<T> &row, Shared &sh, Kept kept, 
             sh.mass[i] = 0;
         }
         __syncthreads();
-        for (int64_t base = 0; base < row.n; base += blockDim.x) {
+        for (int64_t base = row.j0; base < row.n; base += row.step) {
             int64_t j = base + threadIdx.x;
             bool take = false;
             int bin = 0;
@@ -508,6 +680,7 @@ __device__ uint64_t typical_threshold(const Row<T> &row, Shared &sh, Kept kept, 
             add_to_bin(sh.cnt, sh.mass, bin, q, take);
         }
         __syncthreads();
+        row_exchange(pt, ex, sh, 0, 0u, sh.cnt, sh.mass, 256);
         find_bin(sh.cnt, sh.mass, 256, goal, 0, below, sh.scan);
         if (sh.scan.bin < 0)
             return ~0ull;
@@ -537,6 +710,7 @@ struct ProcArgs {
     int64_t *out;
     int64_t out_stride;
     unsigned long long *err;
+    RowHead *heads; // [rows] when the rows are split (gridDim.y > 1)
     int pipeline;
 };
 
@@ -545,19 +719,24 @@ __global__ void __launch_bounds__(1024) process_kernel(const ProcArgs a) {
     to_pdl_wait();
     to_pdl_trigger();
     const int64_t r = blockIdx.x, n = a.n;
+    Part pt = row_part(a.heads, r, 0);
     const T *x = (const T *)a.logits + r * a.row_stride;
     float *y = a.proc + r * n;
-    __shared__ unsigned word;
-    unsigned seen = 0; // 1: NaN, 2: +inf, 4: a value above -inf
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    __shared__ unsigned long long vals[3];
+    uint64_t seen[3] = {0, 0, 0}; // NaN, +inf, a value above -inf (0 or 1 each, combined by max)
+    for (int64_t j = (int64_t)pt.part * blockDim.x + threadIdx.x; j < n; j += (int64_t)pt.parts * blockDim.x) {
         float v = load_f32(x + j * a.col_stride);
-        seen |= (v != v ? 1u : 0u) | (v == INFINITY ? 2u : 0u) | (v > -INFINITY ? 4u : 0u);
+        seen[0] |= v != v;
+        seen[1] |= v == INFINITY;
+        seen[2] |= v > -INFINITY;
         y[j] = v;
     }
-    seen = block_or(seen, &word);
-    const bool nan = seen & 1u, pinf = seen & 2u, live = seen & 4u;
+    block_totals(seen, 7u, vals);
+    if (pt.parts > 1) // the row's flags; after it, the whole row is copied (the processors read it)
+        combine(pt, a.heads[r].proc, vals, 3, 7u, nullptr, nullptr, nullptr, nullptr, 0);
+    const bool nan = vals[0], pinf = vals[1], live = vals[2];
     if (nan || pinf || !live) { // the raw row's error comes first (sample_kernel finds it again)
-        if (threadIdx.x == 0) {
+        if (pt.part == 0 && threadIdx.x == 0) {
             a.out[r * a.out_stride] = -1;
             to_gpu_error(a.err, TO_GPU_ERR_LOGITS, r, nan ? TO_SAMPLE_BAD_NAN : pinf ? TO_SAMPLE_BAD_POSINF
                          : TO_SAMPLE_BAD_ALL_NEGINF, a.pipeline);
@@ -565,7 +744,7 @@ __global__ void __launch_bounds__(1024) process_kernel(const ProcArgs a) {
         return;
     }
     const ProcRow pr = a.rows[r];
-    if (!pr.active)
+    if (!pr.active || pt.part != 0) // the processors touch a few tokens: part 0 runs them alone
         return;
     if (threadIdx.x == 0) // in list order: repeats add up as on the CPU
         for (int64_t j = pr.bias0; j < pr.bias0 + pr.nbias; j++)
@@ -614,6 +793,25 @@ __global__ void __launch_bounds__(1024) process_kernel(const ProcArgs a) {
     }
 }
 
+struct SampleArgs {
+    const void *logits;
+    int64_t row_stride, col_stride, n; // logits [rows, n], strides in elements
+    int64_t *out;
+    int64_t out_stride;
+    float *processed; // [rows, n] or NULL
+    int64_t proc_row_stride, proc_col_stride;
+    int64_t row0; // the row of blockIdx.x == 0 (launches cover kRowsPerLaunch rows each)
+    unsigned long long *err;
+    RowHead *heads; // [all rows] and 3 Exchange per row of the launch, when split (gridDim.y > 1)
+    Exchange *ring;
+    int vshift, ib, pipeline;
+    RowParams rows[kRowsPerLaunch];
+};
+static_assert(sizeof(SampleArgs) <= 4096, "kernel arguments are limited to 4 KB");
+
+// What a row reports in the error word's b (TO_SAMPLE_BAD_* of csrc/cpu/sample.h); c = 1 for
+// to_sample_pipeline, 0 for to_sample.
+
 template <typename T>
 __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
     to_pdl_wait();
@@ -621,33 +819,43 @@ __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
     __shared__ Shared sh;
     const int64_t r = a.row0 + blockIdx.x;
     const RowParams rp = a.rows[blockIdx.x];
+    Part pt = row_part(a.heads, r, 1);
+    Exchanges ex = {nullptr, nullptr};
+    if (pt.parts > 1) {
+        ex.first = a.heads[r].first;
+        ex.ring = a.ring + 3 * blockIdx.x;
+    }
     Row<T> row;
     row.x = (const T *)a.logits + r * a.row_stride;
     row.sx = a.col_stride;
     row.n = a.n;
+    row.j0 = (int64_t)pt.part * blockDim.x;
+    row.step = (int64_t)pt.parts * blockDim.x;
     row.vshift = a.vshift;
     row.ib = a.ib;
     row.imask = (1ull << a.ib) - 1;
     row.m = 0.0f;
     row.inv_t = rp.inv_t;
     int64_t *out = a.out + r * a.out_stride;
+    const bool lead = pt.part == 0 && threadIdx.x == 0; // writes the row's token, or its error
 
-    // pass 1: the max key (first index of the max), and the checks
-    uint64_t best = 0;
-    unsigned seen = 0; // 1: NaN, 2: +inf
-    for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
+    // pass 1: the max key (first index of the max), and the checks (exchange 0)
+    uint64_t p1[3] = {0, 0, 0}; // NaN seen, +inf seen, the max key
+    for (int64_t j = row.j0 + threadIdx.x; j < row.n; j += row.step) {
         float v = row.at(j);
-        seen |= (v != v ? 1u : 0u) | (v == INFINITY ? 2u : 0u);
+        p1[0] |= v != v;
+        p1[1] |= v == INFINITY;
         uint64_t key = row.key(v, j);
-        best = key > best ? key : best;
+        p1[2] = key > p1[2] ? key : p1[2];
     }
-    seen = block_or(seen, &sh.flags);
-    const bool nan = seen & 1u, pinf = seen & 2u;
-    best = block_max_u64(best, sh.red);
+    block_totals(p1, 7u, sh.vals);
+    row_exchange(pt, ex, sh, 3, 7u);
+    const bool nan = sh.vals[0], pinf = sh.vals[1];
+    const uint64_t best = sh.vals[2];
     const int64_t top = row.index(best);
     row.m = row.at(top);
-    if (nan || pinf || row.m == -INFINITY) {
-        if (threadIdx.x == 0) {
+    if (nan || pinf || row.m == -INFINITY) { // the same in every block of the row: all stop here
+        if (lead) {
             *out = -1;
             int bad = nan ? TO_SAMPLE_BAD_NAN : pinf ? TO_SAMPLE_BAD_POSINF : TO_SAMPLE_BAD_ALL_NEGINF;
             to_gpu_error(a.err, TO_GPU_ERR_LOGITS, r, bad + (rp.proc ? 3 : 0), a.pipeline);
@@ -663,11 +871,9 @@ __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
             sh.cnt0[i] = 0;
             sh.mass0[i] = 0;
         }
-        if (threadIdx.x == 0)
-            sh.lm_c = sh.lm_s = sh.total = 0;
         __syncthreads();
-        uint64_t lm_c = 0, lm_s = 0, total = 0;
-        for (int64_t base = 0; base < row.n; base += blockDim.x) {
+        uint64_t p2[3] = {0, 0, 0}; // the min_p prefix's count and mass, the total mass
+        for (int64_t base = row.j0; base < row.n; base += row.step) {
             int64_t j = base + threadIdx.x;
             bool take = j < row.n;
             int bin = 0;
@@ -676,32 +882,25 @@ __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
                 float v = row.at(j), w = row.w(v);
                 q = mass_q(exp_neg(w));
                 bin = (int)(row.key(v, j) >> shift0);
-                total += q;
+                p2[2] += q;
                 if (w <= rp.thr_w) {
-                    lm_c++;
-                    lm_s += q;
+                    p2[0]++;
+                    p2[1] += q;
                 }
             }
             add_to_bin(sh.cnt0, sh.mass0, bin, q, take);
         }
-        lm_c = warp_sum_u64(lm_c);
-        lm_s = warp_sum_u64(lm_s);
-        total = warp_sum_u64(total);
-        if (threadIdx.x % 32 == 0) {
-            atomicAdd(&sh.lm_c, (unsigned long long)lm_c);
-            atomicAdd(&sh.lm_s, (unsigned long long)lm_s);
-            atomicAdd(&sh.total, (unsigned long long)total);
-        }
-        __syncthreads();
+        block_totals(p2, 0u, sh.vals);
+        row_exchange(pt, ex, sh, 3, 0u, sh.cnt0, sh.mass0, kBins0);
 
         // the kept prefix as (length, mass): the shortest of top_k's (with its ties), top_p's and min_p's
-        uint64_t len = sh.lm_c, kept = sh.lm_s, sk = sh.total;
+        uint64_t len = sh.vals[0], kept = sh.vals[1], sk = sh.vals[2];
         const uint64_t lk = (uint64_t)rp.lk;
         if (lk < (uint64_t)row.n && (rp.top_p < 1.0f || lk < len)) {
             Goal g = {Goal::kCount, lk, 0.0, 0};
-            const uint64_t vk = select(row, sh, g, best).key >> row.ib; // the top_k-th's value
+            const uint64_t vk = select(row, pt, ex, sh, g, best).key >> row.ib; // the top_k-th's value
             uint64_t kc;
-            count_mass(row, sh, [&](float, int64_t, uint64_t key) { return (key >> row.ib) >= vk; }, kc, sk);
+            count_mass(row, pt, ex, sh, [&](float, int64_t, uint64_t key) { return (key >> row.ib) >= vk; }, kc, sk);
             lo = vk << row.ib;
             if (kc < len) {
                 len = kc;
@@ -710,7 +909,7 @@ __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
         }
         if (rp.top_p < 1.0f) {
             Goal g = {Goal::kMassAtLeast, 0, (double)rp.top_p * (double)sk, 0};
-            Pick p = select(row, sh, g, best);
+            Pick p = select(row, pt, ex, sh, g, best);
             lo = p.key > lo ? p.key : lo;
             if (p.c + 1 < len) {
                 len = p.c + 1;
@@ -722,56 +921,37 @@ __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
             const float thr = rp.thr_w;
             const uint64_t klo = lo;
             auto in_prefix = [&](float v, uint64_t key) { return key >= klo && row.w(v) <= thr; };
-            const double c = typical_center(row, sh, in_prefix, kept);
-            const uint64_t sstar = typical_threshold(row, sh, in_prefix, c,
+            const double c = typical_center(row, pt, ex, sh, in_prefix, kept);
+            const uint64_t sstar = typical_threshold(row, pt, ex, sh, in_prefix, c,
                                                      __dmul_rn((double)rp.typical, (double)kept));
-            // the segment: its mass, the mass before it, its keys
-            uint64_t bmass = 0, before = 0, blo = ~0ull, bhi = 0;
-            for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
+            // the segment: its mass, the mass before it, its keys (the lowest as a max of ~key)
+            uint64_t seg[4] = {0, 0, 0, 0}; // segment mass, mass before it, ~lowest key, highest key
+            for (int64_t j = row.j0 + threadIdx.x; j < row.n; j += row.step) {
                 float v = row.at(j);
                 uint64_t key = row.key(v, j);
                 if (!in_prefix(v, key))
                     continue;
                 uint64_t q = row.mass(v);
                 if (shifted_bits(row, v, c) <= sstar) {
-                    bmass += q;
-                    blo = key < blo ? key : blo;
-                    bhi = key > bhi ? key : bhi;
+                    seg[0] += q;
+                    seg[2] = ~key > seg[2] ? ~key : seg[2];
+                    seg[3] = key > seg[3] ? key : seg[3];
                 } else if ((double)row.w(v) < c) {
-                    before += q; // ahead of the segment
+                    seg[1] += q; // ahead of the segment
                 }
             }
-            bmass = warp_sum_u64(bmass);
-            before = warp_sum_u64(before);
-            for (int o = 16; o > 0; o >>= 1) {
-                uint64_t l2 = __shfl_xor_sync(0xffffffffu, blo, o), h2 = __shfl_xor_sync(0xffffffffu, bhi, o);
-                blo = l2 < blo ? l2 : blo;
-                bhi = h2 > bhi ? h2 : bhi;
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                sh.acc[0] = sh.acc[1] = 0;
-                sh.acc[2] = ~0ull;
-                sh.acc[3] = 0;
-            }
-            __syncthreads();
-            if (threadIdx.x % 32 == 0) {
-                atomicAdd(&sh.acc[0], (unsigned long long)bmass);
-                atomicAdd(&sh.acc[1], (unsigned long long)before);
-                atomicMin(&sh.acc[2], (unsigned long long)blo);
-                atomicMax(&sh.acc[3], (unsigned long long)bhi);
-            }
-            __syncthreads();
-            lo = sh.acc[2];
-            hi = sh.acc[3];
-            draw.base = sh.acc[1];
-            draw.target = __dmul_rn((double)rp.u, (double)sh.acc[0]);
+            block_totals(seg, 0xcu, sh.vals);
+            row_exchange(pt, ex, sh, 4, 0xcu);
+            lo = ~sh.vals[2];
+            hi = sh.vals[3];
+            draw.base = sh.vals[1];
+            draw.target = __dmul_rn((double)rp.u, (double)sh.vals[0]);
         }
-        token = row.index(select(row, sh, draw, best).key);
+        token = row.index(select(row, pt, ex, sh, draw, best).key);
     }
     if (a.processed) { // what the row keeps, scaled (a greedy row: the logits as processed)
         float *dst = a.processed + r * a.proc_row_stride;
-        for (int64_t j = threadIdx.x; j < row.n; j += blockDim.x) {
+        for (int64_t j = row.j0 + threadIdx.x; j < row.n; j += row.step) {
             float v = row.at(j), y = v;
             if (rp.inv_t > 0.0f) {
                 uint64_t key = row.key(v, j);
@@ -780,7 +960,7 @@ __global__ void __launch_bounds__(1024) sample_kernel(const SampleArgs a) {
             dst[j * a.proc_col_stride] = y;
         }
     }
-    if (threadIdx.x == 0)
+    if (lead)
         *out = token;
 }
 
@@ -794,6 +974,8 @@ struct LogprobArgs {
     int64_t lp_stride;
     float *top; // [rows, ntop] raw values in, logprobs out; or NULL
     int64_t top_row_stride, top_col_stride, ntop;
+    RowHead *heads; // [rows] and their slots, when split (gridDim.y > 1)
+    LpSlots *slots;
 };
 
 template <typename T>
@@ -803,10 +985,12 @@ __global__ void __launch_bounds__(1024) logprob_kernel(const LogprobArgs a) {
     __shared__ double red[32];
     __shared__ float redf[32];
     const int64_t r = blockIdx.x;
+    Part pt = row_part(a.heads, r, 2);
     const T *x = (const T *)a.logits + r * a.row_stride;
+    const int64_t j0 = (int64_t)pt.part * blockDim.x + threadIdx.x, step = (int64_t)pt.parts * blockDim.x;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = (int)blockDim.x / 32;
     float m = -INFINITY;
-    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x)
+    for (int64_t j = j0; j < a.n; j += step)
         m = fmaxf(m, load_f32(x + j * a.col_stride));
     for (int o = 16; o > 0; o >>= 1)
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -816,8 +1000,16 @@ __global__ void __launch_bounds__(1024) logprob_kernel(const LogprobArgs a) {
     m = redf[0];
     for (int i = 1; i < nw; i++)
         m = fmaxf(m, redf[i]);
+    if (pt.parts > 1) { // the row's max from the parts' (exact in any order)
+        if (threadIdx.x == 0)
+            a.slots[r].m[pt.part] = m;
+        row_barrier(pt);
+        m = __ldcg(&a.slots[r].m[0]);
+        for (int i = 1; i < pt.parts; i++)
+            m = fmaxf(m, __ldcg(&a.slots[r].m[i]));
+    }
     double s = 0.0;
-    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x)
+    for (int64_t j = j0; j < a.n; j += step)
         s += (double)exp_neg(__fsub_rn(m, load_f32(x + j * a.col_stride)));
     for (int o = 16; o > 0; o >>= 1)
         s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -827,6 +1019,16 @@ __global__ void __launch_bounds__(1024) logprob_kernel(const LogprobArgs a) {
     s = 0.0;
     for (int i = 0; i < nw; i++)
         s += red[i];
+    if (pt.parts > 1) { // the parts' sums, added in part order (deterministic)
+        if (threadIdx.x == 0)
+            a.slots[r].s[pt.part] = s;
+        row_barrier(pt);
+        s = 0.0;
+        for (int i = 0; i < pt.parts; i++)
+            s += __ldcg(&a.slots[r].s[i]);
+    }
+    if (pt.part != 0)
+        return;
     const double shift = (double)m + log(s); // logprob = x - m - log(s)
     if (threadIdx.x == 0 && a.logprobs) {
         int64_t tok = a.out[r * a.out_stride];
@@ -866,19 +1068,108 @@ RowParams row_params(const to_sample_plan *pl, int64_t r, int proc) {
     return rp;
 }
 
+enum { kProcess = 0, kSample = 1, kLogprob = 2 }; // the kernels (and their RowHead::bar)
+
+// Blocks of kernel `kind` (at `threads` threads, 128, 256 or 1024) the GPU holds at once: the
+// blocks one SM holds times the SMs (asked once per GPU; the GPU is current). 0 if unknown.
 template <typename T>
-void launch_sample(SampleArgs &a, int count, int threads, cudaStream_t stream) {
-    to_launch(sample_kernel<T>, count, threads, 0, stream, a);
+int resident(int kind, int dev, int threads) {
+    static int cache[64][3][3];
+    const int ti = threads >= 1024 ? 2 : threads >= 256 ? 1 : 0;
+    int *c = dev >= 0 && dev < 64 ? &cache[dev][kind][ti] : nullptr;
+    if (c && *c > 0)
+        return *c;
+    const void *fn = kind == kProcess ? (const void *)process_kernel<T>
+                     : kind == kSample ? (const void *)sample_kernel<T> : (const void *)logprob_kernel<T>;
+    int per_sm = 0, sms = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, 0) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+        cudaGetLastError(); // (no image for this GPU: the launch reports it) one block per row
+        return 0;
+    }
+    if (c)
+        *c = per_sm * sms;
+    return per_sm * sms;
+}
+
+// INFERENCE_PIO_SAMPLE_PARTS=k: k blocks per row whatever the row's length (within kMaxParts and
+// the GPU's capacity), to test the split on small rows; 0 or unset: the rule below.
+int forced_parts() {
+    static const int k = [] {
+        const char *v = getenv("INFERENCE_PIO_SAMPLE_PARTS");
+        return v ? atoi(v) : 0;
+    }();
+    return k;
+}
+
+// Blocks per row for a launch of `rows` rows of n logits, given the blocks the GPU holds at once:
+// enough to fill it about once, at most kMaxParts, and shares of at least kMinPerBlock logits
+// (below that a barrier costs more than the share's pass). 1: no split.
+int row_parts(int64_t rows, int64_t n, int capacity) {
+    int64_t p = forced_parts() > 0 ? forced_parts() : n / kMinPerBlock;
+    p = p < kMaxParts ? p : kMaxParts;
+    const int64_t fit = rows > 0 ? capacity / rows : 0; // co-resident: rows * p <= capacity
+    p = p < fit ? p : fit;
+    return p >= 2 ? (int)p : 1;
+}
+
+// Cooperative launches with the programmatic attribute too, until a runtime refuses the pair.
+std::atomic<bool> coop_pdl{true};
+
+// kernel<<<(rows, parts), threads>>> on the stream, programmatic as to_launch makes every launch;
+// with parts > 1 also cooperative: the runtime then refuses a grid whose blocks cannot all be
+// resident at once (the row barrier would never open) instead of starting it. Returns the
+// launch's error (callers go on to to_cuda_check_launch).
+template <typename... Params, typename... Args>
+cudaError_t launch_rows(void (*kernel)(Params...), int64_t rows, int parts, int threads, cudaStream_t stream,
+                        const Args &...args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)rows, (unsigned)parts);
+    cfg.blockDim = dim3((unsigned)threads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[2];
+    cfg.attrs = attr;
+    const bool coop = parts > 1;
+    auto go = [&](bool pdl) {
+        unsigned k = 0;
+        if (pdl) {
+            attr[k].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr[k].val.programmaticStreamSerializationAllowed = 1;
+            k++;
+        }
+        if (coop) {
+            attr[k].id = cudaLaunchAttributeCooperative;
+            attr[k].val.cooperative = 1;
+            k++;
+        }
+        cfg.numAttrs = k;
+        return cudaLaunchKernelEx(&cfg, kernel, args...);
+    };
+    if (!coop || !to_pdl_enabled() || !coop_pdl.load())
+        return go(to_pdl_enabled() && !coop);
+    cudaError_t err = go(true);
+    if (err == cudaSuccess)
+        return err;
+    cudaGetLastError(); // refused with both attributes: once more without PDL
+    err = go(false);
+    if (err == cudaSuccess) // the pair was the trouble: cooperative launches go without PDL from now
+        coop_pdl.store(false);
+    return err;
 }
 
 template <typename T>
-void launch_process(const ProcArgs &a, int64_t rows, int threads, cudaStream_t stream) {
-    to_launch(process_kernel<T>, (unsigned)rows, threads, 0, stream, a);
+void launch_sample(SampleArgs &a, int count, int parts, int threads, cudaStream_t stream) {
+    launch_rows(sample_kernel<T>, count, parts, threads, stream, a);
 }
 
 template <typename T>
-void launch_logprobs(const LogprobArgs &a, int64_t rows, int threads, cudaStream_t stream) {
-    to_launch(logprob_kernel<T>, (unsigned)rows, threads, 0, stream, a);
+void launch_process(const ProcArgs &a, int64_t rows, int parts, int threads, cudaStream_t stream) {
+    launch_rows(process_kernel<T>, rows, parts, threads, stream, a);
+}
+
+template <typename T>
+void launch_logprobs(const LogprobArgs &a, int64_t rows, int parts, int threads, cudaStream_t stream) {
+    launch_rows(logprob_kernel<T>, rows, parts, threads, stream, a);
 }
 
 #define DISPATCH(dtype, fn, ...)                                          \
@@ -888,7 +1179,7 @@ void launch_logprobs(const LogprobArgs &a, int64_t rows, int threads, cudaStream
 // Scratch of one call on the GPU, freed (stream-ordered: only later work reuses it) at the end.
 struct Scratch {
     int dev;
-    void *ptr[3];
+    void *ptr[4];
     ~Scratch() {
         for (void *p : ptr)
             if (p)
@@ -959,7 +1250,36 @@ extern "C" int to_cuda_sample(const to_sample_plan *pl) {
     // a long row is many passes of one block: give it many threads
     const int threads = n >= 16384 ? 1024 : n >= 2048 ? 256 : 128;
 
-    Scratch scr = {dev, {nullptr, nullptr, nullptr}};
+    // Blocks per row of each kernel (1: not split). sample_kernel's launches carry kRowsPerLaunch
+    // rows each and the last one the fewest, so its rows are split the most.
+    const bool want_lp = pl->logprobs || pl->ntop;
+    const int sample_dtype = pl->any_proc ? TO_F32 : logits->dtype; // what sample_kernel reads
+    const int parts_proc = pl->any_proc ? row_parts(rows, n, DISPATCH(logits->dtype, resident, kProcess, dev, threads)) : 1;
+    const int cap_sample = DISPATCH(sample_dtype, resident, kSample, dev, threads);
+    const int64_t last = rows - (rows - 1) / kRowsPerLaunch * kRowsPerLaunch;
+    const int parts_last = row_parts(last, n, cap_sample);
+    const int parts_lp = want_lp ? row_parts(rows, n, DISPATCH(logits->dtype, resident, kLogprob, dev, threads)) : 1;
+
+    Scratch scr = {dev, {nullptr, nullptr, nullptr, nullptr}};
+    RowHead *heads = nullptr;
+    Exchange *ring = nullptr;
+    LpSlots *slots = nullptr;
+    if (parts_proc > 1 || parts_last > 1 || parts_lp > 1) { // the split's scratch, heads zeroed
+        const size_t head_bytes = (size_t)rows * sizeof(RowHead), ring_at = (head_bytes + 255) / 256 * 256;
+        const size_t ring_bytes = parts_last > 1 ? (size_t)(rows < kRowsPerLaunch ? rows : kRowsPerLaunch) * 3 * sizeof(Exchange) : 0;
+        const size_t slots_at = ring_at + ring_bytes, slots_bytes = parts_lp > 1 ? (size_t)rows * sizeof(LpSlots) : 0;
+        TO_TRY(to_cuda_alloc(dev, (int64_t)(slots_at + slots_bytes), &scr.ptr[3]));
+        char *base = (char *)scr.ptr[3];
+        heads = (RowHead *)base;
+        ring = ring_bytes ? (Exchange *)(base + ring_at) : nullptr;
+        slots = slots_bytes ? (LpSlots *)(base + slots_at) : nullptr;
+        const cudaError_t e = cudaMemsetAsync(heads, 0, head_bytes, stream);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            return to_fail(TO_ERR_CUDA, "%s: %s (%s)", pl->op, cudaGetErrorString(e), cudaGetErrorName(e));
+        }
+    }
+
     char *host = nullptr;           // the upload's source, freed at the end
     const char *flags = nullptr;    // the rows that went through processors
     SampleArgs a = {};
@@ -989,8 +1309,9 @@ extern "C" int to_cuda_sample(const to_sample_plan *pl) {
         pa.out = (int64_t *)pl->out->data;
         pa.out_stride = pl->out->strides[0];
         pa.err = err;
+        pa.heads = heads;
         pa.pipeline = pipeline;
-        DISPATCH(dtype, launch_process, pa, rows, threads, stream);
+        DISPATCH(dtype, launch_process, pa, rows, parts_proc, threads, stream);
         st = to_cuda_check_launch(pl->op);
         if (st != TO_OK) {
             to_host_free(host);
@@ -1011,6 +1332,8 @@ extern "C" int to_cuda_sample(const to_sample_plan *pl) {
         a.proc_col_stride = pl->processed->strides[1];
     }
     a.err = err;
+    a.heads = heads;
+    a.ring = ring;
     a.pipeline = pipeline;
     a.ib = 0;
     while (a.ib < 64 && ((uint64_t)(n - 1) >> a.ib) != 0)
@@ -1018,15 +1341,16 @@ extern "C" int to_cuda_sample(const to_sample_plan *pl) {
     int st = TO_OK;
     for (int64_t r0 = 0; r0 < rows && st == TO_OK; r0 += kRowsPerLaunch) {
         const int count = (int)(rows - r0 < kRowsPerLaunch ? rows - r0 : kRowsPerLaunch);
+        const int parts = row_parts(count, n, cap_sample); // <= parts_last: count >= last
         a.row0 = r0;
         for (int i = 0; i < count; i++)
             a.rows[i] = row_params(pl, r0 + i, flags ? flags[r0 + i] : 0);
-        DISPATCH(dtype, launch_sample, a, count, threads, stream);
+        DISPATCH(dtype, launch_sample, a, count, parts, threads, stream);
         st = to_cuda_check_launch(pl->op);
     }
     to_host_free(host);
     TO_TRY(st);
-    if (pl->logprobs || pl->ntop) {
+    if (want_lp) {
         LogprobArgs la = {};
         la.logits = logits->data;
         la.row_stride = logits->strides[0];
@@ -1044,7 +1368,9 @@ extern "C" int to_cuda_sample(const to_sample_plan *pl) {
             la.top_col_stride = pl->top_logprobs->strides[1];
             la.ntop = pl->ntop;
         }
-        DISPATCH(logits->dtype, launch_logprobs, la, rows, threads, stream);
+        la.heads = heads;
+        la.slots = slots;
+        DISPATCH(logits->dtype, launch_logprobs, la, rows, parts_lp, threads, stream);
         TO_TRY(to_cuda_check_launch(pl->op));
     }
     return TO_OK;
