@@ -17,7 +17,7 @@ import inference_pio as ip
 from inference_pio import ops
 
 from helpers import FLOAT_DTYPES, to_torch
-from kernels.test_sample_pipeline import Row, draw_rows, make_logits, tensors
+from kernels.test_sample_pipeline import Row, draw_rows, keep_a_token, make_logits, tensors
 
 pytestmark = pytest.mark.skipif(ip.cuda_device_count() == 0,
                                 reason="no GPU visible (CUDA not built in, or no driver/device)")
@@ -54,10 +54,7 @@ def test_gpu_matches_cpu(gen, dtype, V, B, kind):
     x = make_logits(B, V, dtype, gen, kind)
     rows = draw_rows(gen, V, B)
     rows[::4] = draw_rows(gen, V, len(rows[::4]), sampled=False)
-    for r in rows:  # keep a token alive (bans and the n-gram block could take every one of a tiny row)
-        r.bias = [(t, v) for t, v in r.bias if v != -math.inf]
-        if V < 50:
-            r.ngram = 0
+    keep_a_token(rows, V)
     cpu, gpu = both(x, rows, processed=True, logprobs=True, num_top=min(V, 5))
     check_same(cpu, gpu)
 
@@ -89,9 +86,7 @@ def test_many_rows_span_launches(gen):
     """More rows than one launch carries, with processors."""
     B, V = 200, 300
     x = make_logits(B, V, ip.bfloat16, gen)
-    rows = draw_rows(gen, V, B)
-    for r in rows:
-        r.bias = [(t, v) for t, v in r.bias if v != -math.inf]
+    rows = keep_a_token(draw_rows(gen, V, B), V)
     check_same(*both(x, rows, processed=True, logprobs=True))
 
 
