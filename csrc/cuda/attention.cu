@@ -8,10 +8,11 @@
 //
 // The host never reads the batch's values (they live on the GPU; reading them would
 // synchronise, and these ops are recorded into CUDA graphs), so every launch size comes from the
-// shapes. Two paths, chosen by shapes alone:
+// shapes. Two paths, chosen by shapes (and the caches' alignment) alone:
 //
-//  - decode (T <= S: no more query rows than sequences, as in a decode step): decode_kernel alone,
-//    one block per (sequence, kv head, key segment), no planning kernel and no merge kernel: when
+//  - decode (T <= S: no more query rows than sequences, as in a decode step; cache rows of whole,
+//    aligned 16-byte pieces, else the general path): decode_kernel alone, one block per
+//    (sequence, kv head, key segment), no planning kernel and no merge kernel: when
 //    segments must be combined, the last segment of each (sequence, kv head) to finish combines
 //    them ("last block done": per-pair arrival counters that every launch leaves at zero, and a
 //    batch verdict from one checking block). See "decode path" below.
