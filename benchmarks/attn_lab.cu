@@ -14,9 +14,11 @@
 // 8 kv heads, head dim 128, bf16 caches of 16-token blocks, batch 1) and context, a CUDA graph of
 // all layers, each a streaming kernel reading that layer's product bytes from DRAM (evicting the
 // L2 as the model's GEMVs do) followed by the step under test, every launch programmatic
-// (griddepcontrol). Per layer: (a) stream + an empty kernel, (b) stream + the fused kernel with
-// 4, 8 or 16 blocks per cluster; (b) - (a) is what the fused kernel adds to a step.
-// Checked first against a plain reference kernel (out and the cache rows written).
+// (griddepcontrol). Reported per layer: the stream alone, and what each variant adds to it: an
+// empty kernel (a launch's own cost in the chain), the unfused pair (rope_kernel, then the
+// attention from its q: the library's two launches, with this file's cluster merge), and the fused
+// kernel with 4, 8 or 16 blocks per cluster. Each is checked first against a plain reference
+// kernel (out, with the cache rows it wrote).
 //
 // What the library's version would add: the batch checks (lengths, table entries: the general
 // path's "a bad batch writes nothing"), several sequences and several queries per sequence, other
@@ -49,6 +51,7 @@ struct LayerArgs {
     const int *table;             // the sequence's block table
     const int *len;               // its context, the new token included (read on the device)
     bf16 *out;                    // [Hq * D]
+    float *qbuf;                  // [Hq * D]: q as the unfused pair passes it on (rope_kernel)
     int Hq, Hkv;
     float scale, eps;
 };
@@ -93,12 +96,53 @@ __device__ void head_values(const bf16 *x, const bf16 *w, const float *inv_freq,
     }
 }
 
+// The token's heads of kv head g (a block per g; a warp per head, in turn): the group's G q heads
+// (normed, rotated, scaled) to out_q, k (normed, rotated) and v to the new token's cache rows
+// when `row` >= 0, and as the cache holds them to kn / vn (shared memory of the caller).
+template <int G>
+__device__ void token_heads(const LayerArgs &a, int g, int pos, int64_t row, float (*out_q)[D], float *kn, float *vn) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int item = warp; item < G + 2; item += THREADS / 32) {
+        float y[4];
+        if (item < G) {
+            head_values(a.qkv + (g * G + item) * D, a.q_norm, a.inv_freq, pos, a.eps, true, y);
+#pragma unroll
+            for (int i = 0; i < 4; i++) out_q[item][4 * lane + i] = y[i] * a.scale * kLog2e;
+        } else {
+            const bool is_k = item == G;
+            const bf16 *x = a.qkv + (a.Hq + (is_k ? 0 : a.Hkv) + g) * D;
+            head_values(x, is_k ? a.k_norm : nullptr, a.inv_freq, pos, a.eps, is_k, y);
+            float *dst = is_k ? kn : vn;
+            bf16 *cache = is_k ? a.k_cache : a.v_cache;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if (dst)
+                    dst[4 * lane + i] = round_bf16(y[i]);
+                if (row >= 0)
+                    cache[row + 4 * lane + i] = __float2bfloat16_rn(y[i]);
+            }
+        }
+    }
+}
+
+// The unfused pair's first kernel (what the library's to_rope_kv_store does): grid Hkv.
+template <int G>
+__global__ void __launch_bounds__(THREADS) rope_kernel(LayerArgs a) {
+    pdl_trigger();
+    pdl_wait();
+    const int g = blockIdx.x, pos = *a.len - 1;
+    const int64_t row = (((int64_t)a.table[pos / BS] * BS + pos % BS) * a.Hkv + g) * D;
+    token_heads<G>(a, g, pos, row, reinterpret_cast<float (*)[D]>(a.qbuf + g * G * D), nullptr, nullptr);
+}
+
 // Grid (NS, Hkv), clusters of NS blocks along x: block `split` of kv head g takes keys
 // [split * seg, (split + 1) * seg) of the context; the block whose segment holds the new token
 // writes its k and v to the cache and uses them from shared memory. Every block leaves its
 // partial (m, l, acc per q row) in shared memory; after the cluster barrier each block merges a
 // slice of d for every row, reading the others' partials through distributed shared memory.
-template <int G>
+// ROPE false: the unfused pair's second kernel (q from a.qbuf, the new token from the cache, as
+// rope_kernel left them).
+template <int G, bool ROPE>
 __global__ void __launch_bounds__(THREADS) fused_kernel(LayerArgs a) {
     __shared__ __align__(16) float sQ[G][D];       // q, normed, rotated, times scale * log2 e
     __shared__ __align__(16) float sKn[D], sVn[D]; // the new token's k and v (as the cache has them)
@@ -115,32 +159,16 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(LayerArgs a) {
     pdl_wait();
     const int len = *a.len, pos = len - 1;
     const int seg = ((len + NS - 1) / NS + 7) / 8 * 8;
-    const int k0 = split * seg, k1 = min(len, k0 + seg), cached_end = min(k1, pos); // pos: from sKn / sVn
-    const bool owner = k0 <= pos && pos < k1;
+    const int k0 = split * seg, k1 = min(len, k0 + seg);
+    const bool owner = ROPE && k0 <= pos && pos < k1;   // the new token from sKn / sVn
+    const int cached_end = ROPE ? min(k1, pos) : k1;
 
-    // the token's heads: the group's G q heads, then k, then v (one warp each, in turn)
-    for (int item = warp; item < G + 2; item += THREADS / 32) {
-        float y[4];
-        const int lane = tid % 32;
-        if (item < G) {
-            const int h = g * G + item;
-            head_values(a.qkv + h * D, a.q_norm, a.inv_freq, pos, a.eps, true, y);
-#pragma unroll
-            for (int i = 0; i < 4; i++) sQ[item][4 * lane + i] = y[i] * a.scale * kLog2e;
-        } else {
-            const bool is_k = item == G;
-            const bf16 *x = a.qkv + (a.Hq + (is_k ? 0 : a.Hkv) + g) * D;
-            head_values(x, is_k ? a.k_norm : nullptr, a.inv_freq, pos, a.eps, is_k, y);
-            float *dst = is_k ? sKn : sVn;
-            bf16 *cache = is_k ? a.k_cache : a.v_cache;
-            const int64_t row = (((int64_t)a.table[pos / BS] * BS + pos % BS) * a.Hkv + g) * D;
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                dst[4 * lane + i] = round_bf16(y[i]);
-                if (owner)
-                    cache[row + 4 * lane + i] = __float2bfloat16_rn(y[i]);
-            }
-        }
+    if (ROPE) {
+        const int64_t row = owner ? (((int64_t)a.table[pos / BS] * BS + pos % BS) * a.Hkv + g) * D : -1;
+        token_heads<G>(a, g, pos, row, sQ, sKn, sVn);
+    } else {
+        for (int i = tid; i < G * D; i += THREADS)
+            sQ[i / D][i % D] = a.qbuf[g * G * D + i];
     }
     __syncthreads();
 
@@ -357,14 +385,15 @@ static LayerArgs make_layer(int Hq, int Hkv, int ctx, int pool_blocks) {
     bf16 *out;
     CK(cudaMalloc(&out, (size_t)Hq * D * sizeof(bf16)));
     a.out = out;
+    CK(cudaMalloc(&a.qbuf, (size_t)Hq * D * sizeof(float)));
     return a;
 }
 
-template <int G>
+template <int G, bool ROPE>
 static void launch_fused(const LayerArgs &a, int ns, cudaStream_t s) {
     static bool opted = false;
     if (!opted) {
-        CK(cudaFuncSetAttribute(fused_kernel<G>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+        CK(cudaFuncSetAttribute(fused_kernel<G, ROPE>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
         opted = true;
     }
     cudaLaunchAttribute attr[2];
@@ -378,14 +407,21 @@ static void launch_fused(const LayerArgs &a, int ns, cudaStream_t s) {
     cfg.stream = s;
     cfg.attrs = attr;
     cfg.numAttrs = 2;
-    CK(cudaLaunchKernelEx(&cfg, fused_kernel<G>, a));
+    CK(cudaLaunchKernelEx(&cfg, fused_kernel<G, ROPE>, a));
 }
 
-static void launch_fused_any(const LayerArgs &a, int ns, cudaStream_t s) {
-    if (a.Hq / a.Hkv == 2)
-        launch_fused<2>(a, ns, s);
-    else
-        launch_fused<4>(a, ns, s);
+template <typename... P, typename... A>
+static void launch_pdl(void (*k)(P...), dim3 grid, dim3 block, cudaStream_t s, A... args);
+
+// the fused kernel, or (split) rope_kernel then the attention alone
+static void launch_attention(const LayerArgs &a, int ns, bool split, cudaStream_t s) {
+    const bool g2 = a.Hq / a.Hkv == 2;
+    if (!split) {
+        g2 ? launch_fused<2, true>(a, ns, s) : launch_fused<4, true>(a, ns, s);
+        return;
+    }
+    launch_pdl(g2 ? rope_kernel<2> : rope_kernel<4>, dim3(a.Hkv), dim3(THREADS), s, a);
+    g2 ? launch_fused<2, false>(a, ns, s) : launch_fused<4, false>(a, ns, s);
 }
 
 template <typename... P, typename... A>
@@ -399,10 +435,11 @@ static void launch_pdl(void (*k)(P...), dim3 grid, dim3 block, cudaStream_t s, A
 }
 
 // max |fused - reference| over out, relative to the largest |reference|
-static double check(const LayerArgs &a, int ns, cudaStream_t s) {
+static double check(const LayerArgs &a, int ns, bool split, cudaStream_t s) {
     float *ref;
     CK(cudaMalloc(&ref, (size_t)a.Hq * D * sizeof(float)));
-    launch_fused_any(a, ns, s); // writes the new token's k, v: the reference reads them back
+    CK(cudaMemset(a.out, 0, (size_t)a.Hq * D * sizeof(bf16)));
+    launch_attention(a, ns, split, s); // writes the new token's k, v: the reference reads them back
     reference_kernel<<<a.Hq, 128, 0, s>>>(a, ref);
     CK(cudaStreamSynchronize(s));
     std::vector<float> r((size_t)a.Hq * D);
@@ -457,36 +494,38 @@ int main() {
         for (int ctx : {150, 400, 1000, 4000}) {
             std::vector<LayerArgs> layers;
             for (int i = 0; i < sh.layers; i++) layers.push_back(make_layer(sh.Hq, 8, ctx, 512));
-            printf("%s context %4d:", sh.name, ctx);
+            printf("%s context %4d: max error / max |out|:", sh.name, ctx);
             for (int ns : {4, 8, 16})
-                printf(" err(%d) %.1e", ns, check(layers[0], ns, s));
-            double base = 0;
-            for (int variant = 0; variant < 4; variant++) { // empty, then clusters of 4, 8, 16
-                const int ns = variant == 0 ? 0 : 2 << variant;
+                printf(" fused x%d %.1e", ns, check(layers[0], ns, false, s));
+            printf(", rope + attention x8 %.1e\n", check(layers[0], 8, true, s));
+            // variants: stream alone, + an empty kernel, + the unfused pair (x8), + fused x4, x8, x16
+            double alone = 0;
+            for (int variant = 0; variant < 6; variant++) {
+                const int ns = variant == 2 ? 8 : variant >= 3 ? 4 << (variant - 3) : 0;
                 cudaGraph_t graph;
                 CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
                 for (int i = 0; i < sh.layers; i++) {
                     launch_pdl(stream_kernel, dim3(132 * 4), dim3(256), s, (const uint4 *)(w + n16 * i), n16, sink);
-                    if (ns)
-                        launch_fused_any(layers[i], ns, s);
-                    else
+                    if (variant == 1)
                         launch_pdl(empty_kernel, dim3(8), dim3(THREADS), s, layers[i]);
+                    else if (ns)
+                        launch_attention(layers[i], ns, variant == 2, s);
                 }
                 CK(cudaStreamEndCapture(s, &graph));
                 const double us = replay_us(graph, s, sh.layers);
                 CK(cudaGraphDestroy(graph));
-                if (!ns) {
-                    base = us;
-                    printf(" | stream + empty %.2f us/layer", us);
+                if (variant == 0) {
+                    alone = us;
+                    printf("  stream alone %.2f us/layer; added to it:", us);
                 } else {
-                    printf(" | fused x%d +%.2f", ns, us - base);
+                    const char *names[] = {"", "empty kernel", "rope + attention x8", "fused x4", "fused x8", "fused x16"};
+                    printf(" %s %.2f%s", names[variant], us - alone, variant < 5 ? "," : "\n");
                 }
             }
-            printf("\n");
             for (LayerArgs &a : layers) { // (the lab's memory: freed per context)
                 cudaFree((void *)a.qkv), cudaFree((void *)a.q_norm), cudaFree((void *)a.k_norm);
                 cudaFree((void *)a.inv_freq), cudaFree(a.k_cache), cudaFree(a.v_cache);
-                cudaFree((void *)a.table), cudaFree((void *)a.len), cudaFree(a.out);
+                cudaFree((void *)a.table), cudaFree((void *)a.len), cudaFree(a.out), cudaFree(a.qbuf);
             }
         }
         CK(cudaFree(w));
