@@ -25,7 +25,6 @@ import ctypes
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -117,20 +116,11 @@ def generate(llm, tokens):
 
 
 def replay(args):
-    import inference_pio as ip
+    from profile_gpu import graph_replay_us
     llm = make_llm(args.model, args.attention_twice)
     generate(llm, 140)
     graph, _ = llm.engine.graphs._graphs[1]
-    rounds = []
-    for _ in range(5):
-        for _ in range(5):
-            graph.replay()
-        ip.lib.to_cuda_synchronize(0)
-        t0 = time.perf_counter()
-        for _ in range(100):
-            graph.replay()
-        ip.lib.to_cuda_synchronize(0)
-        rounds.append((time.perf_counter() - t0) / 100 * 1e6)
+    rounds = [graph_replay_us(graph) for _ in range(5)]
     twice = " (attention twice)" if args.attention_twice else ""
     print(f"{args.model}{twice}: decode step graph replay, us per step: " + " ".join(f"{r:.0f}" for r in rounds))
 

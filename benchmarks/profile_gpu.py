@@ -50,18 +50,23 @@ def main():
     if args.timeline:
         print_timeline(prof)
     if not args.eager:  # the GPU's own time per decode step: the step's graph replayed back to back
-        import inference_pio as ip
-        graph, _ = llm.engine.graphs._graphs[args.batch]
-        for _ in range(5):
-            graph.replay()
-        ip.lib.to_cuda_synchronize(0)
-        t0 = time.perf_counter()
-        for _ in range(100):
-            graph.replay()
-        ip.lib.to_cuda_synchronize(0)
-        step = (time.perf_counter() - t0) / 100
-        print(f"decode step graph replay: {step * 1e6:.0f} us ({1 / step:.0f} steps/s); "
+        step = graph_replay_us(llm.engine.graphs._graphs[args.batch][0])
+        print(f"decode step graph replay: {step:.0f} us ({1e6 / step:.0f} steps/s); "
               f"whole steps above: {wall / (args.steps + 1) * 1e6:.0f} us each")
+
+
+def graph_replay_us(graph, replays=100):
+    """µs per replay of a recorded step's CUDA graph, replayed back to back after 5 warm-up
+    replays: the GPU's own time per step."""
+    import inference_pio as ip
+    for _ in range(5):
+        graph.replay()
+    ip.lib.to_cuda_synchronize(0)
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    ip.lib.to_cuda_synchronize(0)
+    return (time.perf_counter() - t0) / replays * 1e6
 
 
 def print_timeline(prof):
