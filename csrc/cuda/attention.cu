@@ -48,6 +48,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kv_store.cuh"
 
+#include <cooperative_groups.h>
 #include <math.h>
 
 #include <mutex>
@@ -134,6 +135,7 @@ struct AttnArgs {
     // decode path (decode_kernel)
     int splits;     // key segments per (sequence, kv head): blocks in the grid
     int merge;      // 1: segments write partials; the last of each pair merges them, if the batch is good
+    int cluster;    // 1: a pair's segments are one thread-block cluster, merged in shared memory (sm_90)
     float2 *ml;     // [T][Hq][splits]: each segment's (m, l)
     int *batch_ok;  // the checking block's verdict (workspace: written before it is announced)
     unsigned *arrivals; // [S][Hkv]: segments (and the checking block) done, zero between launches
@@ -618,7 +620,8 @@ int launch_attn_dtype(const AttnArgs &a, int cache_dtype, dim3 grid, cudaStream_
 //    memory (lengths and entries, K/V, partials) before the merge.
 //  - checks: "a bad batch writes nothing" needs every sequence checked before any row of out
 //    is written. With one segment per sequence (and few sequences: "direct") every block checks
-//    the whole batch before it writes its rows of out. Otherwise ("merge") the segments write
+//    the whole batch before it writes its rows of out. With several segments and one sequence
+//    on sm_90 ("cluster"), see below. Otherwise ("merge") the segments write
 //    partials (acc, m, l) to a workspace, one extra block (block 0) checks the batch, and the
 //    partials are merged in the same launch, see below. The error recorded is check_sequence's
 //    for the lowest bad sequence, by the checking block alone.
@@ -638,6 +641,17 @@ int launch_attn_dtype(const AttnArgs &a, int cache_dtype, dim3 grid, cudaStream_
 //    arrives last (the merging block or the checking block) sets the counter back to 0, so
 //    every launch, and every replay of a graph, starts from zero: no memset per launch, and the
 //    counters' array only needs zeroing once, when it is made.
+//  - cluster (a batch of one sequence: batch-1 decode): the segments of a kv head are the blocks
+//    of one thread-block cluster (at most kClusterMax, the largest of which the GPU holds every
+//    kv head's at once). Each leaves its partial in its own
+//    shared memory, and after a cluster barrier every block merges a share of the outputs from
+//    all of them through distributed shared memory (cluster_merge): no partials through the L2,
+//    no fences, counters or checking block (BENCHMARKS.md, seventh pass: what it saves). Checks:
+//    done in one pass, the sequence is checked on the way (its lengths by every block, its table
+//    entries by the segment that looks them up, the verdict at the merge); in several (G > 8, or
+//    several queries), by every block first, as "direct". (With more sequences the clusters
+//    measured slower than the counters: every block checking the batch, and fewer clusters than
+//    pairs resident at once.)
 // Rows of one block beyond RMAX (a sequence with several queries, or G > 8) are done in passes of
 // RMAX rows, each walking the segment again: correct for any batch, fast for decode.
 
@@ -646,6 +660,7 @@ constexpr int kDecRun = kDecThreads;  // keys whose cache rows are looked up tog
 constexpr int kSegMin = 32;           // keys per segment, at least (and a multiple of)
 constexpr int kMaxSplits = 64;        // segments per sequence, at most (two per lane in the merge)
 constexpr int kDirectMaxSeqs = 64;    // above this, one check block beats every block checking
+constexpr int kClusterMax = 16;       // blocks per cluster, at most (16: a non-portable size)
 
 template <int DMAX, typename T, int RMAX>
 struct DecodeShape {
@@ -802,6 +817,55 @@ __device__ __forceinline__ int64_t segment_length(int64_t len, int splits) {
     return per <= kSegMin ? kSegMin : (per + kSegMin - 1) / kSegMin * kSegMin;
 }
 
+// Cluster mode, after a pass over rows r0 .. r0 + nr of sequence s (first q row b) and kv head g:
+// every block of the cluster (block rank = segment) holds its segment's partial in shared memory,
+// acc[r][d] (not yet divided), m[r] and l[r], and whether a table entry it looked up was bad. Block
+// `split` merges its share of the pass's nr * D outputs, reading the first `filled` segments'
+// partials through distributed shared memory in segment order (deterministic), and writes them,
+// unless a segment saw a bad entry (then rank 0 records the error and nothing is written). The
+// second barrier keeps every block's shared memory until the others have read it.
+template <int DMAX, int RMAX>
+__device__ __noinline__ void cluster_merge(const AttnArgs &a, int s, int64_t b, int g, int r0, int nr, int split,
+                                           int filled, float (*acc)[DMAX], const float *m, const float *l,
+                                           const int *seg_bad) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    bool bad = false;
+    for (int j = 0; j < filled; j++)
+        bad |= *cluster.map_shared_rank(seg_bad, j) != 0;
+    if (bad) {
+        if (split == 0 && threadIdx.x == 0)
+            report_bad_sequence(a, s);
+    } else {
+        const int n = nr * a.D, per = (n + a.splits - 1) / a.splits, end = min(n, (split + 1) * per);
+        for (int i = split * per + (int)threadIdx.x; i < end; i += kDecThreads) {
+            const int r = i / a.D, d = i % a.D;
+            float mj[kClusterMax], mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < kClusterMax; j++) { // all loads first
+                mj[j] = j < filled ? *cluster.map_shared_rank(m + r, j) : -INFINITY;
+                mx = fmaxf(mx, mj[j]);
+            }
+            float x = 0.0f, sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < kClusterMax; j++) {
+                const float w = mj[j] == -INFINITY ? 0.0f : exp2f(mj[j] - mx);
+                if (w != 0.0f) {
+                    x += w * *cluster.map_shared_rank(&acc[r][d], j);
+                    sum += w * *cluster.map_shared_rank(l + r, j);
+                }
+            }
+            const int rr = r0 + r;
+            const int64_t t = b + rr / a.G, h = (int64_t)g * a.G + rr % a.G;
+            to_store(a.out, a.out_dtype, t * a.os0 + h * a.os1 + d * a.os2, x / sum);
+        }
+    }
+    cluster.sync();
+#endif
+}
+
 // This block's segment (sequence s, kv head g, segment split, from blockIdx.x): with merging, its
 // partials (acc, m, l) for every row of s that reads g; otherwise, once the whole batch checked
 // good, those rows of out. Every thread of the block calls it; thread 0 fills *rows_out.
@@ -812,6 +876,7 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
     __shared__ int64_t sRow[2][kDecRun];             // cache rows of the current and next run
     __shared__ __align__(16) float sAcc[NG][RMAX][DMAX]; // the groups' acc, m and l at the end
     __shared__ float sM[NG][RMAX], sL[NG][RMAX], sRowL[RMAX];
+    __shared__ int sSegBad;                          // a key's table entry is outside the caches
     const int tid = threadIdx.x, li = tid % L, gi = tid / L;
     const int G = a.G, D = a.D;
     // (computed here, not in the kernel and passed in: that way ptxas spilled more registers
@@ -847,7 +912,13 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
     const int64_t nq = sm.e - sm.b, len = sm.len, b = sm.b;
     if (nq == 0)
         return;
-    if (!a.merge && find_bad_sequence(a, sScan, sBad) >= 0) {
+    const int rows = (int)(nq * G); // the host bounds T * Hq by INT32_MAX
+    // A cluster (one sequence) done in one pass checks it on the way: its head above, its table
+    // entries as the segments look them up (sSegBad), the verdict taken at the merge.
+    const bool checked_on_the_way = a.cluster && rows <= RMAX;
+    if (tid == 0)
+        sSegBad = 0;
+    if (!a.merge && !checked_on_the_way && find_bad_sequence(a, sScan, sBad) >= 0) {
         if (tid == 0)
             report_bad_sequence(a, *sBad);
         return;
@@ -856,8 +927,8 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
     // this block's segment of the context
     const int64_t seglen = segment_length(len, a.splits);
     const int64_t k_begin = split * seglen, k_end = len < k_begin + seglen ? len : k_begin + seglen;
-    const int rows = (int)(nq * G); // the host bounds T * Hq by INT32_MAX
-    if (k_begin >= len) { // past the context: an empty partial for the merge
+    const int filled = (int)((len + seglen - 1) / seglen); // segments holding keys: the first ones
+    if (k_begin >= len && !a.cluster) { // past the context: an empty partial for the merge
         for (int i = tid; i < rows; i += kDecThreads) {
             const int64_t t = b + i / G, h = (int64_t)g * G + i % G;
             a.ml[(t * a.Hq + h) * a.splits + split] = make_float2(-INFINITY, 0.0f);
@@ -866,6 +937,14 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
     }
     const int64_t pos0 = len - nq; // position of the first query
     const T *kc = static_cast<const T *>(a.k_cache), *vc = static_cast<const T *>(a.v_cache);
+    // key p's cache row from this thread's table entry (-1 past stop); an entry outside the caches
+    // marks the segment bad
+    auto lookup = [&](int64_t p, int64_t stop) {
+        const int64_t row = cache_row(a, entry, p, stop, g);
+        if (row < 0 && p < stop)
+            sSegBad = 1;
+        return row;
+    };
 
     for (int r0 = 0; r0 < rows; r0 += RMAX) {
         const int nr = rows - r0 < RMAX ? rows - r0 : RMAX;
@@ -893,7 +972,7 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
             if (!(r0 == 0 && k_begin == guess0))
                 entry = table_entry(a, s, k_begin + tid);
             __syncthreads(); // sRow is no longer read by the previous pass
-            sRow[0][tid] = cache_row(a, entry, k_begin + tid, k_stop, g);
+            sRow[0][tid] = lookup(k_begin + tid, k_stop);
             __syncthreads();
             int buf = 0;
             for (int64_t c0 = k_begin; c0 < k_stop; c0 += kDecRun) {
@@ -976,7 +1055,7 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
                     }
                 }
                 if (c1 < k_stop)
-                    sRow[buf ^ 1][tid] = cache_row(a, entry, c1 + tid, k_stop, g);
+                    sRow[buf ^ 1][tid] = lookup(c1 + tid, k_stop);
                 __syncthreads();
                 buf ^= 1;
             }
@@ -1021,7 +1100,9 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
             for (int j = 0; j < NG; j++)
                 x += sL[j][r] * sAcc[j][r][d];
             const int64_t t = b + rr / G, h = (int64_t)g * G + rr % G;
-            if (!a.merge) { // l >= 1: the row's own position is among its keys
+            if (a.cluster) { // the block's partial, merged by the cluster below
+                sAcc[0][r][d] = x;
+            } else if (!a.merge) { // l >= 1: the row's own position is among its keys
                 to_store(a.out, a.out_dtype, t * a.os0 + h * a.os1 + d * a.os2, x * (1.0f / sRowL[r]));
             } else {
                 const int64_t at = (t * a.Hq + h) * a.splits + split;
@@ -1030,6 +1111,8 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
                     a.ml[at] = make_float2(sM[0][r], sRowL[r]);
             }
         }
+        if (a.cluster)
+            cluster_merge<DMAX, RMAX>(a, s, b, g, r0, nr, split, filled, sAcc[0], sM[0], sRowL, &sSegBad);
     }
 }
 
@@ -1129,7 +1212,7 @@ __device__ void announce_verdict(const AttnArgs &a, int bad) {
 // batch check) in front when merging. DMAX: D rounded up to 64, 128 or 256; T: the cache
 // element; RMAX: query rows per pass (G rounded up to a power of two, at most 8).
 template <int DMAX, typename T, int RMAX>
-__global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(AttnArgs a) {
+__global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(const __grid_constant__ AttnArgs a) {
     __shared__ long long sScan[kDecThreads];
     __shared__ int sBad;
     __shared__ SegmentRows sRows;
@@ -1237,27 +1320,68 @@ int decode_arrivals(int dev, int64_t n, unsigned **out) {
     return TO_OK;
 }
 
+using DecodeKernel = void (*)(AttnArgs);
+
 template <int DMAX, typename T>
-int launch_decode_rows(const AttnArgs &a, unsigned blocks, cudaStream_t stream) {
-    const dim3 grid(blocks), block(kDecThreads);
-    cudaError_t err;
-    switch (a.G == 1 ? 1 : a.G == 2 ? 2 : a.G <= 4 ? 4 : 8) {
-    case 1: err = to_launch(decode_kernel<DMAX, T, 1>, grid, block, 0, stream, a); break;
-    case 2: err = to_launch(decode_kernel<DMAX, T, 2>, grid, block, 0, stream, a); break;
-    case 4: err = to_launch(decode_kernel<DMAX, T, 4>, grid, block, 0, stream, a); break;
-    default: err = to_launch(decode_kernel<DMAX, T, 8>, grid, block, 0, stream, a); break;
+DecodeKernel decode_kernel_rows(int G) {
+    switch (G == 1 ? 1 : G == 2 ? 2 : G <= 4 ? 4 : 8) {
+    case 1: return decode_kernel<DMAX, T, 1>;
+    case 2: return decode_kernel<DMAX, T, 2>;
+    case 4: return decode_kernel<DMAX, T, 4>;
+    default: return decode_kernel<DMAX, T, 8>;
     }
-    return launched(err, "to_paged_attention");
 }
 
+// decode_kernel for head size D, cache dtype and GQA group size G; null for a dtype without one
 template <int DMAX>
-int launch_decode(const AttnArgs &a, int cache_dtype, unsigned blocks, cudaStream_t stream) {
+DecodeKernel decode_kernel_for(int cache_dtype, int G) {
     switch (cache_dtype) {
-    case TO_F32: return launch_decode_rows<DMAX, float>(a, blocks, stream);
-    case TO_F16: return launch_decode_rows<DMAX, __half>(a, blocks, stream);
-    case TO_BF16: return launch_decode_rows<DMAX, __nv_bfloat16>(a, blocks, stream);
+    case TO_F32: return decode_kernel_rows<DMAX, float>(G);
+    case TO_F16: return decode_kernel_rows<DMAX, __half>(G);
+    case TO_BF16: return decode_kernel_rows<DMAX, __nv_bfloat16>(G);
     }
-    return to_fail(TO_ERR_DTYPE, "to_paged_attention: cache dtype %s has no CUDA kernel", to_dtype_name(cache_dtype));
+    return nullptr;
+}
+
+// The largest cluster size (a power of two, at most kClusterMax) with which GPU dev holds
+// `clusters` clusters of `kernel` at once; 1 where there is none, or clusters are not available
+// (before sm_90, or a library without sm_90 code for the kernel). Asked once per kernel, GPU and
+// count; the answer is kept.
+int decode_cluster_limit(DecodeKernel kernel, int dev, int clusters) {
+    static std::mutex lock;
+    static struct { DecodeKernel kernel; int dev, clusters, limit; } known[64];
+    static int n_known;
+    std::lock_guard<std::mutex> guard(lock);
+    for (int i = 0; i < n_known; i++)
+        if (known[i].kernel == kernel && known[i].dev == dev && known[i].clusters == clusters)
+            return known[i].limit;
+    // not stream work, but asked maybe while a graph is recorded: in relaxed mode (as device.cu)
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    int limit = 1, major = 0;
+    cudaFuncAttributes fa;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9
+        && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion >= 90) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+        for (int c = kClusterMax; c > 1 && limit == 1; c /= 2) {
+            cudaLaunchAttribute attr;
+            attr.id = cudaLaunchAttributeClusterDimension;
+            attr.val.clusterDim = {(unsigned)c, 1, 1};
+            cudaLaunchConfig_t cfg = {};
+            cfg.gridDim = dim3(c);
+            cfg.blockDim = dim3(kDecThreads);
+            cfg.attrs = &attr;
+            cfg.numAttrs = 1;
+            int held = 0;
+            if (cudaOccupancyMaxActiveClusters(&held, kernel, &cfg) == cudaSuccess && held >= clusters)
+                limit = c;
+        }
+    }
+    cudaGetLastError(); // a refused query is an answer, not an error for the next check
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    if (n_known < 64)
+        known[n_known++] = {kernel, dev, clusters, limit};
+    return limit;
 }
 
 }  // namespace
@@ -1335,7 +1459,15 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
     // so that a long context is streamed by every multiprocessor; never more than kMaxSplits, nor
     // more than kSegMin-key pieces of the longest context the table can hold. (Short contexts use
     // only the first segments: the device cuts the real length, in pieces of at least kSegMin.)
+    // With one sequence, a kv head's segments are one cluster (cluster mode), rather than
+    // partials merged through memory by the last to finish.
     if (T <= S && a.vec && T * Hq <= INT32_MAX && S <= INT32_MAX && Hkv <= INT32_MAX) {
+        const DecodeKernel kernel = D <= 64 ? decode_kernel_for<64>(k_cache->dtype, (int)G)
+                                  : D <= 128 ? decode_kernel_for<128>(k_cache->dtype, (int)G)
+                                             : decode_kernel_for<256>(k_cache->dtype, (int)G);
+        if (!kernel)
+            return to_fail(TO_ERR_DTYPE, "to_paged_attention: cache dtype %s has no CUDA kernel",
+                           to_dtype_name(k_cache->dtype));
         const int64_t resident = (G > 4 ? 2 : 3) * (int64_t)sms;
         int64_t splits = 1;
         if (2 * S * Hkv <= resident) {
@@ -1345,12 +1477,21 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
             splits = splits < cap ? splits : cap;
             splits = splits > 1 ? splits : 1;
         }
-        const bool merge = splits > 1 || S > kDirectMaxSeqs;
+        bool cluster = false;
+        if (splits > 1 && S == 1) {
+            const int limit = decode_cluster_limit(kernel, dev, (int)Hkv);
+            if (limit > 1) {
+                splits = splits < limit ? splits : limit;
+                cluster = true;
+            }
+        }
+        const bool merge = !cluster && (splits > 1 || S > kDirectMaxSeqs);
         const int64_t blocks = S * Hkv * splits + (merge ? 1 : 0);
         if (blocks <= INT32_MAX) {
             a.S = (int)S, a.Hq = (int)Hq, a.Hkv = (int)Hkv, a.G = (int)G, a.D = (int)D, a.block_size = (int)bs;
             a.splits = (int)splits;
             a.merge = merge;
+            a.cluster = cluster;
             // merging only: the arrival counters (S * Hkv, per GPU, kept), and a workspace of acc
             // [T][Hq][splits][D], (m, l) [T][Hq][splits] and the verdict
             void *ws = nullptr;
@@ -1363,9 +1504,9 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
                 a.ml = (float2 *)((char *)ws + ml_off);
                 a.batch_ok = (int *)((char *)ws + ok_off);
             }
-            int status = D <= 64 ? launch_decode<64>(a, k_cache->dtype, (unsigned)blocks, stream)
-                       : D <= 128 ? launch_decode<128>(a, k_cache->dtype, (unsigned)blocks, stream)
-                                  : launch_decode<256>(a, k_cache->dtype, (unsigned)blocks, stream);
+            int status = launched(to_launch_cluster(kernel, dim3((unsigned)blocks), dim3(kDecThreads), 0, stream,
+                                                    cluster ? (unsigned)splits : 1u, a),
+                                  "to_paged_attention");
             // back to the cache: the next user of this block is ordered after the kernel on the
             // stream (and one freed while a graph is recorded stays the graph's)
             if (ws)

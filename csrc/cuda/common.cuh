@@ -258,20 +258,35 @@ inline bool to_pdl_enabled() {
     return enabled;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch. Returns the
-// launch's error (callers go on to to_cuda_check_launch as after <<<>>>).
+// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch, its blocks
+// grouped into thread-block clusters of `cluster` along x when cluster > 1 (sm_90; grid.x a
+// multiple of it). Returns the launch's error (callers go on to to_cuda_check_launch as after
+// <<<>>>).
 template <typename... Params, typename... Args>
-inline cudaError_t to_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                             cudaStream_t stream, Args &&...args) {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+inline cudaError_t to_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                     cudaStream_t stream, unsigned cluster, Args &&...args) {
+    cudaLaunchAttribute attr[2];
+    unsigned n = 0;
+    if (to_pdl_enabled()) {
+        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster > 1) {
+        attr[n].id = cudaLaunchAttributeClusterDimension;
+        attr[n++].val.clusterDim = {cluster, 1, 1};
+    }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     cfg.attrs = attr;
-    cfg.numAttrs = to_pdl_enabled() ? 1 : 0;
+    cfg.numAttrs = n;
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... Params, typename... Args>
+inline cudaError_t to_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, Args &&...args) {
+    return to_launch_cluster(kernel, grid, block, smem, stream, 1u, std::forward<Args>(args)...);
 }

@@ -203,12 +203,12 @@ def test_decode_path(gen, S, G, D):
     b.check(out)
 
 
-@pytest.mark.parametrize("L", [1, 31, 32, 33, 127, 128, 129, 1568, 1569, 8191])
+@pytest.mark.parametrize("L", [1, 31, 32, 33, 127, 128, 129, 512, 513, 8191])
 def test_decode_segment_edges(gen, L):
-    """Batch of one (on the H200: 49 segments of at least 32 keys for 8 kv heads): contexts at the
-    edges of a segment, of a 128-key run of table lookups, and of the shortest segments covering
-    it all (1568 = 49 * 32: one more key makes every segment 64 long, and the table entries the
-    blocks load before they know the length are the wrong ones)."""
+    """Batch of one (on the H200: a cluster of 16 segments of at least 32 keys per kv head):
+    contexts at the edges of a segment, of a 128-key run of table lookups, and of the shortest
+    segments covering it all (512 = 16 * 32: one more key makes every segment 64 long, and the
+    table entries the blocks load before they know the length are the wrong ones)."""
     b = Batch(gen, [(1, L)], 16, 8, 128, 16, cache_dtype=ip.bfloat16, q_dtype=ip.bfloat16)
     b.check(b.run())
 
@@ -260,7 +260,8 @@ def test_decode_path_deterministic(gen):
         assert torch.equal(to_torch(b.run()), to_torch(b.run()))
 
 
-@pytest.mark.parametrize("mode,S,Hkv", [("split", 3, 2), ("direct", 40, 8), ("many", 70, 4), ("late", 1000, 1)])
+@pytest.mark.parametrize("mode,S,Hkv", [("single", 1, 4), ("split", 3, 2), ("direct", 40, 8), ("many", 70, 4),
+                                         ("late", 1000, 1)])
 @pytest.mark.parametrize("field,message", [
     ("block", "block_tables holds a block outside"),
     ("short", "context_lens is less than its queries"),
@@ -271,13 +272,16 @@ def test_decode_path_bad_batch_writes_nothing(gen, mode, S, Hkv, field, message)
     """Bad metadata on the decode path: reported as before (the lowest bad sequence, at the next
     synchronisation), and not one row of out written, in each of the three modes, and in the
     merging one where most segments finish before the checking block ("late": they check the
-    batch themselves); the GPU works on."""
+    batch themselves); "single" is a cluster whose segments check their own table entries (the bad
+    one in the second segment), the verdict taken as they merge; the GPU works on."""
     length = (lambda s: 1 + (7 * s) % 40) if mode == "late" else (lambda s: 50 + 7 * s)
     b = Batch(gen, [(1, length(s)) for s in range(S)], 2 * Hkv, Hkv, 64, 16)
     q, kc, vc = b.dev[:3]
     cu, ctx, bt = b.cu.clone(), b.ctx.clone(), b.bt.clone()
     bad = S // 2
-    if field == "block":
+    if field == "block" and S == 1:
+        bt[0, 3] = kc.shape[0]  # keys 48 and 49: the second 32-key segment's
+    elif field == "block":
         bt[bad, 1] = kc.shape[0]
         bt[S - 1, 0] = -1  # a later bad sequence: not the one named
     elif field == "short":
@@ -330,9 +334,11 @@ def test_decode_path_in_cuda_graph(gen):
 
 
 # The merging modes, each with a batch that lands there on the H200: "split" is Qwen3-0.6B's decode
-# step (batch 1, Hq 16, Hkv 8, D 128, bf16, a context of ~140: 49 segments, 5 of them used);
-# "many" has one segment per sequence; "late" has so many sequences with short contexts that the
-# checking block is still busy when most segments finish, so they check the batch themselves.
+# step (batch 1, Hq 16, Hkv 8, D 128, bf16, a context of ~140: clusters of 16 segments, 5 of them
+# used, merged in shared memory); "split3" merges the segments of three sequences through memory;
+# "many" has one segment per sequence and a checking block; "late" has so many sequences with
+# short contexts that the checking block is still busy when most segments finish, so they check
+# the batch themselves.
 MERGE_MODES = {
     "split": dict(seqs=[(1, 141)], Hq=16, Hkv=8, D=128, width=256),
     "split3": dict(seqs=[(1, 140), (1, 3000), (1, 7)], Hq=16, Hkv=8, D=128),
