@@ -317,15 +317,14 @@ int to_cuda_memcpy(int device_index, void *dst, const void *src, int64_t nbytes,
         return to_fail(TO_ERR_INVALID_ARGUMENT, "to_copy: bad copy kind %d", kind);
     // On the GPU's stream, after the kernels queued there. The host buffer may be reused (or
     // read) as soon as we return: a copy to the host has finished, one from it sits in the
-    // staging buffer until the GPU takes it.
+    // staging buffer until the GPU takes it. A copy on the GPU is queued like a kernel: the host
+    // does not wait for it, and a graph being recorded records it.
     cudaStream_t stream = to_cuda_stream(device_index);
     if (!stream)
         return TO_ERR_CUDA;
     cudaError_t err = cudaSuccess;
     if (kind == 2) {
         err = cudaMemcpyAsync(dst, src, (size_t)nbytes, cudaMemcpyDeviceToDevice, stream);
-        if (err == cudaSuccess)
-            err = cudaStreamSynchronize(stream);
     } else {
         err = copy_through_staging(device_index, stream, dst, src, nbytes, kind == 0);
     }

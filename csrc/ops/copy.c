@@ -63,6 +63,8 @@ int to_copy(const to_tensor *out, const to_tensor *x) {
         return to_cuda_memcpy(x->device_index, out->data, x->data, nbytes, 1);
     if (out->device_index != x->device_index)
         return to_fail(TO_ERR_UNSUPPORTED, "to_copy: copies between two GPUs go through the host");
+    TO_TRY(to_check_writable(out, "to_copy", "out"));
+    TO_TRY(to_check_no_alias(out, x, 1, "to_copy", "out", "x"));
     return to_cuda_memcpy(out->device_index, out->data, x->data, nbytes, 2);
 }
 

@@ -196,6 +196,26 @@ def test_copy_empty_and_zero_dim():
     assert ip.Tensor.empty((), dtype=ip.int8, device="cuda").copy_(x).cpu().item() == -3
 
 
+def test_same_gpu_copy_is_queued(gen):
+    """A contiguous copy of one dtype on one GPU is queued on its stream like a kernel (the host
+    does not wait for it): recorded in a CUDA graph, each replay copies the source's bytes of that
+    moment; a destination overlapping its source is refused."""
+    from inference_pio.graph import CudaGraph
+
+    n = 4099
+    src = ip.Tensor.empty((n,), dtype=ip.bfloat16, device="cuda")
+    dst = ip.Tensor.empty((n,), dtype=ip.bfloat16, device="cuda")
+    graph = CudaGraph.capture(lambda: dst.copy_(src))
+    for _ in range(2):
+        x = torch.randn(n, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+        src.copy_(from_torch(x))
+        graph.replay()
+        assert torch.equal(to_torch(dst.cpu()), x)
+    both = ip.Tensor.empty((2 * n,), dtype=ip.float32, device="cuda")
+    with pytest.raises(ip.InvalidArgumentError, match="to_copy: out overlaps x in memory"):
+        both.narrow(0, 1, n).copy_(both.narrow(0, 0, n))
+
+
 # ---- fill ----
 
 FILL_VALUES = (0.0, -0.0, 1.5, -2.7, 300.9, -1e10, 1e30, 65520.0, 2.0 ** 63, -2.0 ** 64, 1e-40,
