@@ -1,7 +1,7 @@
 // attn_lab.cu - one fused decode-attention kernel per layer, measured on a layer chain (a
 // development tool, not part of the library). Build and run on a GPU:
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -o /tmp/attn_lab benchmarks/attn_lab.cu && /tmp/attn_lab
-// (Written 2026-11-23 after the session's device time was spent: compiled, not yet run.)
+// (Its results: BENCHMARKS.md, CUDA seventh pass.)
 //
 // The question (BENCHMARKS.md, CUDA sixth pass): the library's decode attention costs ~16 µs of a
 // 0.6B step even with its code and data hot, and the rope / KV-store kernel before it a few more,
