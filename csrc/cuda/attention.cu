@@ -1504,8 +1504,9 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
                 a.ml = (float2 *)((char *)ws + ml_off);
                 a.batch_ok = (int *)((char *)ws + ok_off);
             }
-            int status = launched(to_launch_cluster(kernel, dim3((unsigned)blocks), dim3(kDecThreads), 0, stream,
-                                                    cluster ? (unsigned)splits : 1u, a),
+            ToLaunchOptions opt;
+            opt.cluster = cluster ? (unsigned)splits : 1u;
+            int status = launched(to_launch_with(opt, kernel, dim3((unsigned)blocks), dim3(kDecThreads), 0, stream, a),
                                   "to_paged_attention");
             // back to the cache: the next user of this block is ordered after the kernel on the
             // stream (and one freed while a graph is recorded stays the graph's)

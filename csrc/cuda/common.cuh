@@ -258,22 +258,33 @@ inline bool to_pdl_enabled() {
     return enabled;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch, its blocks
-// grouped into thread-block clusters of `cluster` along x when cluster > 1 (sm_90; grid.x a
-// multiple of it). Returns the launch's error (callers go on to to_cuda_check_launch as after
-// <<<>>>).
+// What a launch asks beyond its grid: programmatic (every launch, unless INFERENCE_PIO_PDL=0),
+// its blocks grouped into thread-block clusters of `cluster` along x (sm_90; grid.x a multiple of
+// it), cooperative (all blocks resident at once, or the runtime refuses the launch).
+struct ToLaunchOptions {
+    bool pdl = to_pdl_enabled();
+    unsigned cluster = 1;
+    bool cooperative = false;
+};
+
+// kernel<<<grid, block, smem, stream>>>(args...) with those options. Returns the launch's error
+// (callers go on to to_cuda_check_launch as after <<<>>>).
 template <typename... Params, typename... Args>
-inline cudaError_t to_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                                     cudaStream_t stream, unsigned cluster, Args &&...args) {
-    cudaLaunchAttribute attr[2];
+inline cudaError_t to_launch_with(ToLaunchOptions opt, void (*kernel)(Params...), dim3 grid, dim3 block,
+                                  size_t smem, cudaStream_t stream, Args &&...args) {
+    cudaLaunchAttribute attr[3];
     unsigned n = 0;
-    if (to_pdl_enabled()) {
+    if (opt.pdl) {
         attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attr[n++].val.programmaticStreamSerializationAllowed = 1;
     }
-    if (cluster > 1) {
+    if (opt.cluster > 1) {
         attr[n].id = cudaLaunchAttributeClusterDimension;
-        attr[n++].val.clusterDim = {cluster, 1, 1};
+        attr[n++].val.clusterDim = {opt.cluster, 1, 1};
+    }
+    if (opt.cooperative) {
+        attr[n].id = cudaLaunchAttributeCooperative;
+        attr[n++].val.cooperative = 1;
     }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
@@ -285,8 +296,9 @@ inline cudaError_t to_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// A programmatic dependent launch, as every kernel of the library is launched (see above).
 template <typename... Params, typename... Args>
 inline cudaError_t to_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                              cudaStream_t stream, Args &&...args) {
-    return to_launch_cluster(kernel, grid, block, smem, stream, 1u, std::forward<Args>(args)...);
+    return to_launch_with(ToLaunchOptions{}, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }

@@ -1123,27 +1123,13 @@ std::atomic<bool> coop_pdl{true};
 template <typename... Params, typename... Args>
 cudaError_t launch_rows(void (*kernel)(Params...), int64_t rows, int parts, int threads, cudaStream_t stream,
                         const Args &...args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)rows, (unsigned)parts);
-    cfg.blockDim = dim3((unsigned)threads);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[2];
-    cfg.attrs = attr;
     const bool coop = parts > 1;
     auto go = [&](bool pdl) {
-        unsigned k = 0;
-        if (pdl) {
-            attr[k].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-            attr[k].val.programmaticStreamSerializationAllowed = 1;
-            k++;
-        }
-        if (coop) {
-            attr[k].id = cudaLaunchAttributeCooperative;
-            attr[k].val.cooperative = 1;
-            k++;
-        }
-        cfg.numAttrs = k;
-        return cudaLaunchKernelEx(&cfg, kernel, args...);
+        ToLaunchOptions opt;
+        opt.pdl = pdl;
+        opt.cooperative = coop;
+        return to_launch_with(opt, kernel, dim3((unsigned)rows, (unsigned)parts), dim3((unsigned)threads), 0,
+                              stream, args...);
     };
     if (!coop || !to_pdl_enabled() || !coop_pdl.load())
         return go(to_pdl_enabled() && !coop);
