@@ -56,33 +56,6 @@ namespace {
 #define QV_STAGES 3 // steps per warp in flight: one being decoded, two being copied
 
 // ---------------------------------------------------------------------------------------------
-// Async copies (sm_80+): 16 bytes global -> shared without registers, in commit groups. Earlier
-// GPUs copy through a register at once (the same results, without the overlap).
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ void cp16(void *smem, const void *gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-#else
-    *(uint4 *)smem = __ldg((const uint4 *)gmem);
-#endif
-}
-
-__device__ __forceinline__ void cp_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-
-// Waits until at most N of this thread's commit groups are still pending.
-template <int N> __device__ __forceinline__ void cp_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-
-// ---------------------------------------------------------------------------------------------
 // Reading blocks out of shared memory. `base` is a 16-byte aligned buffer, `off` an even byte
 // offset into it (blocks are 2-byte aligned at best).
 // ---------------------------------------------------------------------------------------------

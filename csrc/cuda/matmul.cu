@@ -5,7 +5,7 @@
 // K, with unit last stride and rows w->strides[0] elements apart. csrc/ops/matmul.c has checked
 // all of that, so nothing is re-validated here.
 //
-// Three kernels, chosen by M (rows of x):
+// The kernels, chosen by M (rows of x):
 //
 //  - GEMV (M <= GEMV_MAX_ROWS = 8, decode). Reading w once is the whole cost, so one warp owns one
 //    weight row and streams it (16-byte loads for float w when aligned; in-register
@@ -19,8 +19,13 @@
 //    f32: unlike the CPU path (which quantizes x to 8 bits), the GPU result is f32-accurate
 //    against the dequantized weights.
 //
+//  - Batched decode (9 <= M <= 64, bf16/f16 w, K a multiple of 64, x with unit stride: the
+//    decode step of a batch): gemm_skinny.cu, tensor cores fed straight from the weight stream,
+//    with every epilogue of the GEMV inside, for the shapes its plan covers (see there).
+//
 //  - Tensor-core GEMM (M > 8, x and w both bf16 or both f16): 64x64 output tiles, K in steps of
-//    32 through shared memory, WMMA 16x16x16 fragments with f32 accumulators.
+//    32 through shared memory, WMMA 16x16x16 fragments with f32 accumulators (on Hopper the
+//    wgmma GEMM of gemm_sm90.cu first).
 //
 //  - FMA GEMM (M > 8, every other combination: f32, mixed dtypes, quantized w): 64x64 output
 //    tiles, K in steps of 16 through f32 shared-memory tiles (quantized w is dequantized while
@@ -145,10 +150,6 @@ __device__ __forceinline__ void dequant4(int dtype, const char *row, int64_t k, 
 // Float weights for the GEMV: VEC consecutive elements per lane per step. Vec: one 16-byte load
 // (needs a 16-byte aligned row start); Scalar: one element (any alignment).
 // ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T> struct FloatVec {
     static constexpr int VEC = 16 / sizeof(T);
@@ -305,32 +306,6 @@ template <typename T> __device__ __forceinline__ void unpack16(uint4 raw, float 
         v[i] = to_f32(t[i]);
 }
 
-// VEC consecutive elements k.. of a float vector (f32/f16/bf16, unit stride, 16-byte aligned
-// base, k a multiple of VEC) as f32: one 16-byte load for 16-bit values and VEC = 8.
-template <int VEC> __device__ __forceinline__ void load_f32(const char *base, int dtype, int64_t k, float v[VEC]) {
-    if (dtype == TO_F32) {
-#pragma unroll
-        for (int q = 0; q < VEC / 4; q++) {
-            float4 t = __ldg((const float4 *)base + k / 4 + q);
-            v[4 * q] = t.x, v[4 * q + 1] = t.y, v[4 * q + 2] = t.z, v[4 * q + 3] = t.w;
-        }
-        return;
-    }
-    uint32_t raw[VEC / 2];
-    if constexpr (VEC == 8) {
-        uint4 t = __ldg((const uint4 *)base + k / 8);
-        raw[0] = t.x, raw[1] = t.y, raw[2] = t.z, raw[3] = t.w;
-    } else {
-        uint2 t = __ldg((const uint2 *)base + k / 4);
-        raw[0] = t.x, raw[1] = t.y;
-    }
-    const __nv_bfloat16 *b = (const __nv_bfloat16 *)raw;
-    const __half *h = (const __half *)raw;
-#pragma unroll
-    for (int i = 0; i < VEC; i++)
-        v[i] = dtype == TO_BF16 ? __bfloat162float(b[i]) : __half2float(h[i]);
-}
-
 // NORM: 0 no norm; 1 the norm weight has w's dtype (read like the weights); 2 any float dtype.
 template <int MR, typename T, int KSPLIT, int NORM>
 __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs a) {
@@ -378,7 +353,7 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
             if constexpr (NORM == 1)
                 unpack16<T>(__ldg((const uint4 *)a.norm_w + jj), gv);
             else if constexpr (NORM == 2)
-                load_f32<VEC>(a.norm_w, a.norm_dt, (int64_t)jj * VEC, gv);
+                load_vec_f32<VEC>(a.norm_w, a.norm_dt, (int64_t)jj * VEC, gv);
             float wf[R][VEC];
 #pragma unroll
             for (int r = 0; r < R; r++)
@@ -739,21 +714,22 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
     const char *op = a.swiglu ? "to_rms_norm_swiglu" : norm_weight ? "to_rms_norm_matmul"
                    : a.accumulate ? "to_matmul_add" : "to_matmul";
 
-    if (a.M <= GEMV_MAX_ROWS) {
+    // the fused norm of the streaming kernels reads its weight with 16-byte loads
+    if (norm_weight && norm_weight->strides[0] == 1 && (uintptr_t)norm_weight->data % 16 == 0) {
+        a.norm_w = (const char *)norm_weight->data;
+        a.norm_dt = norm_weight->dtype;
+        a.norm_eps = eps;
+    }
+    const bool norm_fits = !norm_weight || a.norm_w;
+    if (a.M <= GEMV_MAX_ROWS && norm_fits) {
         // 16-byte loads need every row start 16-byte aligned (K itself may be anything: the
         // kernel finishes each chunk with scalar loads)
         bool aligned16 = (uintptr_t)a.w % 16 == 0 && (a.N == 1 || a.w_row_bytes % 16 == 0);
         bool x_streams = a.x_dt == TO_F32 && a.xs1 == 1 && (uintptr_t)a.x % 16 == 0 && (a.M == 1 || a.xs0 % 4 == 0);
         int vec = w->dtype == TO_F32 ? 4 : 8;
-        bool norm_streams = norm_weight && norm_weight->strides[0] == 1 && (uintptr_t)norm_weight->data % 16 == 0;
         bool streams = (w->dtype == TO_F32 || w->dtype == TO_F16 || w->dtype == TO_BF16) && aligned16 &&
                        x_streams && a.K % vec == 0 && a.K / vec <= UINT32_MAX / 16;
-        if (streams && (!norm_weight || norm_streams)) {
-            if (norm_weight) {
-                a.norm_w = (const char *)norm_weight->data;
-                a.norm_dt = norm_weight->dtype;
-                a.norm_eps = eps;
-            }
+        if (streams) {
             switch (w->dtype) {
             case TO_F32: launch_gemv_stream<float>(a, out->device_index, stream); break;
             case TO_F16: launch_gemv_stream<__half>(a, out->device_index, stream); break;
@@ -762,17 +738,12 @@ extern "C" int to_cuda_matmul(const to_tensor *out, const to_tensor *x, const to
             return to_cuda_check_launch(op);
         }
         // block-quantized w: the streaming GEMV of gemv_quant.cu, fused forms included
-        if (a.w_quant && (!norm_weight || norm_streams)) {
-            MatmulArgs q = a;
-            if (norm_weight) {
-                q.norm_w = (const char *)norm_weight->data;
-                q.norm_dt = norm_weight->dtype;
-                q.norm_eps = eps;
-            }
-            if (to_cuda_gemv_quant(q, out->device_index, stream))
-                return to_cuda_check_launch(op);
-        }
+        if (a.w_quant && to_cuda_gemv_quant(a, out->device_index, stream))
+            return to_cuda_check_launch(op);
     }
+    // batched decode with 16-bit w: tensor cores fed from the weight stream, fused forms included
+    if (a.M > GEMV_MAX_ROWS && norm_fits && to_cuda_gemm_skinny(a, out->device_index, stream))
+        return to_cuda_check_launch(op);
     if (a.swiglu)
         return swiglu_through_temp(out, x, w, bias, norm_weight, eps);
     if (norm_weight)

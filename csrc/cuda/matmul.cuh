@@ -47,6 +47,62 @@ __device__ __forceinline__ void store_swiglu(const MatmulArgs &a, int64_t m, int
     to_store(a.out, a.out_dt, m * a.os0 + n / 2, __fmul_rn(to_silu(gate), up));
 }
 
+// One element of a float dtype as f32.
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// VEC consecutive elements k.. of a float vector (f32/f16/bf16, unit stride, 16-byte aligned
+// base, k a multiple of VEC) as f32: one 16-byte load for 16-bit values and VEC = 8.
+template <int VEC> __device__ __forceinline__ void load_vec_f32(const char *base, int dtype, int64_t k, float v[VEC]) {
+    if (dtype == TO_F32) {
+#pragma unroll
+        for (int q = 0; q < VEC / 4; q++) {
+            float4 t = __ldg((const float4 *)base + k / 4 + q);
+            v[4 * q] = t.x, v[4 * q + 1] = t.y, v[4 * q + 2] = t.z, v[4 * q + 3] = t.w;
+        }
+        return;
+    }
+    uint32_t raw[VEC / 2];
+    if constexpr (VEC == 8) {
+        uint4 t = __ldg((const uint4 *)base + k / 8);
+        raw[0] = t.x, raw[1] = t.y, raw[2] = t.z, raw[3] = t.w;
+    } else {
+        uint2 t = __ldg((const uint2 *)base + k / 4);
+        raw[0] = t.x, raw[1] = t.y;
+    }
+    const __nv_bfloat16 *b = (const __nv_bfloat16 *)raw;
+    const __half *h = (const __half *)raw;
+#pragma unroll
+    for (int i = 0; i < VEC; i++)
+        v[i] = dtype == TO_BF16 ? __bfloat162float(b[i]) : __half2float(h[i]);
+}
+
+// Async copies (sm_80+; gemv_quant.cu, gemm_skinny.cu): 16 bytes global -> shared without
+// registers, in commit groups. Earlier GPUs copy through a register at once (the same results,
+// without the overlap).
+__device__ __forceinline__ void cp16(void *smem, const void *gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+#else
+    *(uint4 *)smem = __ldg((const uint4 *)gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's commit groups are still pending.
+template <int N> __device__ __forceinline__ void cp_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
 // Asks the L2 to fetch [p, p + bytes) (16-byte aligned, a multiple of 16 bytes) ahead of the loads:
 // the GEMVs issue it for their weight rows before to_pdl_wait() (safe whatever the previous kernel
 // writes: the L2 is coherent), so the DRAM latency overlaps that kernel's tail. sm_90+; a no-op before.
@@ -125,6 +181,14 @@ __device__ __forceinline__ void gemv_rows_finish(const MatmulArgs &a, float (&ac
                 store_out(a, m, n0 + r, acc[m][r] * rinv);
     }
 }
+
+// The batched-decode product (gemm_skinny.cu): 1..64 rows of x (f32/f16/bf16, unit stride, 16-byte
+// aligned rows) against bf16/f16 w (16-byte aligned rows) with K a multiple of 64, every epilogue of
+// MatmulArgs (the norm only against bf16 w). Returns 1 when it launched the product on `stream`,
+// 0 when the case is not one it handles (INFERENCE_PIO_GEMM_SKINNY=0 makes it always 0); launch
+// errors are left for to_cuda_check_launch.
+__attribute__((visibility("hidden"))) int to_cuda_gemm_skinny(const MatmulArgs &a, int device_index,
+                                                              cudaStream_t stream);
 
 // Multiprocessors of GPU device_index (cached; 132 if the query fails).
 __attribute__((visibility("hidden"))) int to_cuda_sm_count(int device_index);

@@ -293,13 +293,17 @@ def qgemv_operands(gen, wtype, M, K, N, skip_rows=0):
     return x.to("cuda"), x64, wd, w64
 
 
-def norm_reference(x64, g64, w64, b64):
+def norm_reference(x64, g64, w64, b64, staged=None):
     """rms_norm(x) . w^T (+ b) in float64, its magnitude sum |normed| |w| (+ |b|) and the
     accumulated f32 error allowed: the dots' (x g rounded per term, then the sum, n = K + 1
     terms), the sum of squares' (half of it reaches rinv), and a few roundings (rinv, the
-    product by rinv, the bias)."""
+    product by rinv, the bias). staged: the torch dtype x g is rounded to (from its f32 value)
+    before the product, as the batched product does; None: exact."""
     K = x64.shape[1]
-    normed = x64 * g64 / torch.sqrt((x64 * x64).mean(dim=1, keepdim=True) + EPS)
+    xg = x64 * g64
+    if staged is not None:
+        xg = xg.to(torch.float32).to(staged).to(torch.float64)
+    normed = xg / torch.sqrt((x64 * x64).mean(dim=1, keepdim=True) + EPS)
     ref, mag = reference(normed, w64, b64)
     n = K + 1
     acc = (min(n, 2.0 * math.sqrt(n)) + 0.5 * min(K, 2.0 * math.sqrt(K)) + 4) * U32 * mag
@@ -352,6 +356,18 @@ def silu64(z):
     return z / (1.0 + torch.exp(-z))
 
 
+def assert_swiglu(out, p, mag, acc, out_dtype):
+    """out = silu(gate) * up of the product p (gate and up its even and odd columns), each dot
+    within acc (norm_reference's bound), carried through silu (slope at most 1.1) and the product,
+    plus the activation's own few f32 roundings and out's."""
+    tol_p = acc + U32 * (p.abs() + acc)  # the dots stay f32 until the activation
+    gate, up, tg, tu = p[:, 0::2], p[:, 1::2], tol_p[:, 0::2], tol_p[:, 1::2]
+    ref = silu64(gate) * up
+    tol = 1.1 * (up.abs() + tu) * tg + (silu64(gate).abs() + 1.1 * tg) * tu + 8 * U32 * ref.abs()
+    got = to_torch(out.cpu()).to(torch.float64)
+    assert_within(got, ref, tol + U_OUT[out_dtype] * (ref.abs() + tol) + TINY_OUT[out_dtype])
+
+
 @pytest.mark.parametrize("wtype", QTYPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 8])
 def test_quant_gemv_swiglu(gen, wtype, M):
@@ -368,13 +384,7 @@ def test_quant_gemv_swiglu(gen, wtype, M):
         bd, gd = (b.to("cuda") if b is not None else None), g.to("cuda")
         out = make_out(M, 19, out_dtype)
         ops.rms_norm_swiglu(x, gd, EPS, w, bd, out=out)
-        p, _, acc = norm_reference(x64, g64, w64, b64)
-        tol_p = acc + U32 * (p.abs() + acc)  # the dots stay f32 until the activation
-        gate, up, tg, tu = p[:, 0::2], p[:, 1::2], tol_p[:, 0::2], tol_p[:, 1::2]
-        ref = silu64(gate) * up
-        tol = 1.1 * (up.abs() + tu) * tg + (silu64(gate).abs() + 1.1 * tg) * tu + 8 * U32 * ref.abs()
-        got = to_torch(out.cpu()).to(torch.float64)
-        assert_within(got, ref, tol + U_OUT[out_dtype] * (ref.abs() + tol) + TINY_OUT[out_dtype])
+        assert_swiglu(out, *norm_reference(x64, g64, w64, b64), out_dtype)
         if out_dtype == ip.float32:
             prod = ops.rms_norm_matmul(x, gd, EPS, w, bd)
             pairs = prod.unflatten(1, (19, 2))
@@ -412,6 +422,108 @@ def test_quant_gemv_weight_view(gen, wtype):
             out = ops.matmul(x, w)
             ref, mag = reference(x64, w64, None)
             assert_close(out, ref, mag, K, ip.float32)
+
+
+# ---- the batched-decode product (csrc/cuda/gemm_skinny.cu) ----
+#
+# 9 to 64 rows of x (f32 or w's dtype, unit stride, 16-byte aligned rows) against bf16/f16 w with
+# K a multiple of 64: tensor-core mma's fed straight from the weight stream, x rounded to w's
+# dtype (tensor_core_x), every epilogue inside. Each block stages x through shared memory in
+# 256-wide slabs and splits each slab over the 2 warps of a 16-row group; a cluster of blocks
+# splits K further when N gives too few 64-row tiles. The shapes' plans on an H200: K = 64 and
+# 192 one short slab; 960 three slabs and a 192-wide one; 1024 x 4096 two slabs in clusters of
+# 2; 2560 x 136 clusters of 8 with a 256 + 64 slab pair; 9728 x 70 past 4 slabs per block (the
+# tiled GEMM's). M covers each 8-row column tile count (2, 4, 8) and its edges; N leaves tiles
+# part-empty.
+
+SKINNY_M = (9, 16, 17, 32, 33, 64)
+SKINNY_KN = ((64, 8), (192, 100), (960, 70), (1024, 4096), (2560, 136), (9728, 70))
+SKINNY_CASES = [(M, K, N) for M in SKINNY_M for K, N in SKINNY_KN]
+SKINNY_COMBOS = [(x, w, o) for x in FLOAT_DTYPES for w in (ip.bfloat16, ip.float16) for o in FLOAT_DTYPES]
+
+
+@pytest.mark.parametrize("M,K,N", SKINNY_CASES, ids=[f"M{M}-K{K}-N{N}" for M, K, N in SKINNY_CASES])
+def test_skinny_shapes(gen, M, K, N):
+    """The product with the dtype combination, bias and x layout (contiguous, or every other row
+    of a taller buffer) rotating."""
+    i = SKINNY_CASES.index((M, K, N))
+    x_dtype, w_dtype, out_dtype = SKINNY_COMBOS[(5 * i) % len(SKINNY_COMBOS)]
+    run_case(gen, M, K, N, x_dtype, w_dtype, out_dtype, with_bias=i % 2 == 0,
+             x_kind="rows" if i % 3 == 0 else "contiguous")
+
+
+@pytest.mark.parametrize("M", [9, 32, 64])
+@pytest.mark.parametrize("wd", [ip.bfloat16, ip.float16], ids=lambda d: NAMES[d])
+def test_skinny_accumulate_and_out_window(gen, M, wd):
+    """to_matmul_add into columns [3, 3 + N) of a wider out (rows N + 8 apart): old + x . w^T + b
+    rounded once to out's dtype; the columns around it keep their values."""
+    K, N = 1024, 200
+    for out_dtype in FLOAT_DTYPES:
+        x, x64 = randn(M, K, dtype=ip.float32, gen=gen)
+        w, w64 = randn(N, K, dtype=wd, gen=gen)
+        b, b64 = randn(N, dtype=ip.float32, gen=gen)
+        old, old64 = randn(M, N + 8, dtype=out_dtype, gen=gen)
+        wide = old.to("cuda")
+        ops.matmul_add(wide[:, 3:3 + N], x.to("cuda"), w.to("cuda"), b.to("cuda"))
+        got = to_torch(wide.cpu()).to(torch.float64)
+        assert torch.equal(got[:, :3], old64[:, :3]) and torch.equal(got[:, 3 + N:], old64[:, 3 + N:])
+        ref, mag = reference(tensor_core_x(x64, M, ip.float32, wd), w64, b64)
+        ref, mag = ref + old64[:, 3:3 + N], mag + old64[:, 3:3 + N].abs()
+        n = K + 2
+        acc = min(n, 2.0 * math.sqrt(n)) * U32 * mag
+        assert_within(got[:, 3:3 + N], ref, acc + U_OUT[out_dtype] * (ref.abs() + acc) + TINY_OUT[out_dtype])
+
+
+@pytest.mark.parametrize("M", [9, 20, 40])
+@pytest.mark.parametrize("K", [256, 2560])
+def test_skinny_norm_and_swiglu(gen, M, K):
+    """to_rms_norm_matmul and to_rms_norm_swiglu against bf16 w: x g is staged in bf16 (from its
+    f32 value), the f32 dots scaled by rinv from x's own sum of squares; norm weights of each
+    float dtype, out of each, a bias or none."""
+    for i, g_dtype in enumerate(FLOAT_DTYPES):
+        out_dtype = FLOAT_DTYPES[(i + M) % 3]
+        x, x64 = randn(M, K, dtype=ip.float32, gen=gen, scale=2.0)
+        w, w64 = randn(2 * 37, K, dtype=ip.bfloat16, gen=gen)
+        g, g64 = randn(K, dtype=g_dtype, gen=gen)
+        b, b64 = randn(2 * 37, dtype=ip.float32, gen=gen) if i != 2 else (None, None)
+        xd, wd, gd, bd = x.to("cuda"), w.to("cuda"), g.to("cuda"), (b.to("cuda") if b is not None else None)
+        expect = norm_reference(x64, g64, w64, b64, staged=torch.bfloat16)
+        out = make_out(M, 2 * 37, out_dtype)
+        ops.rms_norm_matmul(xd, gd, EPS, wd, bd, out=out)
+        ref, _, acc = expect
+        got = to_torch(out.cpu()).to(torch.float64)
+        assert_within(got, ref, acc + U_OUT[out_dtype] * (ref.abs() + acc) + TINY_OUT[out_dtype])
+        out = make_out(M, 37, out_dtype)
+        ops.rms_norm_swiglu(xd, gd, EPS, wd, bd, out=out)
+        assert_swiglu(out, *expect, out_dtype)
+
+
+def test_skinny_is_deterministic_and_matches_the_tiled_gemm(gen, monkeypatch):
+    """The same product twice gives the same bits (the cluster's partials meet in a fixed order);
+    with the kernel switched off (INFERENCE_PIO_GEMM_SKINNY=0) the tiled GEMM forms the same dots
+    of the same bf16 values in another order: within the f32 accumulation bound of each other."""
+    M, K, N = 32, 2560, 1000
+    x, x64 = randn(M, K, dtype=ip.float32, gen=gen)
+    w, w64 = randn(N, K, dtype=ip.bfloat16, gen=gen)
+    xd, wd = x.to("cuda"), w.to("cuda")
+    first, second = to_torch(ops.matmul(xd, wd).cpu()), to_torch(ops.matmul(xd, wd).cpu())
+    assert torch.equal(first, second)
+    monkeypatch.setenv("INFERENCE_PIO_GEMM_SKINNY", "0")
+    tiled = ops.matmul(xd, wd)
+    _, mag = reference(tensor_core_x(x64, M, ip.float32, ip.bfloat16), w64, None)
+    assert_close(tiled, first.to(torch.float64), 2 * mag, K, ip.float32)
+
+
+def test_skinny_weight_views(gen):
+    """w rows further apart than K: 16-byte aligned (the kernel follows the row stride) and not
+    (another kernel takes the product); the result is the same product either way."""
+    M, K, N = 24, 128, 50
+    for extra in (8, 3):
+        x, x64 = randn(M, K, dtype=ip.float32, gen=gen)
+        wide, wide64 = randn(N, K + extra, dtype=ip.bfloat16, gen=gen)
+        out = ops.matmul(x.to("cuda"), wide.to("cuda")[:, :K])
+        ref, mag = reference(tensor_core_x(x64, M, ip.float32, ip.bfloat16), wide64[:, :K], None)
+        assert_close(out, ref, mag, K, ip.float32)
 
 
 # ---- decode shapes ----
