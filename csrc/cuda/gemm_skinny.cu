@@ -16,15 +16,18 @@
 // two mma steps is one 16-byte load per weight row, and its B operand one 16-byte shared-memory
 // load per 8 rows of x.
 //
-// Work: a block owns 64 weight rows (4 groups of 16) and a range of K; its 8 warps are the 4 row
-// groups x 2 halves of that range. Each warp issues its first weight loads before waiting for the
-// previous kernel (weights never depend on it), then the block stages its range of x in shared
-// memory as T (RMS-normalised by the norm weight when asked: x g is staged, the sum of squares
-// kept aside), and each warp keeps SK_WINDOW chunks of loads in flight ahead of its mma's. When N
-// alone gives too few blocks to fill the GPU, K is split further over a thread-block cluster (sm_90,
-// up to 8 blocks), whose partial sums meet through distributed shared memory: each block of the
-// cluster finishes a slice of the 64 rows, summing the partials in block order (deterministic:
-// the same inputs give the same bits), and stores them through the epilogue.
+// Work: a block owns 64 weight rows (4 groups of 16) and a range of K, which it takes in slabs of
+// 256 k; its 8 warps are the 4 row groups x the 2 halves of each slab. Each warp issues its first
+// slab's weight loads before waiting for the previous kernel (weights never depend on it) and the
+// next slab's before its mma's on this one, while the block copies x's slab after next into a
+// shared-memory buffer with cp.async (two buffers; with the norm, the norm weight's slab too and
+// each row's sum of squares gathered from the staged values). When N alone gives too few blocks
+// to fill the GPU, K is split further over a thread-block cluster (sm_90, up to 8 blocks, no more
+// than stay resident at once), whose partial sums meet through distributed shared memory: each
+// block of the cluster finishes a slice of the 64 rows, summing the partials in block order
+// (deterministic: the same inputs give the same bits), and stores them through the epilogue.
+// Shapes it does not win are left to the tiled GEMMs (launch_skinny says which and why), measured
+// with benchmarks/bench_gpu_kernels.py; benchmarks/skinny_lab.cu measures the weight stream alone.
 //
 // Rounding: x (x g with the norm) is rounded once to T, as the other tensor-core paths do;
 // products and sums are f32; with the norm, rinv = 1 / sqrt(mean(x^2) + eps) scales the f32 sums.
