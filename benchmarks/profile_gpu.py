@@ -35,8 +35,10 @@ def main():
     from inference_pio import LLM, SamplingParams
     folder = Path(args.dir) / f"qwen3-{args.model}"
     make_checkpoint(folder, MODELS[args.model])
+    # every prompt prefilled in one step, so every decode step after it holds the whole batch
     llm = LLM(folder, device="cuda", dtype="bfloat16", max_model_len=1024,
-              kv_cache_tokens=max(4096, 256 * args.batch), enforce_eager=args.eager)
+              kv_cache_tokens=max(4096, 256 * args.batch), enforce_eager=args.eager,
+              max_num_seqs=max(32, args.batch), max_num_batched_tokens=max(512, 128 * args.batch))
     prompts = [prompt(128, seed) for seed in range(args.batch)]
     warm = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     llm.generate(prompts, warm)
