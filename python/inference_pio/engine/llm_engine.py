@@ -284,7 +284,7 @@ class LLMEngine:
         seq = Sequence(-1, self._check_prompt(prompt_ids, room=False), SamplingParams(), ())
         n = seq.num_tokens
         out = Tensor.empty((n, self.model.config.vocab_size))
-        chunk = self.scheduler.max_num_batched_tokens
+        chunk = min(self.scheduler.max_num_batched_tokens, 512)  # each chunk's logits: [chunk, vocab] f32
         try:
             while seq.num_computed < n:
                 k = min(chunk, n - seq.num_computed)
