@@ -16,7 +16,9 @@ tests/kernels/test_matmul.py), plus one rounding to out's dtype:
 with u_out = 2^-24 / 2^-11 / 2^-8 for f32 / f16 / bf16 and tiny_out half the subnormal spacing.
 
 Paths: M <= 8 is the GEMV (one warp per weight row; for block-quantized w and an f32 x with unit
-stride, the streaming kernel of csrc/cuda/gemv_quant.cu: see its section), M > 8 a tiled GEMM
+stride, the streaming kernel of csrc/cuda/gemv_quant.cu: see its section), 9 <= M <= 64 against
+16-bit w the batched-decode product where its plan applies (csrc/cuda/gemm_skinny.cu: see its
+section; it rounds x to w's dtype like the tiled GEMMs), M > 8 otherwise a tiled GEMM
 (tensor cores when w is bf16 or f16: an x of another dtype is first rounded to w's, which the
 reference repeats, see tensor_core_x; an f32 FMA tile otherwise); the shapes straddle both. On Hopper (a build
 with sm_90a) bf16/f16 products that TMA can read go to the wgmma GEMM of csrc/cuda/gemm_sm90.cu:
