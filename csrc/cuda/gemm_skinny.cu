@@ -188,6 +188,10 @@ __global__ void __launch_bounds__(SK_THREADS) gemm_skinny_kernel(const __grid_co
         cp_commit();
     };
 
+    // the block's weight rows over its k range asked of the L2 ahead of the slabs' loads (H200,
+    // 0.6B shapes at 32 rows: 2-4 % faster)
+    if (threadIdx.x < SK_ROWS && n0 + threadIdx.x < a.N)
+        prefetch_l2(a.w + (n0 + threadIdx.x) * a.w_row_bytes + k0 * (int64_t)sizeof(T), (uint32_t)(kb * sizeof(T)));
     uint4 win[SK_WINDOW][2];
     load_weights(0, win);
     to_pdl_wait();
