@@ -1363,19 +1363,9 @@ int decode_cluster_limit(DecodeKernel kernel, int dev, int clusters) {
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9
         && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion >= 90) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-        for (int c = kClusterMax; c > 1 && limit == 1; c /= 2) {
-            cudaLaunchAttribute attr;
-            attr.id = cudaLaunchAttributeClusterDimension;
-            attr.val.clusterDim = {(unsigned)c, 1, 1};
-            cudaLaunchConfig_t cfg = {};
-            cfg.gridDim = dim3(c);
-            cfg.blockDim = dim3(kDecThreads);
-            cfg.attrs = &attr;
-            cfg.numAttrs = 1;
-            int held = 0;
-            if (cudaOccupancyMaxActiveClusters(&held, kernel, &cfg) == cudaSuccess && held >= clusters)
+        for (int c = kClusterMax; c > 1 && limit == 1; c /= 2)
+            if (to_max_active_clusters(kernel, (unsigned)c, kDecThreads, 0) >= clusters)
                 limit = c;
-        }
     }
     cudaGetLastError(); // a refused query is an answer, not an error for the next check
     cudaThreadExchangeStreamCaptureMode(&mode);

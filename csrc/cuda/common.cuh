@@ -296,6 +296,24 @@ inline cudaError_t to_launch_with(ToLaunchOptions opt, void (*kernel)(Params...)
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// Clusters of `cluster` blocks of kernel (`threads` each, `smem` bytes of dynamic shared memory)
+// that the current GPU holds at once (cudaOccupancyMaxActiveClusters); 0 when the query fails
+// (its error is left for the caller to clear).
+template <typename... Params>
+inline int to_max_active_clusters(void (*kernel)(Params...), unsigned cluster, unsigned threads, size_t smem) {
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim = {cluster, 1, 1};
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(cluster);
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int held = 0;
+    return cudaOccupancyMaxActiveClusters(&held, kernel, &cfg) == cudaSuccess ? held : 0;
+}
+
 // A programmatic dependent launch, as every kernel of the library is launched (see above).
 template <typename... Params, typename... Args>
 inline cudaError_t to_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,

@@ -323,13 +323,11 @@ __global__ void __launch_bounds__(SK_THREADS) gemm_skinny_kernel(const __grid_co
 
 // What a kernel instance can do on GPU dev, found at its first launch there: whether it has the
 // code to run (mma: sm_80; clusters: sm_90 code on an sm_90 GPU), its raised shared-memory
-// limit, and per cluster size (1, 2, 4, 8) the blocks the GPU holds at once with a given
-// shared-memory size (asked again when that size changes: it depends on K).
+// limit, and per cluster size 2^i the blocks the GPU holds at once (-1: not asked yet).
 struct SkinnyCaps {
     bool mma = false, clusters = false;
     size_t smem_max = 0;
-    size_t resident_smem[4] = {};
-    int64_t resident[4] = {};
+    int64_t resident[4] = {-1, -1, -1, -1};
 };
 
 template <typename T, int MT, bool XF32, bool NORM> static SkinnyCaps &skinny_caps(int dev) {
@@ -354,37 +352,16 @@ template <typename T, int MT, bool XF32, bool NORM> static SkinnyCaps &skinny_ca
     return c;
 }
 
-// Blocks of the kernel resident at once on GPU dev in clusters of ks (index i = log2 ks) with
-// `smem` bytes each (cached); 0 when the query fails.
+// Blocks of the kernel resident at once on GPU dev in clusters of 2^i blocks (i = 1 .. 3), each
+// with `smem` bytes (the same for every launch of one instance); asked once, then kept.
 template <typename T, int MT, bool XF32, bool NORM>
-static int64_t skinny_resident(SkinnyCaps &c, int dev, int i, size_t smem) {
-    if (c.resident_smem[i] == smem)
-        return c.resident[i];
-    auto kernel = gemm_skinny_kernel<T, MT, XF32, NORM>;
-    const unsigned ks = 1u << i;
-    int64_t n = 0;
-    if (ks == 1) {
-        int per_sm = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, SK_THREADS, smem) == cudaSuccess)
-            n = (int64_t)per_sm * to_cuda_sm_count(dev);
-    } else {
-        cudaLaunchAttribute attr;
-        attr.id = cudaLaunchAttributeClusterDimension;
-        attr.val.clusterDim = {ks, 1, 1};
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(ks);
-        cfg.blockDim = dim3(SK_THREADS);
-        cfg.dynamicSmemBytes = smem;
-        cfg.attrs = &attr;
-        cfg.numAttrs = 1;
-        int clusters = 0;
-        if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess)
-            n = (int64_t)clusters * ks;
+static int64_t skinny_resident(SkinnyCaps &c, int i, size_t smem) {
+    if (c.resident[i] < 0) {
+        const unsigned ks = 1u << i;
+        c.resident[i] = (int64_t)to_max_active_clusters(gemm_skinny_kernel<T, MT, XF32, NORM>, ks, SK_THREADS, smem) * ks;
+        cudaGetLastError(); // a refused query is an answer, not an error for the next check
     }
-    cudaGetLastError();
-    c.resident_smem[i] = smem;
-    c.resident[i] = n;
-    return n;
+    return c.resident[i];
 }
 
 template <typename T, int MT, bool XF32, bool NORM>
@@ -409,7 +386,7 @@ static int launch_skinny(const MatmulArgs &a, int dev, cudaStream_t stream) {
     int ks = 1;
     for (int i = 1; i < 4 && tiles * ks < sms; i++) {
         const int split = 1 << i;
-        if (!c.clusters || units % split != 0 || tiles * split > skinny_resident<T, MT, XF32, NORM>(c, dev, i, L.bytes))
+        if (!c.clusters || units % split != 0 || tiles * split > skinny_resident<T, MT, XF32, NORM>(c, i, L.bytes))
             break;
         ks = split;
     }
