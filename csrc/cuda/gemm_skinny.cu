@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(SK_THREADS) gemm_skinny_kernel(const __grid_co
         prefetch_l2(a.w + (n0 + threadIdx.x) * a.w_row_bytes + k0 * (int64_t)sizeof(T), (uint32_t)(kb * sizeof(T)));
     uint4 win[SK_WINDOW][2];
     load_weights(0, win);
+    to_pdl_trigger(); // the next kernel may start loading its weights while this one works
     to_pdl_wait();
-    to_pdl_trigger();
     stage(0);
     if (slabs > 1)
         stage(1);

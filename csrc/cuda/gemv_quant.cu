@@ -17,7 +17,8 @@
 //    blocks are 9 x 16 bytes, reads 16-byte words when its rows are aligned, as they are at any
 //    K; the others funnel-shift aligned words).
 //  - Before waiting for the previous kernel (to_pdl_wait) each warp asks the L2 to prefetch its
-//    rows, so their DRAM latency overlaps that kernel's tail.
+//    rows and starts the copies of its first steps, and the block lets the next kernel launch
+//    (to_pdl_trigger first), so DRAM latency overlaps the previous kernel's tail and this one's.
 //  - x is f32 with unit stride and 16-byte aligned rows (the model's activations), read straight
 //    from global memory (L1/L2 hits after the first warp), 4 values per load.
 //  - When N alone gives too few warps to fill the GPU, 2 or 4 warps of a block share a row pair
@@ -305,8 +306,7 @@ __global__ void __launch_bounds__(32 * QV_WARPS, 3) gemv_quant_kernel(MatmulArgs
         prefetch_l2((const void *)from, (uint32_t)(end - from));
     }
 
-    to_pdl_wait();
-    to_pdl_trigger();
+    to_pdl_trigger(); // the next kernel may start loading its weights while this one works
 
     // Copies of step s (blocks s * sbr ..) into stage st: the 16-byte aligned span around each
     // valid row's bytes, lane by lane. One commit group per call, empty or not, so the groups
@@ -329,11 +329,14 @@ __global__ void __launch_bounds__(32 * QV_WARPS, 3) gemv_quant_kernel(MatmulArgs
         cp_commit();
     };
 
-    float acc[MR][R] = {}, ss[MR] = {};
-
+    // the first steps' weights are in flight before the wait: they do not depend on earlier
+    // kernels, so their DRAM latency overlaps the previous kernel's tail
 #pragma unroll
     for (int i = 0; i < S - 1; i++)
         issue(part + (int64_t)i * ksplit, i);
+    to_pdl_wait();
+
+    float acc[MR][R] = {}, ss[MR] = {};
     int st = 0;
     for (int64_t s = part; s * sbr < nb; s += ksplit) {
         issue(s + (int64_t)(S - 1) * ksplit, st == 0 ? S - 1 : st - 1); // the stage decoded last time

@@ -280,8 +280,14 @@ static void launch_gemv_float(const MatmulArgs &a, bool aligned16, cudaStream_t 
 // multiple of the 16-byte vector, x f32 with unit stride and 16-byte aligned rows (the model's
 // activations). Differences from gemv_kernel above, all aimed at having as many weight bytes in
 // flight as early as possible, which is what a small GEMV's time is made of:
-//  - before waiting for the previous kernel, each warp asks the L2 to prefetch its rows (safe
-//    whatever that kernel writes: the L2 is coherent), so the DRAM latency overlaps its tail;
+//  - before waiting for the previous kernel, each warp asks the L2 to prefetch its rows and
+//    issues its first group of loads (weights: nothing a kernel of the step writes), and the block
+//    lets the next kernel launch at once (to_pdl_trigger first), so the DRAM latency of the first
+//    loads overlaps the previous kernel's tail, and the next kernel's this one's (H200, decode
+//    step graph replay, same build: 0.6B 1,035-1,043 -> 943-945 us, 4B 3,738-3,751 -> 3,620 us).
+//    INFERENCE_PIO_GEMV_EARLY=0 turns it off. It is a run-time flag on purpose: built with the
+//    early loads unconditional, the kernel measured no faster on the 0.6B shapes than without them
+//    (the compiler is free to sink a read-only load past the wait, and apparently did);
 //  - a warp owns GV_ROWS consecutive rows and each lane issues GV_GROUP 16-byte loads of each
 //    before using any (8 in flight per lane), and every x value it reads serves GV_ROWS rows;
 //  - x is read straight from global memory (L1/L2 hits after the first warp), so there is no
@@ -324,11 +330,24 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
         ok[r] = n0 + r < a.N;
         rows[r] = (const uint4 *)(a.w + (ok[r] ? n0 + r : 0) * a.w_row_bytes);
     }
+    if (a.early_loads)
+        to_pdl_trigger();
     if (part == 0 && lane < R && n0 + lane < a.N)
         prefetch_l2(a.w + (n0 + lane) * a.w_row_bytes, (uint32_t)(nvec * 16));
-
+    const int j0 = part * 32 + lane;
+    uint4 wv[G][R];
+    auto load_group = [&](int j) {
+#pragma unroll
+        for (int g = 0; g < G; g++)
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                wv[g][r] = ok[r] && j + g * stride < nvec ? __ldg(rows[r] + j + g * stride) : make_uint4(0, 0, 0, 0);
+    };
+    if (a.early_loads)
+        load_group(j0);
     to_pdl_wait();
-    to_pdl_trigger();
+    if (!a.early_loads)
+        to_pdl_trigger();
 
     // NORM (to_rms_norm_matmul): out = rinv * sum_k w[k] (x[k] g[k]) with rinv from the sum of
     // squares of x, which the warps of a row group gather from the x values they read anyway: the
@@ -337,13 +356,9 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
     // 1.3x faster than 64-bit offsets with x consumed four values at a time (gemv_lab.cu, 4B
     // o_proj and down).
     float acc[MR][R] = {}, ss[MR] = {};
-    for (int j = part * 32 + lane; j < nvec; j += G * stride) {
-        uint4 wv[G][R];
-#pragma unroll
-        for (int g = 0; g < G; g++)
-#pragma unroll
-            for (int r = 0; r < R; r++)
-                wv[g][r] = ok[r] && j + g * stride < nvec ? __ldg(rows[r] + j + g * stride) : make_uint4(0, 0, 0, 0);
+    for (int j = j0; j < nvec; j += G * stride) {
+        if (j != j0 || !a.early_loads)
+            load_group(j);
 #pragma unroll
         for (int g = 0; g < G; g++) {
             const int jj = j + g * stride;
@@ -402,7 +417,10 @@ int to_cuda_sm_count(int device_index) {
 }
 
 template <int MR, typename T, int KSPLIT>
-static void launch_stream(const MatmulArgs &a, cudaStream_t stream) {
+static void launch_stream(const MatmulArgs &args, cudaStream_t stream) {
+    MatmulArgs a = args;
+    const char *early = getenv("INFERENCE_PIO_GEMV_EARLY"); // read per call: benchmarks switch it
+    a.early_loads = !(early && early[0] == '0');
     const int64_t groups = to_ceil_div(a.N, GV_ROWS);
     dim3 grid((unsigned)to_ceil_div(groups * KSPLIT, GEMV_WARPS)), block(32 * GEMV_WARPS);
     if (!a.norm_w)

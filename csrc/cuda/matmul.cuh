@@ -25,6 +25,7 @@ struct MatmulArgs {
     const char *norm_w; // the streaming GEMVs only: x rows RMS-normalised first with the weight
     int norm_dt;        //   norm_w [K] (contiguous, 16-byte aligned) and norm_eps; NULL: no norm
     double norm_eps;
+    bool early_loads;   // gemv_stream_kernel: first weight loads before to_pdl_wait (INFERENCE_PIO_GEMV_EARLY)
 };
 
 // out[m, n] = acc (+ bias[n]) (+ out[m, n] when accumulating), rounded once to out's dtype.
