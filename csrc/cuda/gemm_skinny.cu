@@ -193,9 +193,12 @@ __global__ void __launch_bounds__(SK_THREADS) gemm_skinny_kernel(const __grid_co
     if (threadIdx.x < SK_ROWS && n0 + threadIdx.x < a.N)
         prefetch_l2(a.w + (n0 + threadIdx.x) * a.w_row_bytes + k0 * (int64_t)sizeof(T), (uint32_t)(kb * sizeof(T)));
     uint4 win[SK_WINDOW][2];
-    load_weights(0, win);
+    if (a.early_loads) // (a run-time flag, as in gemv_stream_kernel: matmul.cu says why)
+        load_weights(0, win);
     to_pdl_trigger(); // the next kernel may start loading its weights while this one works
     to_pdl_wait();
+    if (!a.early_loads)
+        load_weights(0, win);
     stage(0);
     if (slabs > 1)
         stage(1);
@@ -426,8 +429,10 @@ int to_cuda_gemm_skinny(const MatmulArgs &a, int dev, cudaStream_t stream) {
     const bool norm_ok = !a.norm_w || a.w_dt == TO_BF16;
     if (!enabled || a.M < 1 || a.M > SK_MAX_ROWS || a.K % (SK_PARTS * SK_CHUNK) != 0 || !x_ok || !w_ok || !norm_ok)
         return 0;
-    if (a.w_dt == TO_F16)
-        return launch_skinny_x<__half, false>(a, dev, stream);
-    return a.norm_w ? launch_skinny_x<__nv_bfloat16, true>(a, dev, stream)
-                    : launch_skinny_x<__nv_bfloat16, false>(a, dev, stream);
+    MatmulArgs b = a;
+    b.early_loads = gemv_early_loads();
+    if (b.w_dt == TO_F16)
+        return launch_skinny_x<__half, false>(b, dev, stream);
+    return b.norm_w ? launch_skinny_x<__nv_bfloat16, true>(b, dev, stream)
+                    : launch_skinny_x<__nv_bfloat16, false>(b, dev, stream);
 }

@@ -419,8 +419,7 @@ int to_cuda_sm_count(int device_index) {
 template <int MR, typename T, int KSPLIT>
 static void launch_stream(const MatmulArgs &args, cudaStream_t stream) {
     MatmulArgs a = args;
-    const char *early = getenv("INFERENCE_PIO_GEMV_EARLY"); // read per call: benchmarks switch it
-    a.early_loads = !(early && early[0] == '0');
+    a.early_loads = gemv_early_loads();
     const int64_t groups = to_ceil_div(a.N, GV_ROWS);
     dim3 grid((unsigned)to_ceil_div(groups * KSPLIT, GEMV_WARPS)), block(32 * GEMV_WARPS);
     if (!a.norm_w)

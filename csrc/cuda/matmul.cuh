@@ -25,8 +25,16 @@ struct MatmulArgs {
     const char *norm_w; // the streaming GEMVs only: x rows RMS-normalised first with the weight
     int norm_dt;        //   norm_w [K] (contiguous, 16-byte aligned) and norm_eps; NULL: no norm
     double norm_eps;
-    bool early_loads;   // gemv_stream_kernel: first weight loads before to_pdl_wait (INFERENCE_PIO_GEMV_EARLY)
+    bool early_loads;   // decode products: first weight loads before to_pdl_wait (gemv_early_loads)
 };
+
+// Whether the decode products (gemv_stream_kernel, gemm_skinny.cu) issue their first weight loads
+// before waiting for the previous kernel: yes unless INFERENCE_PIO_GEMV_EARLY=0 (read per call:
+// benchmarks switch it). A run-time flag rather than unconditional code on purpose: see matmul.cu.
+inline bool gemv_early_loads() {
+    const char *v = getenv("INFERENCE_PIO_GEMV_EARLY");
+    return !(v && v[0] == '0');
+}
 
 // out[m, n] = acc (+ bias[n]) (+ out[m, n] when accumulating), rounded once to out's dtype.
 __device__ __forceinline__ void store_out(const MatmulArgs &a, int64_t m, int64_t n, float acc) {
