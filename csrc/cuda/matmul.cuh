@@ -29,11 +29,15 @@ struct MatmulArgs {
 };
 
 // Whether the decode products (gemv_stream_kernel, gemm_skinny.cu) issue their first weight loads
-// before waiting for the previous kernel: yes unless INFERENCE_PIO_GEMV_EARLY=0 (read per call:
-// benchmarks switch it). A run-time flag rather than unconditional code on purpose: see matmul.cu.
+// before waiting for the previous kernel: yes unless INFERENCE_PIO_GEMV_EARLY=0 (read once, like
+// INFERENCE_PIO_PDL: not a getenv per product on the eager path). A run-time flag rather than
+// unconditional code on purpose: see matmul.cu.
 inline bool gemv_early_loads() {
-    const char *v = getenv("INFERENCE_PIO_GEMV_EARLY");
-    return !(v && v[0] == '0');
+    static const bool early = [] {
+        const char *v = getenv("INFERENCE_PIO_GEMV_EARLY");
+        return !(v && v[0] == '0');
+    }();
+    return early;
 }
 
 // out[m, n] = acc (+ bias[n]) (+ out[m, n] when accumulating), rounded once to out's dtype.
