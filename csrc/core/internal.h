@@ -94,6 +94,20 @@ int to_check_kv_store(const char *op, const to_tensor *k_cache, const to_tensor 
                       const char *kname, const to_tensor *v, const to_tensor *slot_mapping);
 /* the slot values, on the host (CPU tensors): each < num_slots, the non-negative ones distinct */
 int to_check_kv_slots(const char *op, const to_tensor *slot_mapping, int64_t num_slots);
+/* to_paged_attention's checks, their messages naming it and its arguments whoever calls them:
+ * everything but the index values; and (on the host) the values of cu_seqlens_q, context_lens and
+ * block_tables for T query rows over caches of num_blocks blocks of block_size. */
+int to_check_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
+                             const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
+                             const to_tensor *context_lens, const to_tensor *block_tables, double scale);
+int to_check_attention_batch(const to_tensor *cu_seqlens_q, const to_tensor *context_lens,
+                             const to_tensor *block_tables, int64_t T, int64_t num_blocks, int64_t block_size);
+/* rope.c: everything to_rope_kv_store checks before the slot values (messages naming it and its
+ * arguments; to_rope_kv_attention calls it in the in-place form, out = its qk). */
+int to_check_rope_kv_store(const to_tensor *out, const to_tensor *qk, const to_tensor *norm_weight, double eps,
+                           const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                           int interleaved, double attention_scaling, const to_tensor *v,
+                           const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *slot_mapping);
 
 /* ---- dtypes (core/dtype.c) ---- */
 static inline float to_bf16_to_f32(uint16_t h) {

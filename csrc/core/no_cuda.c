@@ -110,6 +110,17 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
         (void)block_tables, (void)scale;
     return no_cuda("to_paged_attention");
 }
+int to_cuda_rope_kv_attention(const to_tensor *out, const to_tensor *qk, const to_tensor *norm_weight, double eps,
+                              const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                              int interleaved, double attention_scaling, const to_tensor *v,
+                              const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *slot_mapping,
+                              const to_tensor *cu_seqlens_q, const to_tensor *context_lens,
+                              const to_tensor *block_tables, double scale) {
+    (void)out, (void)qk, (void)norm_weight, (void)eps, (void)positions, (void)inv_freq, (void)rotary_dim,
+        (void)interleaved, (void)attention_scaling, (void)v, (void)k_cache, (void)v_cache, (void)slot_mapping,
+        (void)cu_seqlens_q, (void)context_lens, (void)block_tables, (void)scale;
+    return no_cuda("to_rope_kv_attention");
+}
 
 int to_cuda_sample(const to_sample_plan *plan) {
     return no_cuda(plan->op);

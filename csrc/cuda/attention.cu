@@ -47,6 +47,7 @@
 // to_pdl_wait() in every thread before it touches memory.
 #include "cuda/common.cuh"
 #include "cuda/kv_store.cuh"
+#include "cuda/rope.cuh"
 
 #include <cooperative_groups.h>
 #include <math.h>
@@ -139,6 +140,10 @@ struct AttnArgs {
     float2 *ml;     // [T][Hq][splits]: each segment's (m, l)
     int *batch_ok;  // the checking block's verdict (workspace: written before it is announced)
     unsigned *arrivals; // [S][Hkv]: segments (and the checking block) done, zero between launches
+    // fused (to_rope_kv_attention, decode path in cluster mode, T = S = 1): q and k come from
+    // rope's x, normalised and rotated here, k and v stored here ("fused" below)
+    int fused;
+    RopeArgs rope;
 };
 
 // ---- planning ----
@@ -817,6 +822,158 @@ __device__ __forceinline__ int64_t segment_length(int64_t len, int splits) {
     return per <= kSegMin ? kSegMin : (per + kSegMin - 1) / kSegMin * kSegMin;
 }
 
+// ---- fused: the token's own heads (to_rope_kv_attention) ----
+// A decode step of one sequence (T = S = 1: the token is row 0 of everything) in cluster mode
+// normalises and rotates its own q and k, so that the layer's rotation, KV store and attention are
+// one launch (BENCHMARKS.md, tenth pass). Every block of kv head g computes the token's G q heads
+// (the same values in every segment: nothing is written back to qk, which every block reads). The
+// segment that holds the token's position (the last filled one, the only block that reads that
+// cache row) computes the k head too and stores k and v in the cache row that block_tables gives
+// the position, once it has checked that slot_mapping names the same slot (else: the error,
+// nothing stored, out not written). It then reads that row back like every other: in this mode
+// cache rows are loaded through the L2 (ld.global.cg), since the read-only path (ld.global.nc) is
+// not coherent with the launch's own writes. The values are the bits of rope.cu's kernels
+// followed by the attention (the same arithmetic, rope.cuh; q and k rounded to qk's dtype, as
+// the separate ops pass them on).
+template <int DMAX, int RMAX>
+struct FusedToken {
+    static constexpr int J = ((RMAX + 1) * DMAX + kDecThreads - 1) / kDecThreads; // per thread
+    static constexpr int JV = (DMAX + kDecThreads - 1) / kDecThreads;
+    static constexpr int N = DMAX / 32; // rope_head_layout's N: R <= D <= DMAX
+    float x[J], w[J]; // [item][DMAX] flattened: the G q heads of kv head g, then its k head
+    float v[JV];      // v's head g, d = tid + kDecThreads j
+    int64_t slot;     // slot_mapping[0]
+    float pos, inv;   // positions[0], inv_freq[tid]
+};
+
+// Head h of qk for item `item` of kv head g's block: q heads g G .. g G + G - 1, then k's head g
+__device__ __forceinline__ int64_t fused_head(const AttnArgs &a, int g, int item) {
+    return item < a.G ? (int64_t)g * a.G + item : (int64_t)a.Hq + g;
+}
+
+// Everything the token's heads need, loaded together (issued with the sequence's lengths).
+template <int DMAX, int RMAX>
+__device__ __forceinline__ void fused_load(const AttnArgs &a, int g, FusedToken<DMAX, RMAX> &tok) {
+    using F = FusedToken<DMAX, RMAX>;
+    const RopeArgs &r = a.rope;
+    const int tid = threadIdx.x;
+    const int64_t sw = r.weight.ndim ? r.weight.strides[r.weight.ndim - 1] : 0;
+    int64_t xoff[F::J], woff[F::J], voff[F::JV];
+    bool in[F::J], vin[F::JV];
+#pragma unroll
+    for (int j = 0; j < F::J; j++) {
+        const int idx = tid + kDecThreads * j, item = idx / DMAX, d = idx % DMAX;
+        const int64_t h = fused_head(a, g, item);
+        in[j] = item <= a.G && d < a.D;
+        xoff[j] = h * r.x.strides[1] + d * r.x.strides[2];
+        woff[j] = (r.weight.ndim == 2 ? h * r.weight.strides[0] : 0) + d * sw;
+    }
+#pragma unroll
+    for (int j = 0; j < F::JV; j++) {
+        const int d = tid + kDecThreads * j;
+        vin[j] = d < a.D;
+        voff[j] = g * r.kv.vs1 + d * r.kv.vs2;
+    }
+    to_load_n(r.x.data, r.x.dtype, xoff, in, tok.x);
+    if (r.weight.data)
+        to_load_n(r.weight.data, r.weight.dtype, woff, in, tok.w);
+    to_load_n(r.kv.v, r.kv.v_dtype, voff, vin, tok.v);
+    tok.slot = to_load_index_dev(r.kv.slots, r.kv.slot_dtype, 0);
+    tok.pos = rope_position(r, 0);
+    tok.inv = tid < r.R / 2 ? rope_inv_freq(r, tid) : 0.0f;
+}
+
+// Shared memory of the fused prologue (floats): the heads x [G + 1][DMAX] and their weights w
+// (RMAX + 1 rows each), v's head [DMAX], cos and sin [DMAX / 2] each; and the token's slot.
+template <int DMAX, int RMAX>
+struct FusedSmem {
+    static constexpr int FLOATS = (2 * RMAX + 4) * DMAX;
+    float *x, *w, *v, *cs, *sn;
+    int64_t *slot;
+    __device__ FusedSmem(float *buf, int64_t *slot_) : slot(slot_) {
+        x = buf, w = x + (RMAX + 1) * DMAX, v = w + (RMAX + 1) * DMAX, cs = v + DMAX, sn = cs + DMAX / 2;
+    }
+};
+
+// The heads normalised and rotated, by a warp each, into sm.x (rounded to qk's dtype): the G q
+// heads, and the k head in the owner, the only block that needs it. v's head and the slot go to
+// sm too (nothing of tok is held in registers past this). Every thread calls it.
+template <int DMAX, int RMAX>
+__device__ __forceinline__ void fused_heads(const AttnArgs &a, int g, bool owner, const FusedToken<DMAX, RMAX> &tok,
+                                            const FusedSmem<DMAX, RMAX> &sm) {
+    using F = FusedToken<DMAX, RMAX>;
+    constexpr int N = F::N;
+    const RopeArgs &r = a.rope;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const bool norm = r.weight.data != nullptr;
+    float *sX = sm.x, *sW = sm.w, *cs = sm.cs, *sn = sm.sn;
+#pragma unroll
+    for (int j = 0; j < F::J; j++) {
+        const int idx = tid + kDecThreads * j;
+        if (idx < (RMAX + 1) * DMAX) {
+            sX[idx] = tok.x[j];
+            sW[idx] = norm ? tok.w[j] : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < F::JV; j++)
+        if (tid + kDecThreads * j < DMAX)
+            sm.v[tid + kDecThreads * j] = tok.v[j];
+    if (tid == 0)
+        *sm.slot = tok.slot;
+    if (tid < r.R / 2)
+        rope_cos_sin(tok.pos, tok.inv, r.scaling, cs + tid, sn + tid);
+    __syncthreads();
+    const int items = owner ? a.G + 1 : a.G;
+    for (int item = warp; item < items; item += kDecThreads / 32) { // warp-uniform
+        int64_t e[3 * N];
+        bool in[3 * N];
+        rope_head_layout<N>(a.D, r.R, r.interleaved, lane, e, in);
+        float *x = sX + item * DMAX;
+        const float *w = sW + item * DMAX;
+        float v[3 * N], wv[3 * N];
+#pragma unroll
+        for (int m = 0; m < 3 * N; m++) {
+            v[m] = in[m] ? x[e[m]] : 0.0f;
+            wv[m] = in[m] ? w[e[m]] : 0.0f;
+        }
+        norm_rope_head<N>(v, wv, norm, r.eps, a.D, r.R, lane, cs, sn,
+                          [&](int64_t i, float y) { x[i] = to_round(r.x.dtype, y); });
+    }
+    __syncthreads();
+}
+
+// The owner stores the token's k (sm.x row G) and v at `row`, the cache row of its position (from
+// the table; -1 for an entry outside the caches, which the lookup has marked bad), if slot_mapping
+// names that slot; otherwise records the error and marks the segment bad (out is not written).
+// Every thread of the block calls it; the barrier at the end orders the stores before the loads.
+template <int DMAX, int RMAX>
+__device__ __forceinline__ void fused_store(const AttnArgs &a, int64_t row, FusedSmem<DMAX, RMAX> sm, int *seg_bad) {
+    const RopeArgs &r = a.rope;
+    if (row >= 0) {
+        const int64_t slot = row / ((int64_t)a.Hkv * a.D); // row = (slot Hkv + g) D, g < Hkv
+        if (*sm.slot != slot) {
+            if (threadIdx.x == 0) {
+                to_gpu_error(a.err, TO_GPU_ERR_ROPE_KV_ATTN_SLOT, 0, *sm.slot, slot);
+                *seg_bad = 1;
+            }
+        } else {
+            const float *k = sm.x + a.G * DMAX;
+            for (int d = threadIdx.x; d < a.D; d += kDecThreads) {
+                to_store(r.kv.k_cache, r.kv.cache_dtype, row + d, k[d]);
+                to_store(r.kv.v_cache, r.kv.cache_dtype, row + d, sm.v[d]);
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// 16 bytes of a cache row: through the read-only path, or (fused) through the L2
+__device__ __forceinline__ uint4 load_cache16(const void *p, bool coherent) {
+    const uint4 *q = reinterpret_cast<const uint4 *>(p);
+    return coherent ? __ldcg(q) : __ldg(q);
+}
+
 // Cluster mode, after a pass over rows r0 .. r0 + nr of sequence s (first q row b) and kv head g:
 // every block of the cluster (block rank = segment) holds its segment's partial in shared memory,
 // acc[r][d] (not yet divided), m[r] and l[r], and whether a table entry it looked up was bad. Block
@@ -869,12 +1026,17 @@ __device__ __noinline__ void cluster_merge(const AttnArgs &a, int s, int64_t b, 
 // This block's segment (sequence s, kv head g, segment split, from blockIdx.x): with merging, its
 // partials (acc, m, l) for every row of s that reads g; otherwise, once the whole batch checked
 // good, those rows of out. Every thread of the block calls it; thread 0 fills *rows_out.
-template <int DMAX, typename T, int RMAX>
+template <int DMAX, typename T, int RMAX, bool FUSED>
 __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sScan, int *sBad, SegmentRows *rows_out) {
     using Sh = DecodeShape<DMAX, T, RMAX>;
     constexpr int L = Sh::L, NC = Sh::NC, VEC = Sh::VEC, E = Sh::E, NG = Sh::NG, NK = Sh::NK;
     __shared__ int64_t sRow[2][kDecRun];             // cache rows of the current and next run
-    __shared__ __align__(16) float sAcc[NG][RMAX][DMAX]; // the groups' acc, m and l at the end
+    // the groups' acc at the end; before the keys, the fused token's heads, weights and cos/sin
+    constexpr int kAcc = NG * RMAX * DMAX, kFused = FusedSmem<DMAX, RMAX>::FLOATS;
+    __shared__ __align__(16) float sBuf[kAcc > kFused ? kAcc : kFused];
+    __shared__ int64_t sSlot;
+    float (*sAcc)[RMAX][DMAX] = reinterpret_cast<float (*)[RMAX][DMAX]>(sBuf);
+    const FusedSmem<DMAX, RMAX> fsm(sBuf, &sSlot);
     __shared__ float sM[NG][RMAX], sL[NG][RMAX], sRowL[RMAX];
     __shared__ int sSegBad;                          // a key's table entry is outside the caches
     const int tid = threadIdx.x, li = tid % L, gi = tid / L;
@@ -891,9 +1053,12 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
     // So are the first pass's q rows, guessing one query per sequence (q row s: a decode step);
     // rows past q's end are zeros, never used (the guess is right only when they are padding).
     float q[RMAX][E];
-    const bool q_guessed = s < a.T;
+    const bool q_guessed = !FUSED && s < a.T;
     if (q_guessed)
         load_q<DMAX, T, RMAX>(a, s, g, 0, (int)(a.T - s < RMAX ? (a.T - s) * G : RMAX), q);
+    FusedToken<DMAX, RMAX> tok; // (fused: the token's heads instead)
+    if (FUSED)
+        fused_load<DMAX, RMAX>(a, g, tok);
     SeqMeta sm;
     int64_t value;
     const bool head_bad = check_sequence_head(a, s, &sm, &value) != 0;
@@ -935,6 +1100,9 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
         }
         return;
     }
+    const bool owner = FUSED && split == filled - 1; // holds the token's position, len - 1
+    if (FUSED)
+        fused_heads<DMAX, RMAX>(a, g, owner, tok, fsm);
     const int64_t pos0 = len - nq; // position of the first query
     const T *kc = static_cast<const T *>(a.k_cache), *vc = static_cast<const T *>(a.v_cache);
     // key p's cache row from this thread's table entry (-1 past stop); an entry outside the caches
@@ -948,8 +1116,17 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
 
     for (int r0 = 0; r0 < rows; r0 += RMAX) {
         const int nr = rows - r0 < RMAX ? rows - r0 : RMAX;
-        if (!(r0 == 0 && q_guessed && b == s))
+        if (FUSED) { // one pass (nr = G): the rotated heads, scaled as load_q scales them
+#pragma unroll
+            for (int r = 0; r < RMAX; r++)
+#pragma unroll
+                for (int i = 0; i < E; i++) {
+                    const int d = (i / VEC * L + li) * VEC + i % VEC;
+                    q[r][i] = r < nr && d < D ? fsm.x[r * DMAX + d] * a.qscale : 0.0f;
+                }
+        } else if (!(r0 == 0 && q_guessed && b == s)) {
             load_q<DMAX, T, RMAX>(a, b, g, r0, nr, q);
+        }
         int pos[RMAX]; // -1 for a padding row: it sees no key
 #pragma unroll
         for (int r = 0; r < RMAX; r++)
@@ -974,6 +1151,12 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
             __syncthreads(); // sRow is no longer read by the previous pass
             sRow[0][tid] = lookup(k_begin + tid, k_stop);
             __syncthreads();
+            if (owner) { // the token's row: looked up above, or (a segment past one run) here
+                const int64_t p = len - 1;
+                const int64_t row = p - k_begin < kDecRun ? sRow[0][p - k_begin]
+                                                          : cache_row(a, table_entry(a, s, p), p, len, g);
+                fused_store<DMAX, RMAX>(a, row, fsm, &sSegBad);
+            }
             int buf = 0;
             for (int64_t c0 = k_begin; c0 < k_stop; c0 += kDecRun) {
                 const int64_t c1 = c0 + kDecRun;
@@ -995,8 +1178,8 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
                             const int d0 = (c * L + li) * VEC;
                             kr[k][c] = vr[k][c] = make_uint4(0, 0, 0, 0); // zero past D and k_stop
                             if (roff[k] >= 0 && d0 < D) {
-                                kr[k][c] = __ldg(reinterpret_cast<const uint4 *>(kc + roff[k] + d0));
-                                vr[k][c] = __ldg(reinterpret_cast<const uint4 *>(vc + roff[k] + d0));
+                                kr[k][c] = load_cache16(kc + roff[k] + d0, FUSED);
+                                vr[k][c] = load_cache16(vc + roff[k] + d0, FUSED);
                             }
                         }
                     // scores (base 2), reduced over the group's lanes; masked ones -inf
@@ -1211,8 +1394,10 @@ __device__ void announce_verdict(const AttnArgs &a, int bad) {
 // Grid: splits * Hkv * S blocks, block index ((s * Hkv + g) * splits + split), plus block 0 (the
 // batch check) in front when merging. DMAX: D rounded up to 64, 128 or 256; T: the cache
 // element; RMAX: query rows per pass (G rounded up to a power of two, at most 8).
-template <int DMAX, typename T, int RMAX>
-__global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(const __grid_constant__ AttnArgs a) {
+// (FUSED: a batch of one sequence, whose few blocks need not share a multiprocessor: no register
+// cap, so the prologue does not push the key loop into spills.)
+template <int DMAX, typename T, int RMAX, bool FUSED>
+__global__ void __launch_bounds__(kDecThreads, FUSED ? 1 : RMAX >= 8 ? 2 : 3) decode_kernel(const __grid_constant__ AttnArgs a) {
     __shared__ long long sScan[kDecThreads];
     __shared__ int sBad;
     __shared__ SegmentRows sRows;
@@ -1227,7 +1412,7 @@ __global__ void __launch_bounds__(kDecThreads, RMAX >= 8 ? 2 : 3) decode_kernel(
         announce_verdict(a, find_bad_sequence(a, sScan, &sBad));
         return;
     }
-    decode_segment<DMAX, T, RMAX>(a, sScan, &sBad, &sRows);
+    decode_segment<DMAX, T, RMAX, FUSED>(a, sScan, &sBad, &sRows);
     if (!a.merge)
         return;
 
@@ -1322,23 +1507,30 @@ int decode_arrivals(int dev, int64_t n, unsigned **out) {
 
 using DecodeKernel = void (*)(AttnArgs);
 
-template <int DMAX, typename T>
+template <int DMAX, typename T, bool FUSED>
 DecodeKernel decode_kernel_rows(int G) {
     switch (G == 1 ? 1 : G == 2 ? 2 : G <= 4 ? 4 : 8) {
-    case 1: return decode_kernel<DMAX, T, 1>;
-    case 2: return decode_kernel<DMAX, T, 2>;
-    case 4: return decode_kernel<DMAX, T, 4>;
-    default: return decode_kernel<DMAX, T, 8>;
+    case 1: return decode_kernel<DMAX, T, 1, FUSED>;
+    case 2: return decode_kernel<DMAX, T, 2, FUSED>;
+    case 4: return decode_kernel<DMAX, T, 4, FUSED>;
+    default: return decode_kernel<DMAX, T, 8, FUSED>;
     }
 }
 
-// decode_kernel for head size D, cache dtype and GQA group size G; null for a dtype without one
+// decode_kernel for head size D, cache dtype and GQA group size G, fused or not (a template
+// parameter rather than a flag: the fused prologue's registers cost the plain kernel spills in its
+// key loop); null for a dtype without one
+template <int DMAX, typename T>
+DecodeKernel decode_kernel_fused(int G, bool fused) {
+    return fused ? decode_kernel_rows<DMAX, T, true>(G) : decode_kernel_rows<DMAX, T, false>(G);
+}
+
 template <int DMAX>
-DecodeKernel decode_kernel_for(int cache_dtype, int G) {
+DecodeKernel decode_kernel_for(int cache_dtype, int G, bool fused) {
     switch (cache_dtype) {
-    case TO_F32: return decode_kernel_rows<DMAX, float>(G);
-    case TO_F16: return decode_kernel_rows<DMAX, __half>(G);
-    case TO_BF16: return decode_kernel_rows<DMAX, __nv_bfloat16>(G);
+    case TO_F32: return decode_kernel_fused<DMAX, float>(G, fused);
+    case TO_F16: return decode_kernel_fused<DMAX, __half>(G, fused);
+    case TO_BF16: return decode_kernel_fused<DMAX, __nv_bfloat16>(G, fused);
     }
     return nullptr;
 }
@@ -1372,6 +1564,130 @@ int decode_cluster_limit(DecodeKernel kernel, int dev, int clusters) {
     if (n_known < 64)
         known[n_known++] = {kernel, dev, clusters, limit};
     return limit;
+}
+
+// ---- host side ----
+
+// Attention's arguments for these (validated) tensors: no path chosen, no workspace yet.
+int attn_args(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache, const to_tensor *v_cache,
+              const to_tensor *cu_seqlens_q, const to_tensor *context_lens, const to_tensor *block_tables,
+              double scale, AttnArgs *args) {
+    AttnArgs a = {};
+    a.q = (const char *)q->data;
+    a.q_dtype = q->dtype;
+    a.qs0 = q->strides[0], a.qs1 = q->strides[1], a.qs2 = q->strides[2];
+    a.out = (char *)out->data;
+    a.out_dtype = out->dtype;
+    a.os0 = out->strides[0], a.os1 = out->strides[1], a.os2 = out->strides[2];
+    a.k_cache = k_cache->data;
+    a.v_cache = v_cache->data;
+    a.cu = (const char *)cu_seqlens_q->data;
+    a.ctx = (const char *)context_lens->data;
+    a.bt = (const char *)block_tables->data;
+    a.cu_dtype = cu_seqlens_q->dtype;
+    a.ctx_dtype = context_lens->dtype;
+    a.bt_dtype = block_tables->dtype;
+    a.cu_stride = cu_seqlens_q->strides[0];
+    a.ctx_stride = context_lens->strides[0];
+    a.bt_s0 = block_tables->strides[0];
+    a.bt_s1 = block_tables->strides[1];
+    a.T = q->shape[0], a.num_blocks = k_cache->shape[0], a.max_blocks = block_tables->shape[1];
+    if (!(a.err = to_cuda_error_word(out->device_index)))
+        return TO_ERR_CUDA;
+    a.qscale = (float)scale * kLog2e;
+    const int64_t D = q->shape[2], esz = to_dtype_size(k_cache->dtype);
+    a.vec = (D * esz) % 16 == 0 && (uintptr_t)k_cache->data % 16 == 0 && (uintptr_t)v_cache->data % 16 == 0;
+    *args = a;
+    return TO_OK;
+}
+
+// The decode path's launch: its kernel, key segments per (sequence, kv head), mode and blocks.
+struct DecodePlan {
+    DecodeKernel kernel;
+    int64_t splits, blocks;
+    bool cluster, merge;
+};
+
+// The decode path for attention of T query rows and S sequences (Hq heads of D, the caches' Hkv,
+// dtype and block size, block tables max_blocks wide) on GPU dev; plan->kernel stays null where it
+// does not apply (more query rows than sequences, cache rows that are not whole 16-byte pieces,
+// sizes past its indexing): then the general path runs. a.fused picks the fused kernel.
+//
+// Segments per (sequence, kv head): as many as keep the blocks within one wave of what the GPU
+// holds at once (decode_kernel's launch bounds: 3 blocks per multiprocessor, 2 for G > 4), so that
+// a long context is streamed by every multiprocessor; never more than kMaxSplits, nor more than
+// kSegMin-key pieces of the longest context the table can hold. (Short contexts use only the
+// first segments: the device cuts the real length, in pieces of at least kSegMin.) With one
+// sequence, a kv head's segments are one cluster (cluster mode), rather than partials merged
+// through memory by the last to finish.
+int plan_decode(const AttnArgs &a, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int cache_dtype, int64_t bs,
+                int dev, DecodePlan *plan) {
+    *plan = DecodePlan{};
+    const int64_t T = a.T, G = Hq / Hkv;
+    if (!(T <= S && a.vec && T * Hq <= INT32_MAX && S <= INT32_MAX && Hkv <= INT32_MAX))
+        return TO_OK;
+    const DecodeKernel kernel = D <= 64 ? decode_kernel_for<64>(cache_dtype, (int)G, a.fused)
+                              : D <= 128 ? decode_kernel_for<128>(cache_dtype, (int)G, a.fused)
+                                         : decode_kernel_for<256>(cache_dtype, (int)G, a.fused);
+    if (!kernel)
+        return to_fail(TO_ERR_DTYPE, "to_paged_attention: cache dtype %s has no CUDA kernel",
+                       to_dtype_name(cache_dtype));
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1)
+        sms = 132;
+    const int64_t resident = (G > 4 ? 2 : 3) * (int64_t)sms;
+    int64_t splits = 1;
+    if (2 * S * Hkv <= resident) {
+        splits = resident / (S * Hkv);
+        int64_t cap = to_ceil_div(a.max_blocks * bs, kSegMin);
+        cap = cap < kMaxSplits ? cap : kMaxSplits;
+        splits = splits < cap ? splits : cap;
+        splits = splits > 1 ? splits : 1;
+    }
+    bool cluster = false;
+    if (splits > 1 && S == 1) {
+        const int limit = decode_cluster_limit(kernel, dev, (int)Hkv);
+        if (limit > 1) {
+            splits = splits < limit ? splits : limit;
+            cluster = true;
+        }
+    }
+    const bool merge = !cluster && (splits > 1 || S > kDirectMaxSeqs);
+    const int64_t blocks = S * Hkv * splits + (merge ? 1 : 0);
+    if (blocks <= INT32_MAX)
+        *plan = DecodePlan{kernel, splits, blocks, cluster, merge};
+    return TO_OK;
+}
+
+// decode_kernel as planned (a: attn_args, plus the fused fields if any)
+int launch_decode(AttnArgs &a, const DecodePlan &plan, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,
+                  int dev, cudaStream_t stream) {
+    a.S = (int)S, a.Hq = (int)Hq, a.Hkv = (int)Hkv, a.G = (int)(Hq / Hkv), a.D = (int)D, a.block_size = (int)bs;
+    a.splits = (int)plan.splits;
+    a.merge = plan.merge;
+    a.cluster = plan.cluster;
+    // merging only: the arrival counters (S * Hkv, per GPU, kept), and a workspace of acc
+    // [T][Hq][splits][D], (m, l) [T][Hq][splits] and the verdict
+    void *ws = nullptr;
+    if (plan.merge) {
+        TO_TRY(decode_arrivals(dev, S * Hkv, &a.arrivals));
+        const size_t n = (size_t)a.T * Hq * plan.splits;
+        const size_t ml_off = (n * D * sizeof(float) + 15) / 16 * 16, ok_off = ml_off + n * sizeof(float2);
+        TO_TRY(to_cuda_alloc(dev, (int64_t)(ok_off + 16), &ws));
+        a.part = (float *)ws;
+        a.ml = (float2 *)((char *)ws + ml_off);
+        a.batch_ok = (int *)((char *)ws + ok_off);
+    }
+    ToLaunchOptions opt;
+    opt.cluster = plan.cluster ? (unsigned)plan.splits : 1u;
+    int status = launched(to_launch_with(opt, plan.kernel, dim3((unsigned)plan.blocks), dim3(kDecThreads), 0, stream, a),
+                          "to_paged_attention");
+    // back to the cache: the next user of this block is ordered after the kernel on the stream
+    // (and one freed while a graph is recorded stays the graph's)
+    if (ws)
+        to_cuda_free(dev, ws);
+    TO_TRY(status);
+    return to_cuda_check_launch("to_paged_attention");
 }
 
 }  // namespace
@@ -1417,95 +1733,12 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
         sms = 132;
     const int64_t max_len = max_blocks * bs; // the longest context block_tables can describe
 
-    AttnArgs a = {};
-    a.q = (const char *)q->data;
-    a.q_dtype = q->dtype;
-    a.qs0 = q->strides[0], a.qs1 = q->strides[1], a.qs2 = q->strides[2];
-    a.out = (char *)out->data;
-    a.out_dtype = out->dtype;
-    a.os0 = out->strides[0], a.os1 = out->strides[1], a.os2 = out->strides[2];
-    a.k_cache = k_cache->data;
-    a.v_cache = v_cache->data;
-    a.cu = (const char *)cu_seqlens_q->data;
-    a.ctx = (const char *)context_lens->data;
-    a.bt = (const char *)block_tables->data;
-    a.cu_dtype = cu_seqlens_q->dtype;
-    a.ctx_dtype = context_lens->dtype;
-    a.bt_dtype = block_tables->dtype;
-    a.cu_stride = cu_seqlens_q->strides[0];
-    a.ctx_stride = context_lens->strides[0];
-    a.bt_s0 = block_tables->strides[0];
-    a.bt_s1 = block_tables->strides[1];
-    a.T = T, a.num_blocks = k_cache->shape[0], a.max_blocks = max_blocks;
-    if (!(a.err = to_cuda_error_word(dev)))
-        return TO_ERR_CUDA;
-    a.qscale = (float)scale * kLog2e;
-    const int64_t esz = to_dtype_size(k_cache->dtype);
-    a.vec = (D * esz) % 16 == 0 && (uintptr_t)k_cache->data % 16 == 0 && (uintptr_t)v_cache->data % 16 == 0;
-
-    // ---- decode path: no more query rows than sequences (decided from shapes alone) ----
-    // Segments per (sequence, kv head): as many as keep the blocks within one wave of what the
-    // GPU holds at once (decode_kernel's launch bounds: 3 blocks per multiprocessor, 2 for G > 4),
-    // so that a long context is streamed by every multiprocessor; never more than kMaxSplits, nor
-    // more than kSegMin-key pieces of the longest context the table can hold. (Short contexts use
-    // only the first segments: the device cuts the real length, in pieces of at least kSegMin.)
-    // With one sequence, a kv head's segments are one cluster (cluster mode), rather than
-    // partials merged through memory by the last to finish.
-    if (T <= S && a.vec && T * Hq <= INT32_MAX && S <= INT32_MAX && Hkv <= INT32_MAX) {
-        const DecodeKernel kernel = D <= 64 ? decode_kernel_for<64>(k_cache->dtype, (int)G)
-                                  : D <= 128 ? decode_kernel_for<128>(k_cache->dtype, (int)G)
-                                             : decode_kernel_for<256>(k_cache->dtype, (int)G);
-        if (!kernel)
-            return to_fail(TO_ERR_DTYPE, "to_paged_attention: cache dtype %s has no CUDA kernel",
-                           to_dtype_name(k_cache->dtype));
-        const int64_t resident = (G > 4 ? 2 : 3) * (int64_t)sms;
-        int64_t splits = 1;
-        if (2 * S * Hkv <= resident) {
-            splits = resident / (S * Hkv);
-            int64_t cap = to_ceil_div(max_len, kSegMin);
-            cap = cap < kMaxSplits ? cap : kMaxSplits;
-            splits = splits < cap ? splits : cap;
-            splits = splits > 1 ? splits : 1;
-        }
-        bool cluster = false;
-        if (splits > 1 && S == 1) {
-            const int limit = decode_cluster_limit(kernel, dev, (int)Hkv);
-            if (limit > 1) {
-                splits = splits < limit ? splits : limit;
-                cluster = true;
-            }
-        }
-        const bool merge = !cluster && (splits > 1 || S > kDirectMaxSeqs);
-        const int64_t blocks = S * Hkv * splits + (merge ? 1 : 0);
-        if (blocks <= INT32_MAX) {
-            a.S = (int)S, a.Hq = (int)Hq, a.Hkv = (int)Hkv, a.G = (int)G, a.D = (int)D, a.block_size = (int)bs;
-            a.splits = (int)splits;
-            a.merge = merge;
-            a.cluster = cluster;
-            // merging only: the arrival counters (S * Hkv, per GPU, kept), and a workspace of acc
-            // [T][Hq][splits][D], (m, l) [T][Hq][splits] and the verdict
-            void *ws = nullptr;
-            if (merge) {
-                TO_TRY(decode_arrivals(dev, S * Hkv, &a.arrivals));
-                const size_t n = (size_t)T * Hq * splits;
-                const size_t ml_off = (n * D * sizeof(float) + 15) / 16 * 16, ok_off = ml_off + n * sizeof(float2);
-                TO_TRY(to_cuda_alloc(dev, (int64_t)(ok_off + 16), &ws));
-                a.part = (float *)ws;
-                a.ml = (float2 *)((char *)ws + ml_off);
-                a.batch_ok = (int *)((char *)ws + ok_off);
-            }
-            ToLaunchOptions opt;
-            opt.cluster = cluster ? (unsigned)splits : 1u;
-            int status = launched(to_launch_with(opt, kernel, dim3((unsigned)blocks), dim3(kDecThreads), 0, stream, a),
-                                  "to_paged_attention");
-            // back to the cache: the next user of this block is ordered after the kernel on the
-            // stream (and one freed while a graph is recorded stays the graph's)
-            if (ws)
-                to_cuda_free(dev, ws);
-            TO_TRY(status);
-            return to_cuda_check_launch("to_paged_attention");
-        }
-    }
+    AttnArgs a;
+    TO_TRY(attn_args(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, &a));
+    DecodePlan plan;
+    TO_TRY(plan_decode(a, S, Hq, Hkv, D, k_cache->dtype, bs, dev, &plan));
+    if (plan.kernel)
+        return launch_decode(a, plan, S, Hq, Hkv, D, bs, dev, stream);
 
     // ---- general path: plan, tiles, merge ----
     // Segments per split sequence: enough (sequence, kv head, segment) blocks for about four per
@@ -1555,6 +1788,58 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
     to_cuda_free(dev, ws);
     TO_TRY(status);
     return to_cuda_check_launch("to_paged_attention");
+}
+
+// One launch when decode_kernel's cluster mode runs a step of one sequence with one query row and
+// a GQA group it does in one pass (T = S = 1, G <= 8: "fused" above); otherwise the two ops'
+// launches, to_rope_kv_store's into a workspace, then attention from its q heads (and then the
+// slots are not compared with the table: that comparison is the fused kernel's own need).
+// INFERENCE_PIO_FUSED_ATTENTION=0 always takes the two launches (to measure the difference).
+int to_cuda_rope_kv_attention(const to_tensor *out, const to_tensor *qk, const to_tensor *norm_weight, double eps,
+                              const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                              int interleaved, double attention_scaling, const to_tensor *v,
+                              const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *slot_mapping,
+                              const to_tensor *cu_seqlens_q, const to_tensor *context_lens,
+                              const to_tensor *block_tables, double scale) {
+    const int64_t T = qk->shape[0], H = qk->shape[1], D = qk->shape[2], Hkv = k_cache->shape[2], Hq = H - Hkv;
+    const int64_t S = context_lens->shape[0], bs = k_cache->shape[1];
+    const int dev = out->device_index;
+    if (T == 0 || Hq == 0 || D == 0)
+        return TO_OK; // (T = 0: nothing to store either)
+    cudaStream_t stream = to_cuda_stream(dev);
+    if (!stream)
+        return TO_ERR_CUDA;
+    static const bool fuse = to_env_switch("INFERENCE_PIO_FUSED_ATTENTION");
+    if (fuse && T == 1 && S == 1 && D <= 256 && Hq / Hkv <= 8) {
+        AttnArgs a;
+        TO_TRY(attn_args(out, qk, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, &a));
+        a.fused = 1;
+        DecodePlan plan;
+        TO_TRY(plan_decode(a, S, Hq, Hkv, D, k_cache->dtype, bs, dev, &plan));
+        if (plan.kernel && plan.cluster) {
+            a.rope = rope_args(qk, qk, positions, inv_freq, rotary_dim, interleaved, attention_scaling);
+            if (norm_weight) {
+                a.rope.weight = to_view(norm_weight);
+                a.rope.eps = eps;
+            }
+            TO_TRY(kv_store_init(&a.rope.kv, k_cache, v_cache, v, slot_mapping, TO_GPU_ERR_ROPE_KV_ATTN_SLOT));
+            return launch_decode(a, plan, S, Hq, Hkv, D, bs, dev, stream);
+        }
+    }
+    // the rotated heads [T, H, D] in a workspace of qk's dtype, back to the cache once the
+    // launches are queued (every later user of the block is ordered after them on the stream)
+    to_tensor rot = *qk;
+    rot.nbytes = T * H * D * to_dtype_size(qk->dtype);
+    rot.strides[0] = H * D, rot.strides[1] = D, rot.strides[2] = 1;
+    TO_TRY(to_cuda_alloc(dev, rot.nbytes, &rot.data));
+    to_tensor q = rot; // attention's q: the first Hq heads
+    q.shape[1] = Hq;
+    int status = to_cuda_rope_kv_store(&rot, qk, norm_weight, eps, positions, inv_freq, rotary_dim, interleaved,
+                                       attention_scaling, v, k_cache, v_cache, slot_mapping);
+    if (status == TO_OK)
+        status = to_cuda_paged_attention(out, &q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale);
+    to_cuda_free(dev, rot.data);
+    return status;
 }
 
 }  // extern "C"

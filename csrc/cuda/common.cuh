@@ -35,6 +35,7 @@ enum {
     TO_GPU_ERR_LOGITS = 4,       // to_sample: a = the row, b = what (TO_SAMPLE_BAD_*), c = 1 for to_sample_pipeline
     TO_GPU_ERR_ROPE_KV_SLOT = 5, // to_rope_kv_store: as TO_GPU_ERR_SLOT
     TO_GPU_ERR_BEAM_LOGITS = 6,  // to_beam_topk: a = the logits row, b = 1 NaN, 2 +inf, 3 all -inf
+    TO_GPU_ERR_ROPE_KV_ATTN_SLOT = 7, // to_rope_kv_attention: a = the token, b = its slot, c = its position's
 };
 enum { TO_GPU_BATCH_CU = 1, TO_GPU_BATCH_CONTEXT = 2, TO_GPU_BATCH_TABLE = 3, TO_GPU_BATCH_BLOCK = 4 };
 
@@ -248,13 +249,17 @@ __device__ __forceinline__ void to_pdl_trigger() {
 #endif
 }
 
+// A switch that is on unless the environment variable `name` starts with '0' (callers keep the
+// answer in a static: read once per process, not per launch).
+inline bool to_env_switch(const char *name) {
+    const char *v = getenv(name);
+    return !(v && v[0] == '0');
+}
+
 // Whether launches are programmatic (INFERENCE_PIO_PDL=0 turns it off, to measure its effect or
 // to see each kernel's own time in a profiler: with it, a kernel's span includes its wait).
 inline bool to_pdl_enabled() {
-    static const bool enabled = [] {
-        const char *v = getenv("INFERENCE_PIO_PDL");
-        return !(v && v[0] == '0');
-    }();
+    static const bool enabled = to_env_switch("INFERENCE_PIO_PDL");
     return enabled;
 }
 

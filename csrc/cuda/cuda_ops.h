@@ -81,6 +81,16 @@ int to_cuda_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, c
 int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
                             const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
                             const to_tensor *context_lens, const to_tensor *block_tables, double scale);
+/* as to_rope_kv_store into a temporary of qk's dtype then to_paged_attention on its q heads, qk
+ * only read (tensor_ops.h), arguments as the public op's: one kernel for a single sequence with a
+ * single query (which checks that its slot is its position's, recording a violation and writing
+ * nothing), else the two ops' kernels with the rotated heads in a workspace */
+int to_cuda_rope_kv_attention(const to_tensor *out, const to_tensor *qk, const to_tensor *norm_weight, double eps,
+                              const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim,
+                              int interleaved, double attention_scaling, const to_tensor *v,
+                              const to_tensor *k_cache, const to_tensor *v_cache, const to_tensor *slot_mapping,
+                              const to_tensor *cu_seqlens_q, const to_tensor *context_lens,
+                              const to_tensor *block_tables, double scale);
 
 /* ---- sample.cu ---- */
 /* A validated to_sample / to_sample_pipeline call (csrc/cpu/sample.h) on a GPU: the same outputs

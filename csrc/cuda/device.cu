@@ -184,6 +184,10 @@ static int gpu_error(const unsigned long long w[4]) {
         return to_fail(TO_ERR_BOUNDS, "%s: to_rope_kv_store: slot_mapping[%lld] = %lld is not below "
                        "num_blocks * block_size = %lld; that token's k and v were not stored (its "
                        "heads were still rotated into out)", pre, a, b, c);
+    case TO_GPU_ERR_ROPE_KV_ATTN_SLOT:
+        return to_fail(TO_ERR_INVALID_ARGUMENT, "%s: to_rope_kv_attention: slot_mapping[%lld] = %lld is not the "
+                       "slot %lld that block_tables gives its position; nothing was stored and out was not "
+                       "written", pre, a, b, c);
     case TO_GPU_ERR_BATCH: {
         static const char *what[] = {"", "cu_seqlens_q is not non-decreasing from 0 to T there",
                                      "context_lens is less than its queries",

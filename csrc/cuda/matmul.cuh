@@ -33,10 +33,7 @@ struct MatmulArgs {
 // INFERENCE_PIO_PDL: not a getenv per product on the eager path). A run-time flag rather than
 // unconditional code on purpose: see matmul.cu.
 inline bool gemv_early_loads() {
-    static const bool early = [] {
-        const char *v = getenv("INFERENCE_PIO_GEMV_EARLY");
-        return !(v && v[0] == '0');
-    }();
+    static const bool early = to_env_switch("INFERENCE_PIO_GEMV_EARLY");
     return early;
 }
 

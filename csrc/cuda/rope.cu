@@ -33,8 +33,7 @@
 // bits. The grid has Hkv more heads: the warps past the H rotated ones copy v's heads to their
 // rows (the same conversion as kv_store_kernel). Slots are checked as to_kv_cache_store's kernel
 // checks them (kv_store.cuh); a bad one is recorded once per token, by v's first head.
-#include "cuda/common.cuh"
-#include "cuda/kv_store.cuh"
+#include "cuda/rope.cuh"
 
 namespace {
 
@@ -42,14 +41,6 @@ constexpr int kMaxWarps = 4;                 // heads per block
 constexpr size_t kDefaultSmem = 48 * 1024;   // dynamic shared memory without opting in
 constexpr int kMaxPerLane = 16;              // fused: pairs (and dims >= R) per lane in registers
 
-struct RopeArgs {
-    TensorView out, x, positions, inv_freq, weight; // weight: the norm's (rms_norm_rope_kernel)
-    int64_t T, H, D, R;
-    int interleaved, in_place, warps;
-    float scaling;
-    double eps;
-    KvStore kv; // kv.Hkv > 0: out's last Hkv heads and v's go to the caches (to_rope_kv_store)
-};
 
 // Where the warp of head h of token t stores the head's values in the k cache: the element offset
 // of its row, or -1 (not a k head, no store, or a token without a slot).
@@ -91,21 +82,6 @@ __device__ void copy_v_head(const RopeArgs &a, int64_t t, int64_t hv, int lane) 
             if (in[u])
                 to_store(a.kv.v_cache, a.kv.cache_dtype, row + d0 + 32 * u, v[u]);
     }
-}
-
-// cs, sn [R/2] in shared memory: token t's scaled cos/sin, computed by the whole block.
-__device__ void cos_sin_table(const RopeArgs &a, int64_t t, float *cs, float *sn) {
-    const int64_t half = a.R / 2;
-    const float pos = (float)to_load_index_dev(a.positions.data, a.positions.dtype, t * a.positions.strides[0]);
-    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
-        float inv = ((const float *)a.inv_freq.data)[i * a.inv_freq.strides[0]];
-        float angle = __fmul_rn(pos, inv);
-        double c, s;
-        sincos((double)angle, &s, &c);
-        cs[i] = __fmul_rn((float)c, a.scaling);
-        sn[i] = __fmul_rn((float)s, a.scaling);
-    }
-    __syncthreads();
 }
 
 __global__ void rope_kernel(RopeArgs a) {
@@ -159,8 +135,7 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
     to_pdl_wait();
     to_pdl_trigger();
     extern __shared__ float smem[];
-    const int64_t half = a.R / 2;
-    float *cs = smem, *sn = smem + half;
+    float *cs = smem, *sn = smem + a.R / 2;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
     const int64_t t = blockIdx.x;
@@ -168,25 +143,18 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
     const int64_t sx = a.x.strides[2], sw = a.weight.strides[a.weight.ndim - 1];
     const int64_t wo = a.weight.ndim == 2 ? h * a.weight.strides[0] : 0; // a per-head weight's row
     const int64_t xo = t * a.x.strides[0] + h * a.x.strides[1];
-    // pair i's members: (i, i + R/2) rotate-half, (2i, 2i + 1) interleaved
-    const int64_t step = a.interleaved ? 2 : 1, other = a.interleaved ? 1 : half;
 
-    // The head's values and the norm's weights: [k] the pairs' members, [N + k] their partners,
-    // [2N + k] the dims >= R (zeros where missing), all loaded before the cos/sin table is built.
+    // The head's values and the norm's weights (rope_head_layout; zeros where missing), all
+    // loaded before the cos/sin table is built.
     float v[3 * N], w[3 * N];
     if (h < a.H) {
-        int64_t xoff[3 * N], woff[3 * N];
+        int64_t e[3 * N], xoff[3 * N], woff[3 * N];
         bool in[3 * N];
+        rope_head_layout<N>(a.D, a.R, a.interleaved, lane, e, in);
 #pragma unroll
-        for (int k = 0; k < N; k++) {
-            const int64_t i = lane + 32 * k, j = a.R + i;
-            const int64_t e[3] = {i * step, i * step + other, j};
-#pragma unroll
-            for (int m = 0; m < 3; m++) {
-                in[m * N + k] = m < 2 ? i < half : j < a.D;
-                xoff[m * N + k] = xo + e[m] * sx;
-                woff[m * N + k] = wo + e[m] * sw;
-            }
+        for (int m = 0; m < 3 * N; m++) {
+            xoff[m] = xo + e[m] * sx;
+            woff[m] = wo + e[m] * sw;
         }
         to_load_n(a.x.data, a.x.dtype, xoff, in, v);
         to_load_n(a.weight.data, a.weight.dtype, woff, in, w);
@@ -200,49 +168,9 @@ __global__ void rms_norm_rope_kernel(RopeArgs a) {
     }
     const int64_t krow = k_row(a, t, h);
     const int64_t oo = t * a.out.strides[0] + h * a.out.strides[1];
-    float *v0 = v, *v1 = v + N, *vr = v + 2 * N;
-    double ss = 0.0;
-#pragma unroll
-    for (int k = 0; k < N; k++) // squares are exact in double; the zeros of missing elements add nothing
-        ss += (double)v0[k] * v0[k] + (double)v1[k] * v1[k] + (double)vr[k] * vr[k];
-    __syncwarp(); // every lane has read its part of the head before any lane writes (out may be x)
-    ss = to_warp_sum_double(ss);
-    const float rinv = (float)(1.0 / sqrt(ss / (double)a.D + a.eps));
-
-#pragma unroll
-    for (int k = 0; k < N; k++) {
-        const int64_t i = lane + 32 * k, j = a.R + i;
-        if (i < half) {
-            float y0 = __fmul_rn(__fmul_rn(v0[k], rinv), w[k]);
-            float y1 = __fmul_rn(__fmul_rn(v1[k], rinv), w[N + k]);
-            float r0 = __fsub_rn(__fmul_rn(y0, cs[i]), __fmul_rn(y1, sn[i]));
-            float r1 = __fadd_rn(__fmul_rn(y1, cs[i]), __fmul_rn(y0, sn[i]));
-            put(a, oo, krow, i, r0);
-            put(a, oo, krow, i + half, r1);
-        }
-        if (j < a.D) {
-            float y = __fmul_rn(__fmul_rn(vr[k], rinv), w[2 * N + k]);
-            put(a, oo, krow, j, y);
-        }
-    }
-}
-
-// The arguments every op shares (no norm, no store).
-RopeArgs rope_args(const to_tensor *out, const to_tensor *x, const to_tensor *positions,
-                   const to_tensor *inv_freq, int rotary_dim, int interleaved, double attention_scaling) {
-    RopeArgs a = {};
-    a.out = to_view(out);
-    a.x = to_view(x);
-    a.positions = to_view(positions);
-    a.inv_freq = to_view(inv_freq);
-    a.T = x->shape[0];
-    a.H = x->shape[1];
-    a.D = x->shape[2];
-    a.R = rotary_dim;
-    a.interleaved = interleaved != 0;
-    a.in_place = to_same_view(out, x);
-    a.scaling = (float)attention_scaling;
-    return a;
+    // (every lane has read its part of the head before any lane writes: out may be x)
+    norm_rope_head<N>(v, w, true, a.eps, a.D, a.R, lane, cs, sn,
+                      [&](int64_t i, float r) { put(a, oo, krow, i, r); });
 }
 
 // grid (T, head groups of a.warps: x's H heads, then v's Hkv when storing), or an error when the

@@ -201,6 +201,38 @@ int to_rope_kv_store(const to_tensor *out, const to_tensor *qk, const to_tensor 
                      const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim, int interleaved,
                      double attention_scaling, const to_tensor *v, const to_tensor *k_cache,
                      const to_tensor *v_cache, const to_tensor *slot_mapping);
+/* An attention layer from the rotation to its output in one call (a decode step of one sequence
+ * is one kernel on a GPU). qk [T, H, D] is read, never written: its heads are rotated (and
+ * normalised) exactly as to_rope_kv_store would, into a temporary of qk's dtype and shape (scratch
+ * memory on the CPU; a workspace, or registers and shared memory, on a GPU), the last Hkv heads of
+ * that and v stored at slot_mapping, then paged attention of its first Hq = H - Hkv heads written
+ * to out [T, Hq, D]. out and both caches get the bits of to_rope_kv_store(tmp, qk, norm_weight,
+ * eps, positions, inv_freq, rotary_dim, interleaved, attention_scaling, v, k_cache, v_cache,
+ * slot_mapping) then to_paged_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens,
+ * block_tables, scale), with tmp a fresh contiguous tensor of qk's dtype and q its first Hq heads:
+ * q and k are rounded to qk's dtype, as the separate ops would pass them on. (qk is not written
+ * because on a GPU every block of the one kernel reads qk's q heads: writing them back would race.)
+ * Checked as the two ops check their arguments (those messages name them and their arguments:
+ * to_rope_kv_store's in its in-place form, out = qk, so qk must also pass out's checks, e.g. no
+ * element reached twice; to_paged_attention's q is qk's first Hq heads), plus: out overlaps no
+ * other argument, and every token has the slot of its position: token t, the i-th of the nq
+ * queries of sequence s, needs slot_mapping[t] == block_tables[s][p / block_size] * block_size +
+ * p % block_size with p = context_lens[s] - nq + i (so no negative, padding slots).
+ * That is what the GPU kernel needs: it writes each new key and value into the cache and reads
+ * them back in the same block, which is the two ops' result only when the slot written is the
+ * one attention reads for that position. On the CPU every value (the slots, the batch, this
+ * precondition) is checked before anything is written; a violation is TO_ERR_INVALID_ARGUMENT
+ * naming t, the slot given and the slot expected. On a GPU the one kernel runs for T == 1 and
+ * S == 1 (Hq / Hkv <= 8, 16-byte aligned cache rows, sm_90): it checks the precondition and, on a
+ * violation, stores nothing, leaves out unwritten and records the error (TO_ERR_INVALID_ARGUMENT)
+ * for the next synchronisation, as index errors are (below). Other shapes run the two ops'
+ * kernels (the rotation into a workspace), which check the slots and the batch as those ops do but
+ * not this precondition. */
+int to_rope_kv_attention(const to_tensor *out, const to_tensor *qk, const to_tensor *norm_weight, double eps,
+                         const to_tensor *positions, const to_tensor *inv_freq, int rotary_dim, int interleaved,
+                         double attention_scaling, const to_tensor *v, const to_tensor *k_cache,
+                         const to_tensor *v_cache, const to_tensor *slot_mapping, const to_tensor *cu_seqlens_q,
+                         const to_tensor *context_lens, const to_tensor *block_tables, double scale);
 
 /* ---- matrix products ---- */
 /* out[M, N] = x[M, K] . w[N, K]^T  (weights in the checkpoint's [out, in] layout).

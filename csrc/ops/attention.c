@@ -142,8 +142,8 @@ int to_kv_cache_store(const to_tensor *k_cache, const to_tensor *v_cache, const 
 /* The values of cu_seqlens_q, context_lens and block_tables (shapes already checked): sequence
  * boundaries from 0 to T, non-decreasing; each context at least its query count and covered by
  * its row of block_tables; every block id the kernel will read inside [0, num_blocks). */
-static int check_batch(const to_tensor *cu, const to_tensor *ctx, const to_tensor *bt, int64_t T,
-                       int64_t num_blocks, int64_t block_size) {
+int to_check_attention_batch(const to_tensor *cu, const to_tensor *ctx, const to_tensor *bt, int64_t T,
+                             int64_t num_blocks, int64_t block_size) {
     int64_t S = ctx->shape[0], max_blocks = bt->shape[1];
     int64_t prev = to_load_index(cu->data, cu->dtype, 0);
     if (prev != 0)
@@ -184,9 +184,11 @@ static int check_batch(const to_tensor *cu, const to_tensor *ctx, const to_tenso
     return TO_OK;
 }
 
-int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
-                       const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
-                       const to_tensor *context_lens, const to_tensor *block_tables, double scale) {
+/* Everything but the index values; shared with to_rope_kv_attention (csrc/ops/rope.c), which
+ * passes the first Hq heads of its qk as q (the messages name this op and its arguments). */
+int to_check_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
+                             const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
+                             const to_tensor *context_lens, const to_tensor *block_tables, double scale) {
     TO_TRY(to_check_tensor(out, ATTN, "out"));
     TO_TRY(to_check_tensor(q, ATTN, "q"));
     TO_TRY(to_check_tensor(k_cache, ATTN, "k_cache"));
@@ -208,7 +210,7 @@ int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor
     TO_TRY(to_check_ndim(context_lens, 1, ATTN, "context_lens [S]"));
     TO_TRY(to_check_ndim(block_tables, 2, ATTN, "block_tables [S, max_blocks]"));
 
-    int64_t T = q->shape[0], Hq = q->shape[1], D = q->shape[2];
+    int64_t Hq = q->shape[1], D = q->shape[2];
     int64_t Hkv = k_cache->shape[2], S = context_lens->shape[0];
     if (k_cache->shape[3] != D)
         return to_fail(TO_ERR_SHAPE, ATTN ": q has head size D = %lld but the caches have D = %lld",
@@ -233,11 +235,19 @@ int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor
     const char *names[] = {"q", "k_cache", "v_cache", "cu_seqlens_q", "context_lens", "block_tables"};
     for (int i = 0; i < 6; i++)
         TO_TRY(to_check_no_alias(out, inputs[i], 0, ATTN, "out", names[i]));
+    return TO_OK;
+}
+
+int to_paged_attention(const to_tensor *out, const to_tensor *q, const to_tensor *k_cache,
+                       const to_tensor *v_cache, const to_tensor *cu_seqlens_q,
+                       const to_tensor *context_lens, const to_tensor *block_tables, double scale) {
+    TO_TRY(to_check_paged_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                    scale));
     if (out->device == TO_CUDA) /* the kernels check the batch's values (cuda_ops.h) */
         return to_cuda_paged_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens,
                                        block_tables, scale);
-    TO_TRY(check_batch(cu_seqlens_q, context_lens, block_tables, T, k_cache->shape[0],
-                       k_cache->shape[1]));
+    TO_TRY(to_check_attention_batch(cu_seqlens_q, context_lens, block_tables, q->shape[0],
+                                    k_cache->shape[0], k_cache->shape[1]));
     return to_cpu_paged_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
                                   scale);
 }

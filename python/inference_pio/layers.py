@@ -110,20 +110,22 @@ class Attention(Module):
         T, hq, hkv = residual.shape[0], self.num_heads, self.num_kv_heads
         heads = self.project_qkv(residual, norm)
         q, v = heads.narrow(1, 0, hq), heads.narrow(1, hq + hkv, hkv)
-        qk = heads.narrow(1, 0, hq + hkv)  # q's and k's heads: rotated alike, k stored, in one call
+        qk = heads.narrow(1, 0, hq + hkv)  # q's and k's heads: rotated alike, k stored
         k_cache, v_cache = batch.kv_cache.layer(self.layer_index)
         store = (batch.positions, self.inv_freq, v, k_cache, v_cache, batch.slot_mapping)
+        attend = (batch.cu_seqlens_q, batch.context_lens, batch.block_tables, self.scale)
         rope = dict(interleaved=self.rope_interleaved, rotary_dim=self.rotary_dim)
-        if "q_norm" not in self._modules:  # Llama: the rotation and the store
-            ops.rope_kv_store(qk, *store, out=qk, **rope)
+        # the rotation, the store and attention in one call (qk only read: the rotated heads are
+        # the op's temporary; the batch gives each token the slot of its position, as it requires)
+        if "q_norm" not in self._modules:  # Llama
+            attn = ops.rope_kv_attention(qk, *store, *attend, **rope)
         elif (w := self.stack_qk_norms()) is not None:  # Qwen3: both norms too, one weight per head
-            ops.rope_kv_store(qk, *store, norm_weight=w, eps=self.q_norm.eps, out=qk, **rope)
-        else:  # q/k norms of different eps: q's heads alone, then k's with the store
+            attn = ops.rope_kv_attention(qk, *store, *attend, norm_weight=w, eps=self.q_norm.eps, **rope)
+        else:  # q/k norms of different eps: q's heads alone, then k's with the store, then attention
             k = heads.narrow(1, hq, hkv)
             ops.rms_norm_rope(q, self.q_norm.weight, self.q_norm.eps, batch.positions, self.inv_freq, out=q, **rope)
             ops.rope_kv_store(k, *store, norm_weight=self.k_norm.weight, eps=self.k_norm.eps, out=k, **rope)
-        attn = ops.paged_attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
-                                   batch.block_tables, self.scale)
+            attn = ops.paged_attention(q, k_cache, v_cache, *attend)
         ops.matmul_add(residual, attn.view(T, hq * self.head_dim), self.o_proj.weight, self.o_proj.bias)
 
 

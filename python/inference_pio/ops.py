@@ -166,6 +166,32 @@ def rope_kv_store(qk, positions, inv_freq, v, k_cache, v_cache, slot_mapping, no
     return out
 
 
+def rope_kv_attention(qk, positions, inv_freq, v, k_cache, v_cache, slot_mapping, cu_seqlens_q, context_lens,
+                      block_tables, scale, norm_weight=None, eps=0.0, interleaved=False, rotary_dim=None,
+                      attention_scaling=1.0, out=None):
+    """An attention layer from its rotation to its output in one call (one kernel on a GPU for a
+    decode step of one sequence). qk [T, H, D] is only read: its heads are rotated (and normalised)
+    as rope_kv_store would, into a temporary of qk's dtype (never into qk), the temporary's last
+    Hkv heads and v stored at slot_mapping, then paged_attention of its first Hq = H - Hkv heads
+    into out [T, Hq, D]: the bits of rope_kv_store(qk, ..., out=tmp) then paged_attention(tmp[:, :Hq],
+    ...) with tmp a new tensor of qk's dtype. out defaults to a new tensor of qk's dtype. Each
+    token's slot must be the one block_tables gives its position (context_lens[s] - nq + i for the
+    i-th of sequence s's nq queries): no padding slots. Returns out."""
+    rotary_dim = qk.shape[-1] if rotary_dim is None else rotary_dim
+    shape = qk.shape  # [T, Hq, D]; for other ranks a placeholder, the library says what is wrong
+    if qk.ndim == 3 and k_cache.ndim == 4:
+        shape = (qk.shape[0], max(qk.shape[1] - k_cache.shape[2], 0), qk.shape[2])
+    out = _out(out, shape, qk.dtype, qk)
+    k_cache._check_writable()
+    v_cache._check_writable()
+    check(lib.to_rope_kv_attention(out._desc, qk._desc, norm_weight._desc if norm_weight is not None else _NULL,
+                                   float(eps), positions._desc, inv_freq._desc, int(rotary_dim),
+                                   int(bool(interleaved)), float(attention_scaling), v._desc, k_cache._desc,
+                                   v_cache._desc, slot_mapping._desc, cu_seqlens_q._desc, context_lens._desc,
+                                   block_tables._desc, float(scale)))
+    return out
+
+
 def matmul(x, w, bias=None, out=None, out_dtype=None):
     """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N], accumulated in float32."""
     lead = x.shape[:-1]

@@ -191,8 +191,88 @@ static void test_readback(void) {
     EXPECT(to_readback_start(&gap, &h) == TO_ERR_INVALID_ARGUMENT && h == NULL, "readback strided src");
 }
 
+/* to_rope_kv_attention from C: the same bytes as to_rope_kv_store into a fresh tensor (rot) then
+ * to_paged_attention of its q heads, on copies, and qk left as it was; NULL and garbage
+ * descriptors refused naming the argument; a slot that is not its position's refused with nothing
+ * written. One sequence: 2 cached tokens and 2 new ones (positions 2 and 3), blocks of 2, its
+ * table [3, 1]: the new tokens' slots are 2 and 3 (block 1). */
+enum { RKA_T = 2, RKA_HQ = 2, RKA_HKV = 1, RKA_H = 3, RKA_D = 4, RKA_NB = 4, RKA_BS = 2 };
+struct rka {
+    float qk[RKA_T * RKA_H * RKA_D], v[RKA_T * RKA_HKV * RKA_D], out[RKA_T * RKA_HQ * RKA_D];
+    float kc[RKA_NB * RKA_BS * RKA_HKV * RKA_D], vc[RKA_NB * RKA_BS * RKA_HKV * RKA_D];
+};
+static float rka_rot[RKA_T * RKA_H * RKA_D]; /* the two ops' rotated heads */
+
+static int rope_kv_attention_call(struct rka *m, int fused, const int64_t *slots_values) {
+    int64_t qk_shape[3] = {RKA_T, RKA_H, RKA_D}, v_shape[3] = {RKA_T, RKA_HKV, RKA_D};
+    int64_t out_shape[3] = {RKA_T, RKA_HQ, RKA_D}, cache_shape[4] = {RKA_NB, RKA_BS, RKA_HKV, RKA_D};
+    int64_t n_t[1] = {RKA_T}, n_inv[1] = {RKA_D / 2}, n_cu[1] = {2}, n_ctx[1] = {1}, bt_shape[2] = {1, 2};
+    static float inv[RKA_D / 2] = {1.0f, 0.01f};
+    static int64_t pos[RKA_T] = {2, 3}, cu[2] = {0, RKA_T}, ctx[1] = {4}, bt[2] = {3, 1};
+    int64_t slots[RKA_T];
+    memcpy(slots, slots_values, sizeof slots);
+    to_tensor qk = make(m->qk, TO_F32, 3, qk_shape), v = make(m->v, TO_F32, 3, v_shape);
+    to_tensor out = make(m->out, TO_F32, 3, out_shape), kc = make(m->kc, TO_F32, 4, cache_shape);
+    to_tensor vc = make(m->vc, TO_F32, 4, cache_shape), tinv = make(inv, TO_F32, 1, n_inv);
+    to_tensor tpos = make(pos, TO_I64, 1, n_t), tslots = make(slots, TO_I64, 1, n_t);
+    to_tensor tcu = make(cu, TO_I64, 1, n_cu), tctx = make(ctx, TO_I64, 1, n_ctx), tbt = make(bt, TO_I64, 2, bt_shape);
+    if (fused)
+        return to_rope_kv_attention(&out, &qk, NULL, 0.0, &tpos, &tinv, RKA_D, 0, 1.0, &v, &kc, &vc, &tslots, &tcu,
+                                    &tctx, &tbt, 0.5);
+    to_tensor rot = make(rka_rot, TO_F32, 3, qk_shape);
+    int status = to_rope_kv_store(&rot, &qk, NULL, 0.0, &tpos, &tinv, RKA_D, 0, 1.0, &v, &kc, &vc, &tslots);
+    to_tensor q = rot; /* the first Hq heads of the rotated heads */
+    q.shape[1] = RKA_HQ;
+    return status ? status : to_paged_attention(&out, &q, &kc, &vc, &tcu, &tctx, &tbt, 0.5);
+}
+
+static void test_rope_kv_attention(void) {
+    static struct rka a, b;
+    srand(11);
+    float *all = (float *)&a;
+    for (size_t i = 0; i < sizeof a / sizeof(float); i++)
+        all[i] = (float)rand() / RAND_MAX - 0.5f;
+    b = a;
+    const int64_t good[RKA_T] = {2, 3}, bad[RKA_T] = {2, 4};
+    EXPECT(rope_kv_attention_call(&a, 1, good) == TO_OK, "rope_kv_attention: %s", to_last_error());
+    EXPECT(rope_kv_attention_call(&b, 0, good) == TO_OK, "the two ops: %s", to_last_error());
+    EXPECT(memcmp(&a, &b, sizeof a) == 0, "rope_kv_attention differs from the two ops (or wrote qk)");
+    EXPECT(memcmp(a.qk, rka_rot, sizeof a.qk) != 0, "the rotation changed nothing");
+
+    b = a;
+    EXPECT(rope_kv_attention_call(&a, 1, bad) == TO_ERR_INVALID_ARGUMENT &&
+           strstr(to_last_error(), "to_rope_kv_attention: slot_mapping[1] = 4 is not the slot 3") != NULL,
+           "slot not its position's: %s", to_last_error());
+    EXPECT(memcmp(&a, &b, sizeof a) == 0, "a refused call wrote something");
+
+    int64_t shape[3] = {RKA_T, RKA_HQ, RKA_D};
+    to_tensor t = make(a.out, TO_F32, 3, shape), garbage = t;
+    EXPECT(to_rope_kv_attention(NULL, &t, NULL, 0.0, &t, &t, RKA_D, 0, 1.0, &t, &t, &t, &t, &t, &t, &t, 0.5) ==
+               TO_ERR_INVALID_ARGUMENT && strstr(to_last_error(), "to_rope_kv_attention: out is NULL"),
+           "NULL out: %s", to_last_error());
+    EXPECT(to_rope_kv_attention(&t, NULL, NULL, 0.0, &t, &t, RKA_D, 0, 1.0, &t, &t, &t, &t, &t, &t, &t, 0.5) ==
+               TO_ERR_INVALID_ARGUMENT && strstr(to_last_error(), "to_rope_kv_attention: qk is NULL"),
+           "NULL qk: %s", to_last_error());
+    EXPECT(to_rope_kv_attention(&t, &t, NULL, 0.0, &t, &t, RKA_D, 0, 1.0, &t, &t, &t, &t, &t, &t, NULL, 0.5) ==
+               TO_ERR_INVALID_ARGUMENT && strstr(to_last_error(), "block_tables is NULL"),
+           "NULL block_tables: %s", to_last_error());
+    garbage.dtype = 42;
+    EXPECT(to_rope_kv_attention(&t, &garbage, NULL, 0.0, &t, &t, RKA_D, 0, 1.0, &t, &t, &t, &t, &t, &t, &t, 0.5) ==
+               TO_ERR_DTYPE, "unknown dtype: %s", to_last_error());
+    garbage = t;
+    garbage.ndim = 9;
+    EXPECT(to_rope_kv_attention(&t, &t, NULL, 0.0, &t, &t, RKA_D, 0, 1.0, &t, &t, &t, &garbage, &t, &t, &t, 0.5) ==
+               TO_ERR_INVALID_ARGUMENT, "rank too large: %s", to_last_error());
+    garbage = t;
+    garbage.nbytes = 4;
+    EXPECT(to_rope_kv_attention(&t, &t, NULL, 0.0, &t, &t, RKA_D, 0, 1.0, &t, &t, &garbage, &t, &t, &t, &t, 0.5) ==
+               TO_ERR_BOUNDS, "too-small buffer: %s", to_last_error());
+    EXPECT(memcmp(&a, &b, sizeof a) == 0, "a refused call wrote something");
+}
+
 int main(void) {
     test_facts();
+    test_rope_kv_attention();
     test_alloc_copy();
     test_validation();
     test_matmul();
