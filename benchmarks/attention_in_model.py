@@ -103,6 +103,11 @@ def make_llm(model, attention_twice):
             def paged_attention(*args, **kw):
                 out = ops.paged_attention(*args, **kw)
                 return ops.paged_attention(*args, **dict(kw, out=out))
+
+            @staticmethod
+            def rope_kv_attention(*args, **kw):  # (storing the same k and v again changes nothing)
+                out = ops.rope_kv_attention(*args, **kw)
+                return ops.rope_kv_attention(*args, **dict(kw, out=out))
         layers.ops = Twice()
     folder = Path("/tmp/inference-pio-gpu") / f"qwen3-{model}"
     make_checkpoint(folder, MODELS[model])

@@ -76,3 +76,18 @@ def assert_within(got, ref, tol):
         raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements outside tolerance; first at {i}: "
                              f"got {float(got[i])!r}, expected {float(ref[i])!r}, tol {float(tol[i]):.3g} "
                              f"(worst excess {ratio:.3g}x)")
+
+
+def bits(t):
+    """The raw bits of a float tensor (ours or torch's) as a torch integer tensor, for exact
+    comparisons (-0.0 differs from 0.0, NaNs compare by payload)."""
+    tt = (to_torch(t) if isinstance(t, ip.Tensor) else t).contiguous()
+    return tt.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tt.element_size()])
+
+
+def assert_bits_equal(got, want, what, reference="the separate ops'"):
+    """got and want (ours or torch's) of one shape and dtype with the same bits, else an
+    AssertionError saying `what` differs from `reference`."""
+    g, w = bits(got), bits(want)
+    assert g.shape == w.shape and g.dtype == w.dtype, what
+    assert torch.equal(g, w), f"{what} differs from {reference}"

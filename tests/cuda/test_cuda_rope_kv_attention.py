@@ -36,7 +36,7 @@ import torch
 import inference_pio as ip
 from inference_pio import ops
 
-from helpers import FLOAT_DTYPES, TORCH_DTYPES, assert_within, from_torch, to_torch
+from helpers import FLOAT_DTYPES, TORCH_DTYPES, assert_bits_equal, assert_within, bits, from_torch, to_torch
 
 pytestmark = pytest.mark.skipif(ip.cuda_device_count() == 0,
                                 reason="no GPU visible (CUDA not built in, or no driver/device)")
@@ -46,16 +46,6 @@ U = {ip.float32: U32, ip.float16: 2.0 ** -11, ip.bfloat16: 2.0 ** -8}
 TINY = {ip.float32: 2.0 ** -150, ip.float16: 2.0 ** -25, ip.bfloat16: 2.0 ** -134}
 NAMES = {ip.float32: "f32", ip.float16: "f16", ip.bfloat16: "bf16"}
 NORMS = [None, "row", "heads"]  # no norm, a weight [D], a weight per head [H, D]
-
-
-def bits(t):
-    tt = to_torch(t)
-    return tt.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tt.element_size()])
-
-
-def assert_bits_equal(got, want, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    assert torch.equal(bits(got), bits(want)), f"{what} differs from the separate GPU ops'"
 
 
 def assert_unchanged(got, before, what):

@@ -37,22 +37,12 @@ import inference_pio as ip
 from inference_pio import ops
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, TORCH_DTYPES, assert_within, from_torch, on_cuda, to_torch
+from helpers import FLOAT_DTYPES, TORCH_DTYPES, assert_bits_equal, assert_within, bits, from_torch, on_cuda, to_torch
 
 U32 = 2.0 ** -24
 NAMES = {ip.float32: "f32", ip.float16: "f16", ip.bfloat16: "bf16"}
 NORMS = [None, "row", "heads"]  # no norm (to_rope), a weight [D], a weight per head [H, D]
 OTHER = {ip.float32: ip.bfloat16, ip.float16: ip.float32, ip.bfloat16: ip.float16}
-
-
-def bits(t):
-    tt = to_torch(t)
-    return tt.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tt.element_size()])
-
-
-def assert_bits_equal(got, want, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    assert torch.equal(bits(got), bits(want)), f"{what} differs from the separate ops'"
 
 
 def inv_freq(R, theta=10000.0):

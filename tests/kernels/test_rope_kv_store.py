@@ -17,20 +17,10 @@ import inference_pio as ip
 from inference_pio import ops
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, TORCH_DTYPES, from_torch, on_cuda, randn, to_torch
+from helpers import FLOAT_DTYPES, assert_bits_equal, bits, from_torch, on_cuda, randn, to_torch
 
 NAMES = {ip.float32: "f32", ip.float16: "f16", ip.bfloat16: "bf16", None: "none"}
 NORMS = [None, "row", "heads"]  # no norm (to_rope), a weight [D], a weight per head [H, D]
-
-
-def bits(t):
-    tt = to_torch(t)
-    return tt.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tt.element_size()])
-
-
-def assert_bits_equal(got, want, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    assert torch.equal(bits(got), bits(want)), f"{what} differs from the separate ops'"
 
 
 def inv_freq(R, theta=10000.0):
