@@ -1,5 +1,6 @@
 // attention.cu - the paged KV cache on the GPU: storing new keys/values, and causal attention
-// over the cache for a flat varlen batch (prefill, chunked prefill and decode in one call).
+// over the cache for a flat varlen batch (prefill, chunked prefill and decode in one call); and
+// to_rope_kv_attention, the two with the rotation before them.
 //
 // Semantics are csrc/cpu/attention.c's (see its top comment and tensor_ops.h): sequence s owns
 // query rows cu_seqlens_q[s] .. cu_seqlens_q[s+1]; its i-th of n queries sits at position
@@ -16,6 +17,8 @@
 //    segments must be combined, the last segment of each (sequence, kv head) to finish combines
 //    them ("last block done": per-pair arrival counters that every launch leaves at zero, and a
 //    batch verdict from one checking block). See "decode path" below.
+//    to_rope_kv_attention runs the same kernel with the token's q/k norm, rotation and KV store
+//    done inside it, for a batch of one sequence ("fused" below).
 //  - general (anything else: prefill, chunked prefill, mixed batches, multi-query steps): a tiny
 //    planning kernel turns the values into a work list on the device, then:
 //

@@ -39,6 +39,8 @@
 #include "cuda/quant.cuh"
 #include "cpu/elementwise.h"
 
+#include <atomic>
+#include <math.h>
 #include <mma.h>
 #include <string.h>
 
@@ -416,18 +418,48 @@ int to_cuda_sm_count(int device_index) {
     return cached[device_index];
 }
 
+// gemv_stream_kernel for a's norm (none, or its weight in w's dtype or another)
+template <int MR, typename T, int KSPLIT>
+static void (*stream_kernel(const MatmulArgs &a))(MatmulArgs) {
+    if (!a.norm_w)
+        return gemv_stream_kernel<MR, T, KSPLIT, 0>;
+    return a.norm_dt == a.w_dt ? gemv_stream_kernel<MR, T, KSPLIT, 1> : gemv_stream_kernel<MR, T, KSPLIT, 2>;
+}
+
 template <int MR, typename T, int KSPLIT>
 static void launch_stream(const MatmulArgs &args, cudaStream_t stream) {
     MatmulArgs a = args;
     a.early_loads = gemv_early_loads();
     const int64_t groups = to_ceil_div(a.N, GV_ROWS);
     dim3 grid((unsigned)to_ceil_div(groups * KSPLIT, GEMV_WARPS)), block(32 * GEMV_WARPS);
-    if (!a.norm_w)
-        to_launch(gemv_stream_kernel<MR, T, KSPLIT, 0>, grid, block, 0, stream, a);
-    else if (a.norm_dt == a.w_dt)
-        to_launch(gemv_stream_kernel<MR, T, KSPLIT, 1>, grid, block, 0, stream, a);
-    else
-        to_launch(gemv_stream_kernel<MR, T, KSPLIT, 2>, grid, block, 0, stream, a);
+    to_launch(stream_kernel<MR, T, KSPLIT>(a), grid, block, 0, stream, a);
+}
+
+// Blocks of gemv_stream_kernel<MR, T, KSPLIT, a's norm> resident per multiprocessor (asked of the
+// runtime once per kernel).
+template <int MR, typename T, int KSPLIT>
+static int stream_resident(const MatmulArgs &a) {
+    static std::atomic<int> known[3];
+    const int norm = !a.norm_w ? 0 : a.norm_dt == a.w_dt ? 1 : 2;
+    int n = known[norm].load();
+    if (!n) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, stream_kernel<MR, T, KSPLIT>(a), 32 * GEMV_WARPS, 0)
+            != cudaSuccess || n < 1)
+            n = 1;
+        cudaGetLastError(); // a refused query is an answer, not an error for the next check
+        known[norm].store(n);
+    }
+    return n;
+}
+
+template <int MR, typename T>
+static int stream_resident(const MatmulArgs &a, int ksplit) {
+    switch (ksplit) {
+    case 1: return stream_resident<MR, T, 1>(a);
+    case 2: return stream_resident<MR, T, 2>(a);
+    case 4: return stream_resident<MR, T, 4>(a);
+    default: return stream_resident<MR, T, 8>(a);
+    }
 }
 
 template <int MR, typename T>
@@ -437,12 +469,28 @@ static void launch_gemv_stream_rows(const MatmulArgs &a, int device_index, cudaS
     // decode shapes: 2 per SM was up to 1.6x faster than 4 for short rows, every block reading all
     // of x; for K = 9728, 4 per SM was 1.3x faster than 2.)
     constexpr int VEC = 16 / sizeof(T);
-    const int64_t want = (a.K > 4096 ? 4 : 2) * (int64_t)to_cuda_sm_count(device_index);
+    const int sms = to_cuda_sm_count(device_index);
+    const int64_t want = (a.K > 4096 ? 4 : 2) * (int64_t)sms;
     const int64_t groups = to_ceil_div(a.N, GV_ROWS);
     int ksplit = 1;
     while (ksplit < GEMV_WARPS && to_ceil_div(groups * ksplit, GEMV_WARPS) < want &&
            a.K / VEC >= 32 * GV_GROUP * ksplit)
         ksplit *= 2;
+    // A product of more than one wave of blocks ends with a partial wave, which streams from few
+    // SMs: where a finer split fills that last wave clearly better (and each lane still has a
+    // whole group of loads per row), take it. (H200, 4B decode: gate_up 1 -> 2, down 4 -> 8; the
+    // step 3,510-3,522 -> 3,326-3,329 us. INFERENCE_PIO_GEMV_BALANCE=0 turns it off.)
+    static const bool balance = to_env_switch("INFERENCE_PIO_GEMV_BALANCE");
+    auto last_wave = [&](int ks) { // how full the last wave of blocks is, 0 .. 1
+        const double waves = (double)to_ceil_div(groups * ks, GEMV_WARPS) / (sms * stream_resident<MR, T>(a, ks));
+        return waves >= 1.0 ? waves / ceil(waves) : -1.0;
+    };
+    double full = last_wave(ksplit);
+    for (int ks = 2 * ksplit; balance && full > 0.0 && ks <= GEMV_WARPS && a.K / VEC >= 32 * GV_GROUP * ks; ks *= 2)
+        if (last_wave(ks) > 1.02 * full) {
+            full = last_wave(ks);
+            ksplit = ks;
+        }
     switch (ksplit) {
     case 1: launch_stream<MR, T, 1>(a, stream); break;
     case 2: launch_stream<MR, T, 2>(a, stream); break;
