@@ -91,3 +91,56 @@ def assert_bits_equal(got, want, what, reference="the separate ops'"):
     g, w = bits(got), bits(want)
     assert g.shape == w.shape and g.dtype == w.dtype, what
     assert torch.equal(g, w), f"{what} differs from {reference}"
+
+
+def hf_inv_freq(R, theta=10000.0):
+    """inv_freq as transformers computes it, in float32 (torch.float32 tensor [R/2])."""
+    return 1.0 / (theta ** (torch.arange(0, R, 2, dtype=torch.int64).to(torch.float32) / R))
+
+
+def rope_ref(x64, pos, inv32, R, interleaved, scaling):
+    """The rotation's float64 oracle: (reference, magnitude) [T, H, D] of x64 [T, H, D] at
+    positions pos (a torch int tensor [T]) with inv32 float32 [R/2]: angles float32(pos) * inv_freq
+    in float32 as transformers makes them, everything after in float64; magnitude is the sum of
+    the absolute terms (what an error bound scales with)."""
+    ang = pos.to(torch.float32)[:, None] * inv32[None, :]
+    emb = torch.cat([ang, ang], -1).to(torch.float64)
+    cos, sin = (torch.cos(emb) * scaling)[:, None, :], (torch.sin(emb) * scaling)[:, None, :]
+    xr = x64[..., :R]
+    if interleaved:
+        xr = torch.cat([xr[..., 0::2], xr[..., 1::2]], -1)
+    rot = torch.cat([-xr[..., R // 2:], xr[..., :R // 2]], -1)
+    ref = torch.cat([xr * cos + rot * sin, x64[..., R:]], -1)
+    mag = torch.cat([(xr * cos).abs() + (rot * sin).abs(), x64[..., R:].abs()], -1)
+    return ref, mag
+
+
+def paged_attention_ref(seqs, cu, bt, bs, q, eq, kc, ek, vc, scale):
+    """Causal attention's float64 oracle over a paged cache, with its error bound: (want, tol)
+    [T, Hq, D]. seqs [(queries, context)] own q rows cu[s] .. cu[s + 1] (q [T, Hq, D] float64,
+    each element known to within eq); the cache rows kc, vc [slots, Hkv, D] float64 (kc's within
+    ek), sequence s's keys at rows bt[s, p // bs] * bs + p % bs. tol: test_attention's f32 bound
+    (the scores to (D + 2) u, softmax and sum (2 L + 120) u) plus how far eq and ek can move a
+    score, twice (the max and the sum), times sum_l w_l |v_l|."""
+    T, Hq, D = q.shape
+    G = Hq // kc.shape[1]
+    U32 = 2.0 ** -24
+    want = torch.zeros(T, Hq, D, dtype=torch.float64)
+    tol = torch.zeros_like(want)
+    for s, (n, L) in enumerate(seqs):
+        if n == 0:
+            continue
+        p = torch.arange(L)
+        rows = bt[s, p // bs] * bs + p % bs
+        K, EK, V = (t[rows].repeat_interleave(G, 1) for t in (kc, ek, vc))  # [L, Hq, D]
+        r = slice(int(cu[s]), int(cu[s + 1]))
+        qs, es = q[r], eq[r]
+        hidden = (p[None, :] > torch.arange(L - n, L)[:, None])[:, None, :]  # [n, 1, L]: key past the query
+        w = (torch.einsum("nhd,lhd->nhl", qs, K) * scale).masked_fill(hidden, float("-inf")).softmax(-1)
+        e_s = abs(scale) * ((D + 2) * U32 * torch.einsum("nhd,lhd->nhl", qs.abs(), K.abs())
+                            + torch.einsum("nhd,lhd->nhl", es, K.abs() + EK)
+                            + torch.einsum("nhd,lhd->nhl", qs.abs(), EK))
+        e_s = e_s.masked_fill(hidden, 0).amax(-1, keepdim=True)
+        want[r] = torch.einsum("nhl,lhd->nhd", w, V)
+        tol[r] = (2 * e_s + (2 * L + 120) * U32) * torch.einsum("nhl,lhd->nhd", w, V.abs())
+    return want, tol

@@ -36,7 +36,8 @@ import torch
 import inference_pio as ip
 from inference_pio import ops
 
-from helpers import FLOAT_DTYPES, TORCH_DTYPES, assert_bits_equal, assert_within, bits, from_torch, to_torch
+from helpers import (FLOAT_DTYPES, TORCH_DTYPES, assert_bits_equal, assert_within, bits, from_torch,
+                     paged_attention_ref, rope_ref, to_torch)
 
 pytestmark = pytest.mark.skipif(ip.cuda_device_count() == 0,
                                 reason="no GPU visible (CUDA not built in, or no driver/device)")
@@ -149,15 +150,7 @@ class Layer:
         y = self.buf0[:, :H].to(torch.float64)
         if self.w0 is not None:
             y = y / torch.sqrt((y * y).mean(-1, keepdim=True) + self.eps) * self.w0.to(torch.float64)
-        ang = self.pos.to(torch.float32)[:, None] * self.inv0[None, :]
-        emb = torch.cat([ang, ang], -1).to(torch.float64)
-        cos, sin = (torch.cos(emb) * self.scaling)[:, None, :], (torch.sin(emb) * self.scaling)[:, None, :]
-        yr, R = y[..., :self.R], self.R
-        if self.interleaved:
-            yr = torch.cat([yr[..., 0::2], yr[..., 1::2]], -1)
-        rot = torch.cat([-yr[..., R // 2:], yr[..., :R // 2]], -1)
-        ref = torch.cat([yr * cos + rot * sin, y[..., R:]], -1)
-        mag = torch.cat([(yr * cos).abs() + (rot * sin).abs(), y[..., R:].abs()], -1)
+        ref, mag = rope_ref(y, self.pos, self.inv0, self.R, self.interleaved, self.scaling)
         E = 20 * U32 * mag + U[self.dtype] * ref.abs() + TINY[self.dtype]
         ct = TORCH_DTYPES[self.cache_dtype]
         kc = self.kc0.to(torch.float64).view(-1, Hkv, D).clone()
@@ -166,25 +159,8 @@ class Layer:
         k_tol = E[:, Hq:] + U[self.cache_dtype] * (ref[:, Hq:].abs() + E[:, Hq:]) + TINY[self.cache_dtype]
         kc[self.slots], ek[self.slots] = ref[:, Hq:], k_tol
         vc[self.slots] = self.buf0[:, H:].to(ct).to(torch.float64)
-        G = Hq // Hkv
-        want = torch.zeros(self.T, Hq, D, dtype=torch.float64)
-        tol = torch.zeros_like(want)
-        for s, (n, L) in enumerate(self.seqs):
-            if n == 0:
-                continue
-            p = torch.arange(L)
-            rows = self.bt[s, p // self.bs] * self.bs + p % self.bs
-            K, EK, V = (t[rows].repeat_interleave(G, 1) for t in (kc, ek, vc))
-            q, eq = ref[self.cu[s]:self.cu[s + 1], :Hq], E[self.cu[s]:self.cu[s + 1], :Hq]
-            hidden = (p[None, :] > torch.arange(L - n, L)[:, None])[:, None, :]
-            w = (torch.einsum("nhd,lhd->nhl", q, K) * self.scale).masked_fill(hidden, float("-inf")).softmax(-1)
-            e_s = abs(self.scale) * ((D + 2) * U32 * torch.einsum("nhd,lhd->nhl", q.abs(), K.abs())
-                                     + torch.einsum("nhd,lhd->nhl", eq, K.abs() + EK)
-                                     + torch.einsum("nhd,lhd->nhl", q.abs(), EK))
-            e_s = e_s.masked_fill(hidden, 0).amax(-1, keepdim=True)
-            rows_out = slice(int(self.cu[s]), int(self.cu[s + 1]))
-            want[rows_out] = torch.einsum("nhl,lhd->nhd", w, V)
-            tol[rows_out] = (2 * e_s + (2 * L + 120) * U32) * torch.einsum("nhl,lhd->nhd", w, V.abs())
+        want, tol = paged_attention_ref(self.seqs, self.cu, self.bt, self.bs, ref[:, :Hq], E[:, :Hq], kc, ek, vc,
+                                        self.scale)
         tol = tol + U[out_dtype] * (want.abs() + tol) + TINY[out_dtype]
         return (want, tol), (ref[:, Hq:], k_tol)
 

@@ -25,7 +25,7 @@ import inference_pio as ip
 from inference_pio import ops, runtime
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, from_torch, randn, strided, to_torch, assert_within
+from helpers import FLOAT_DTYPES, from_torch, hf_inv_freq, randn, rope_ref, strided, to_torch, assert_within
 
 
 U32 = 2.0 ** -24
@@ -40,25 +40,6 @@ def null(t):
 
 def c_rope(out, x, pos, inv, R, interleaved=0, scaling=1.0):
     check(ip.lib.to_rope(null(out), null(x), null(pos), null(inv), R, interleaved, scaling))
-
-
-def hf_inv_freq(R, theta=10000.0):
-    """inv_freq as transformers computes it, in float32 (torch.float32 tensor [R/2])."""
-    return 1.0 / (theta ** (torch.arange(0, R, 2, dtype=torch.int64).to(torch.float32) / R))
-
-
-def rope_ref(x64, pos, inv32, R, interleaved, scaling):
-    """(reference, magnitude) float64 [T, H, D]; pos a torch int tensor [T], inv32 float32 [R/2]."""
-    ang = pos.to(torch.float32)[:, None] * inv32[None, :]  # float32 product, like HF
-    emb = torch.cat([ang, ang], -1).to(torch.float64)
-    cos, sin = (torch.cos(emb) * scaling)[:, None, :], (torch.sin(emb) * scaling)[:, None, :]
-    xr = x64[..., :R]
-    if interleaved:
-        xr = torch.cat([xr[..., 0::2], xr[..., 1::2]], -1)
-    rot = torch.cat([-xr[..., R // 2:], xr[..., :R // 2]], -1)
-    ref = torch.cat([xr * cos + rot * sin, x64[..., R:]], -1)
-    mag = torch.cat([(xr * cos).abs() + (rot * sin).abs(), x64[..., R:].abs()], -1)
-    return ref, mag
 
 
 def assert_close(out, ref, mag, out_dtype):

@@ -37,32 +37,13 @@ import inference_pio as ip
 from inference_pio import ops
 from inference_pio._lib import check
 
-from helpers import FLOAT_DTYPES, TORCH_DTYPES, assert_bits_equal, assert_within, bits, from_torch, on_cuda, to_torch
+from helpers import (FLOAT_DTYPES, TORCH_DTYPES, assert_bits_equal, assert_within, bits, from_torch, hf_inv_freq,
+                     on_cuda, paged_attention_ref, rope_ref, to_torch)
 
 U32 = 2.0 ** -24
 NAMES = {ip.float32: "f32", ip.float16: "f16", ip.bfloat16: "bf16"}
 NORMS = [None, "row", "heads"]  # no norm (to_rope), a weight [D], a weight per head [H, D]
 OTHER = {ip.float32: ip.bfloat16, ip.float16: ip.float32, ip.bfloat16: ip.float16}
-
-
-def inv_freq(R, theta=10000.0):
-    """HF's inv_freq, float32 torch [R / 2]."""
-    return 1.0 / (theta ** (torch.arange(0, R, 2, dtype=torch.int64).to(torch.float32) / R))
-
-
-def rope_ref(y64, pos, inv32, R, interleaved, scaling):
-    """(rotated, magnitude) float64, as test_rope.py's oracle: angles float32(pos) * inv_freq in
-    float32, everything after in float64."""
-    ang = pos.to(torch.float32)[:, None] * inv32[None, :]
-    emb = torch.cat([ang, ang], -1).to(torch.float64)
-    cos, sin = (torch.cos(emb) * scaling)[:, None, :], (torch.sin(emb) * scaling)[:, None, :]
-    yr = y64[..., :R]
-    if interleaved:
-        yr = torch.cat([yr[..., 0::2], yr[..., 1::2]], -1)
-    rot = torch.cat([-yr[..., R // 2:], yr[..., :R // 2]], -1)
-    ref = torch.cat([yr * cos + rot * sin, y64[..., R:]], -1)
-    mag = torch.cat([(yr * cos).abs() + (rot * sin).abs(), y64[..., R:].abs()], -1)
-    return ref, mag
 
 
 class Case:
@@ -109,7 +90,7 @@ class Case:
         if norm is not None:
             shape = (D,) if norm == "row" else (H, D)
             self.w0 = torch.randn(*shape, generator=gen, dtype=torch.float64).to(TORCH_DTYPES[w_dtype])
-        self.inv0 = inv_freq(self.R)
+        self.inv0 = hf_inv_freq(self.R)
         idx = lambda x: from_torch(x.to(index_dtype))  # noqa: E731
         self.positions, self.slot_mapping = idx(self.pos), idx(self.slots)
         self.cu_t, self.ctx_t, self.bt_t = idx(self.cu), idx(self.ctx), idx(bt)
@@ -174,24 +155,8 @@ class Case:
         ek = torch.zeros_like(kc64)
         kc64[self.slots], ek[self.slots] = ref[:, Hq:], E[:, Hq:]
         vc64[self.slots] = self.buf0[:, H:].to(torch.float64)
-        G = Hq // Hkv
-        want = torch.zeros(self.T, Hq, D, dtype=torch.float64)
-        tol = torch.zeros_like(want)
-        for s, (n, L) in enumerate(self.seqs):
-            if n == 0:
-                continue
-            p = torch.arange(L)
-            rows = self.bt[s, p // self.bs] * self.bs + p % self.bs
-            K, EK, V = (t[rows].repeat_interleave(G, 1) for t in (kc64, ek, vc64))  # [L, Hq, D]
-            q, eq = ref[self.cu[s]:self.cu[s + 1], :Hq], E[self.cu[s]:self.cu[s + 1], :Hq]
-            hidden = (p[None, :] > torch.arange(L - n, L)[:, None])[:, None, :]  # [n, 1, L]: key past the query
-            w = (torch.einsum("nhd,lhd->nhl", q, K) * self.scale).masked_fill(hidden, float("-inf")).softmax(-1)
-            absdot = torch.einsum("nhd,lhd->nhl", q.abs(), K.abs()) * abs(self.scale)
-            moved = abs(self.scale) * (torch.einsum("nhd,lhd->nhl", eq, K.abs() + EK)
-                                       + torch.einsum("nhd,lhd->nhl", q.abs(), EK))
-            e_s = ((D + 2) * U32 * absdot + moved).masked_fill(hidden, 0).amax(-1, keepdim=True)
-            want[self.cu[s]:self.cu[s + 1]] = torch.einsum("nhl,lhd->nhd", w, V)
-            tol[self.cu[s]:self.cu[s + 1]] = (2 * e_s + (2 * L + 120) * U32) * torch.einsum("nhl,lhd->nhd", w, V.abs())
+        want, tol = paged_attention_ref(self.seqs, self.cu, self.bt, self.bs, ref[:, :Hq], E[:, :Hq],
+                                        kc64, ek, vc64, self.scale)
         assert_within(to_torch(out).to(torch.float64), want, tol + 2.0 ** -150)
         # and the caches: the rotated new keys (f32) within E_k of the float64 rotation, v exactly,
         # at the slots; every other row as it was
@@ -305,7 +270,7 @@ class Small:
         buf = from_torch(torch.randn(T, H + Hkv, D, generator=gen))
         self.args = dict(
             out=ip.Tensor.full((T, self.Hq, D), 7.0), qk=buf.narrow(1, 0, H),
-            w=ip.Tensor.full((D,), 1.0), pos=i64(2, 4, 5, 0), inv=from_torch(inv_freq(D)), R=D,
+            w=ip.Tensor.full((D,), 1.0), pos=i64(2, 4, 5, 0), inv=from_torch(hf_inv_freq(D)), R=D,
             v=buf.narrow(1, H, Hkv), kc=from_torch(torch.randn(self.nb, self.bs, Hkv, D, generator=gen)),
             vc=from_torch(torch.randn(self.nb, self.bs, Hkv, D, generator=gen)), slots=i64(2, 8, 9, 10),
             cu=i64(0, 1, 3, 4), ctx=i64(3, 6, 1), bt=i64(0, 1, -1, 2, 3, 4, 5, 10 ** 6, -1).view(3, 3))
