@@ -338,3 +338,28 @@ def test_slot_not_its_positions_is_reported(gen, kind):
     assert_unchanged(buf.cpu(), layer.buf0, "the qkv buffer")
     # reported once; a good call right after gives the two ops' bits
     layer.check_same()
+
+
+@pytest.mark.parametrize("kind", ["block", "context"])
+def test_bad_batch_in_the_one_kernel(gen, kind):
+    """A bad batch in the one kernel's case (T = S = 1): a block of the context outside the caches
+    (not the token's own block), or a context shorter than its query. The next synchronisation
+    raises attention's batch error, out was not written, qk never is; the GPU works on."""
+    layer = Layer(gen, [(1, 50)], 8, 2, 128, norm="heads")
+    pos, inv, slots, cu, ctx, bt, w = layer.inputs("cuda")
+    if kind == "block":
+        bad_bt = layer.bt.clone()
+        bad_bt[0, 0] = 10 ** 6
+        bt = from_torch(bad_bt, "cuda")
+        message = r"to_paged_attention: sequence 0: block_tables holds a block outside"
+    else:
+        ctx = from_torch(torch.tensor([0], dtype=torch.int64), "cuda")
+        message = r"to_paged_attention: sequence 0: context_lens is less than its queries"
+    qk, v, kc, vc, buf = layer.fresh("cuda")
+    out = ip.Tensor.full((1, 8, 128), 7.0, dtype=ip.bfloat16, device="cuda")
+    layer.call(True, qk, v, kc, vc, out, (pos, inv, slots, cu, ctx, bt, w))
+    with pytest.raises(ip.TensorOpsError, match=message):
+        out.cpu()
+    assert torch.equal(to_torch(out), torch.full((1, 8, 128), 7.0, dtype=torch.bfloat16))
+    assert_unchanged(buf.cpu(), layer.buf0, "the qkv buffer")
+    layer.check_same()
