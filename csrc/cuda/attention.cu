@@ -1635,9 +1635,7 @@ int plan_decode(const AttnArgs &a, int64_t S, int64_t Hq, int64_t Hkv, int64_t D
     if (!kernel)
         return to_fail(TO_ERR_DTYPE, "to_paged_attention: cache dtype %s has no CUDA kernel",
                        to_dtype_name(cache_dtype));
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1)
-        sms = 132;
+    const int sms = to_cuda_sm_count(dev);
     const int64_t resident = (G > 4 ? 2 : 3) * (int64_t)sms;
     int64_t splits = 1;
     if (2 * S * Hkv <= resident) {
@@ -1731,9 +1729,7 @@ int to_cuda_paged_attention(const to_tensor *out, const to_tensor *q, const to_t
     cudaStream_t stream = to_cuda_stream(dev);
     if (!stream)
         return TO_ERR_CUDA;
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1)
-        sms = 132;
+    const int sms = to_cuda_sm_count(dev);
     const int64_t max_len = max_blocks * bs; // the longest context block_tables can describe
 
     AttnArgs a;

@@ -42,6 +42,9 @@ enum { TO_GPU_BATCH_CU = 1, TO_GPU_BATCH_CONTEXT = 2, TO_GPU_BATCH_TABLE = 3, TO
 // The error word of GPU `device_index` (4 x u64: code, a, b, c), allocated zeroed on first use.
 unsigned long long *to_cuda_error_word(int device_index);
 
+// Multiprocessors of GPU device_index (asked once, then cached; 132 if the query fails).
+__attribute__((visibility("hidden"))) int to_cuda_sm_count(int device_index);
+
 __device__ __forceinline__ void to_gpu_error(unsigned long long *word, int code, long long a, long long b,
                                              long long c) {
     if (atomicCAS(word, 0ull, (unsigned long long)code) == 0ull) { // the first error is kept

@@ -229,6 +229,19 @@ static int take_error(int device_index, cudaStream_t stream) {
     return gpu_error(w);
 }
 
+int to_cuda_sm_count(int device_index) {
+    static int cached[64];
+    if (device_index < 0 || device_index >= 64)
+        return 132;
+    if (!cached[device_index]) {
+        int v = 0;
+        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess || v <= 0)
+            v = 132;
+        cached[device_index] = v;
+    }
+    return cached[device_index];
+}
+
 int to_cuda_check_launch(const char *op) {
     cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? TO_OK : cuda_fail(err, op);

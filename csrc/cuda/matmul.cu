@@ -405,19 +405,6 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
     gemv_rows_finish<MR, R, NORM != 0>(a, acc, ss, partial, KSPLIT, warp, lane, n0, ok);
 }
 
-int to_cuda_sm_count(int device_index) {
-    static int cached[64];
-    if (device_index < 0 || device_index >= 64)
-        return 132;
-    if (!cached[device_index]) {
-        int v = 0;
-        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess || v <= 0)
-            v = 132;
-        cached[device_index] = v;
-    }
-    return cached[device_index];
-}
-
 // gemv_stream_kernel for a's norm (none, or its weight in w's dtype or another)
 template <int MR, typename T, int KSPLIT>
 static void (*stream_kernel(const MatmulArgs &a))(MatmulArgs) {
@@ -486,11 +473,13 @@ static void launch_gemv_stream_rows(const MatmulArgs &a, int device_index, cudaS
         return waves >= 1.0 ? waves / ceil(waves) : -1.0;
     };
     double full = last_wave(ksplit);
-    for (int ks = 2 * ksplit; balance && full > 0.0 && ks <= GEMV_WARPS && a.K / VEC >= 32 * GV_GROUP * ks; ks *= 2)
-        if (last_wave(ks) > 1.02 * full) {
-            full = last_wave(ks);
+    for (int ks = 2 * ksplit; balance && full > 0.0 && ks <= GEMV_WARPS && a.K / VEC >= 32 * GV_GROUP * ks; ks *= 2) {
+        const double f = last_wave(ks);
+        if (f > 1.02 * full) {
+            full = f;
             ksplit = ks;
         }
+    }
     switch (ksplit) {
     case 1: launch_stream<MR, T, 1>(a, stream); break;
     case 2: launch_stream<MR, T, 2>(a, stream); break;

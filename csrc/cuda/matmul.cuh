@@ -200,9 +200,6 @@ __device__ __forceinline__ void gemv_rows_finish(const MatmulArgs &a, float (&ac
 __attribute__((visibility("hidden"))) int to_cuda_gemm_skinny(const MatmulArgs &a, int device_index,
                                                               cudaStream_t stream);
 
-// Multiprocessors of GPU device_index (cached; 132 if the query fails).
-__attribute__((visibility("hidden"))) int to_cuda_sm_count(int device_index);
-
 // The Hopper GEMM (gemm_sm90.cu): x and w both bf16 or both f16, out overwritten (a.accumulate
 // is not read). Returns 1 when it launched the product on `stream`, 0 when this GPU, build or
 // shape is not one it handles (the caller then uses its own kernels); launch errors are left for
