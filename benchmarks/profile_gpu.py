@@ -5,8 +5,11 @@ launched in the process, ours included, inside CUDA graphs too), summed per kern
     python benchmarks/profile_gpu.py [--model 0.6b] [--steps 8] [--batch 1] [--eager] [--timeline]
 
 --timeline also prints the last decode step kernel by kernel: its start from the step's first
-kernel, its duration and the idle gap before it (negative: it overlapped the previous kernel,
-programmatic dependent launch), then the step's GPU time per kernel family.
+kernel, its duration, the idle gap before it (negative: it overlapped the previous kernel,
+programmatic dependent launch) and what it added to the step (its end past every earlier end),
+then per kernel family the step's GPU time and the time it added. With programmatic launches the
+durations overlap (a kernel's blocks wait for the previous kernel inside it), so "added" is the
+figure that sums to the step.
 """
 import json
 import os
@@ -85,15 +88,18 @@ def print_timeline(prof):
     t0, prev_end = step[0]["ts"], step[0]["ts"]
     families = {}
     print(f"last decode step: {len(step)} kernels, {step[-1]['ts'] + step[-1]['dur'] - t0:.1f} us first start to last end")
-    print(f"{'start':>9} {'dur':>7} {'gap':>6}  kernel")
+    print(f"{'start':>9} {'dur':>7} {'gap':>6} {'added':>6}  kernel")
     for e in step:
         name = short_name(e["name"])
-        print(f"{e['ts'] - t0:9.1f} {e['dur']:7.1f} {e['ts'] - prev_end:6.1f}  {name}")
-        prev_end = max(prev_end, e["ts"] + e["dur"])
-        families[name] = families.get(name, 0.0) + e["dur"]
-    print("per kernel family (us per step):")
-    for name, us in sorted(families.items(), key=lambda kv: -kv[1]):
-        print(f"  {us:8.1f}  {name}")
+        end = e["ts"] + e["dur"]
+        added = max(0.0, end - prev_end)
+        print(f"{e['ts'] - t0:9.1f} {e['dur']:7.1f} {e['ts'] - prev_end:6.1f} {added:6.1f}  {name}")
+        prev_end = max(prev_end, end)
+        dur, add, n = families.get(name, (0.0, 0.0, 0))
+        families[name] = (dur + e["dur"], add + added, n + 1)
+    print("per kernel family (us per step: time, added, launches):")
+    for name, (us, add, n) in sorted(families.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {us:8.1f} {add:8.1f} {n:4d}  {name}")
 
 
 def short_name(name):

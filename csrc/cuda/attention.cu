@@ -651,9 +651,9 @@ int launch_attn_dtype(const AttnArgs &a, int cache_dtype, dim3 grid, cudaStream_
 //    counters' array only needs zeroing once, when it is made.
 //  - cluster (a batch of one sequence: batch-1 decode): the segments of a kv head are the blocks
 //    of one thread-block cluster (at most kClusterMax, the largest of which the GPU holds every
-//    kv head's at once). Each leaves its partial in its own
-//    shared memory, and after a cluster barrier every block merges a share of the outputs from
-//    all of them through distributed shared memory (cluster_merge): no partials through the L2,
+//    kv head's at once). Each sends every block its partial of that block's share of the
+//    outputs through distributed shared memory, and after a cluster barrier every block merges
+//    its share (ClusterInbox, cluster_merge): no partials through the L2,
 //    no fences, counters or checking block (BENCHMARKS.md, seventh pass: what it saves). Checks:
 //    done in one pass, the sequence is checked on the way (its lengths by every block, its table
 //    entries by the segment that looks them up, the verdict at the merge); in several (G > 8, or
@@ -977,35 +977,78 @@ __device__ __forceinline__ uint4 load_cache16(const void *p, bool coherent) {
     return coherent ? __ldcg(q) : __ldg(q);
 }
 
-// Cluster mode, after a pass over rows r0 .. r0 + nr of sequence s (first q row b) and kv head g:
-// every block of the cluster (block rank = segment) holds its segment's partial in shared memory,
-// acc[r][d] (not yet divided), m[r] and l[r], and whether a table entry it looked up was bad. Block
-// `split` merges its share of the pass's nr * D outputs, reading the first `filled` segments'
-// partials through distributed shared memory in segment order (deterministic), and writes them,
-// unless a segment saw a bad entry (then rank 0 records the error and nothing is written). The
-// second barrier keeps every block's shared memory until the others have read it.
+// Cluster mode's merge: block `split` of a kv head's cluster merges a share of each pass's nr * D
+// outputs, per = ceil(nr * D / splits) of them (outputs split * per .. ). Every segment sends each
+// block its partial of that block's share, its m and l of the pass's rows and whether it looked up
+// a bad table entry, into slot j = its own rank of that block's inbox: stores to distributed
+// shared memory, which need no round trip. After the cluster barrier each block merges from its
+// own shared memory. (The first version had each block read the others' partials instead: those
+// loads through the cluster took 3 of a 0.6B layer's 13 us of attention, 6 of 4B's 18.)
 template <int DMAX, int RMAX>
-__device__ __noinline__ void cluster_merge(const AttnArgs &a, int s, int64_t b, int g, int r0, int nr, int split,
-                                           int filled, float (*acc)[DMAX], const float *m, const float *l,
-                                           const int *seg_bad) {
+struct ClusterInbox {
+    float acc[RMAX * DMAX + kClusterMax]; // [splits][per]: slot j's values of this block's share
+    float m[kClusterMax][RMAX], l[kClusterMax][RMAX];
+    int bad[kClusterMax];
+};
+
+// This segment's m and l of rows 0 .. nr and its bad flag, to every block of the cluster (every
+// thread calls it: thread i sends row i % RMAX to block i / RMAX).
+template <int DMAX, int RMAX>
+__device__ __forceinline__ void cluster_send_rows(ClusterInbox<DMAX, RMAX> *inbox, int split, int splits, int nr,
+                                                  const float *m, const float *l, int bad) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
+    static_assert(kClusterMax * RMAX <= kDecThreads, "a thread per (block, row)");
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    const int dest = threadIdx.x / RMAX, r = threadIdx.x % RMAX;
+    if (dest >= splits || r >= nr)
+        return;
+    ClusterInbox<DMAX, RMAX> *to = cluster.map_shared_rank(inbox, dest);
+    to->m[split][r] = m[r];
+    to->l[split][r] = l[r];
+    if (r == 0)
+        to->bad[split] = bad;
+#endif
+}
+
+// This segment's partial x of output i (of n = nr * D) to the block whose share holds it.
+template <int DMAX, int RMAX>
+__device__ __forceinline__ void cluster_send(ClusterInbox<DMAX, RMAX> *inbox, int split, int splits, int n, int i,
+                                             float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const int per = (n + splits - 1) / splits, dest = i / per;
+    *cooperative_groups::this_cluster().map_shared_rank(&inbox->acc[split * per + i - dest * per], dest) = x;
+#endif
+}
+
+// After the sends of a pass over rows r0 .. r0 + nr of sequence s (first q row b) and kv head g:
+// the barrier, then block `split` merges its share from the first `filled` slots (the segments
+// that hold keys) in slot order (deterministic) and writes it, unless a segment saw a bad entry
+// (then rank 0 records the error and nothing is written). Before another pass, a second barrier
+// keeps its sends from overwriting an inbox still being read. (Inlined, so that the inbox is read
+// as shared memory and a's fields from the constant bank: as a called function, with generic
+// loads, the merge of a 4B layer's attention took ~2 us.)
+template <int DMAX, int RMAX>
+__device__ __forceinline__ void cluster_merge(const AttnArgs &a, int s, int64_t b, int g, int r0, int nr, int split,
+                                              int filled, const ClusterInbox<DMAX, RMAX> &inbox, bool last_pass) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
     cluster.sync();
     bool bad = false;
-    for (int j = 0; j < filled; j++)
-        bad |= *cluster.map_shared_rank(seg_bad, j) != 0;
+#pragma unroll
+    for (int j = 0; j < kClusterMax; j++)
+        bad |= j < filled && inbox.bad[j] != 0;
     if (bad) {
         if (split == 0 && threadIdx.x == 0)
             report_bad_sequence(a, s);
     } else {
-        const int n = nr * a.D, per = (n + a.splits - 1) / a.splits, end = min(n, (split + 1) * per);
-        for (int i = split * per + (int)threadIdx.x; i < end; i += kDecThreads) {
-            const int r = i / a.D, d = i % a.D;
+        const int D = a.D, n = nr * D, per = (n + a.splits - 1) / a.splits, first = split * per;
+        const int end = min(n, first + per);
+        for (int i = first + (int)threadIdx.x; i < end; i += kDecThreads) {
+            const int r = i / D, d = i % D;
             float mj[kClusterMax], mx = -INFINITY;
 #pragma unroll
-            for (int j = 0; j < kClusterMax; j++) { // all loads first
-                mj[j] = j < filled ? *cluster.map_shared_rank(m + r, j) : -INFINITY;
+            for (int j = 0; j < kClusterMax; j++) {
+                mj[j] = j < filled ? inbox.m[j][r] : -INFINITY;
                 mx = fmaxf(mx, mj[j]);
             }
             float x = 0.0f, sum = 0.0f;
@@ -1013,8 +1056,8 @@ __device__ __noinline__ void cluster_merge(const AttnArgs &a, int s, int64_t b, 
             for (int j = 0; j < kClusterMax; j++) {
                 const float w = mj[j] == -INFINITY ? 0.0f : exp2f(mj[j] - mx);
                 if (w != 0.0f) {
-                    x += w * *cluster.map_shared_rank(&acc[r][d], j);
-                    sum += w * *cluster.map_shared_rank(l + r, j);
+                    x += w * inbox.acc[j * per + i - first];
+                    sum += w * inbox.l[j][r];
                 }
             }
             const int rr = r0 + r;
@@ -1022,7 +1065,8 @@ __device__ __noinline__ void cluster_merge(const AttnArgs &a, int s, int64_t b, 
             to_store(a.out, a.out_dtype, t * a.os0 + h * a.os1 + d * a.os2, x / sum);
         }
     }
-    cluster.sync();
+    if (!last_pass)
+        cluster.sync();
 #endif
 }
 
@@ -1042,6 +1086,7 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
     const FusedSmem<DMAX, RMAX> fsm(sBuf, &sSlot);
     __shared__ float sM[NG][RMAX], sL[NG][RMAX], sRowL[RMAX];
     __shared__ int sSegBad;                          // a key's table entry is outside the caches
+    __shared__ ClusterInbox<DMAX, RMAX> sInbox;      // cluster mode: what the segments send this block
     const int tid = threadIdx.x, li = tid % L, gi = tid / L;
     const int G = a.G, D = a.D;
     // (computed here, not in the kernel and passed in: that way ptxas spilled more registers
@@ -1280,6 +1325,8 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
             sRowL[tid] = lsum;
         }
         __syncthreads();
+        if (a.cluster)
+            cluster_send_rows<DMAX, RMAX>(&sInbox, split, a.splits, nr, sM[0], sRowL, sSegBad);
         for (int i = tid; i < nr * D; i += kDecThreads) {
             const int r = i / D, d = i % D, rr = r0 + r;
             float x = 0.0f;
@@ -1287,7 +1334,7 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
                 x += sL[j][r] * sAcc[j][r][d];
             const int64_t t = b + rr / G, h = (int64_t)g * G + rr % G;
             if (a.cluster) { // the block's partial, merged by the cluster below
-                sAcc[0][r][d] = x;
+                cluster_send<DMAX, RMAX>(&sInbox, split, a.splits, nr * D, i, x);
             } else if (!a.merge) { // l >= 1: the row's own position is among its keys
                 to_store(a.out, a.out_dtype, t * a.os0 + h * a.os1 + d * a.os2, x * (1.0f / sRowL[r]));
             } else {
@@ -1298,7 +1345,7 @@ __device__ __forceinline__ void decode_segment(const AttnArgs &a, long long *sSc
             }
         }
         if (a.cluster)
-            cluster_merge<DMAX, RMAX>(a, s, b, g, r0, nr, split, filled, sAcc[0], sM[0], sRowL, &sSegBad);
+            cluster_merge<DMAX, RMAX>(a, s, b, g, r0, nr, split, filled, sInbox, r0 + RMAX >= rows);
     }
 }
 

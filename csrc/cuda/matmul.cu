@@ -282,14 +282,18 @@ static void launch_gemv_float(const MatmulArgs &a, bool aligned16, cudaStream_t 
 // multiple of the 16-byte vector, x f32 with unit stride and 16-byte aligned rows (the model's
 // activations). Differences from gemv_kernel above, all aimed at having as many weight bytes in
 // flight as early as possible, which is what a small GEMV's time is made of:
-//  - before waiting for the previous kernel, each warp asks the L2 to prefetch its rows and
-//    issues its first group of loads (weights: nothing a kernel of the step writes), and the block
-//    lets the next kernel launch at once (to_pdl_trigger first), so the DRAM latency of the first
-//    loads overlaps the previous kernel's tail, and the next kernel's this one's (H200, decode
-//    step graph replay, same build: 0.6B 1,035-1,043 -> 943-945 us, 4B 3,738-3,751 -> 3,620 us).
-//    INFERENCE_PIO_GEMV_EARLY=0 turns it off. It is a run-time flag on purpose: built with the
-//    early loads unconditional, the kernel measured no faster on the 0.6B shapes than without them
-//    (the compiler is free to sink a read-only load past the wait, and apparently did);
+//  - before waiting for the previous kernel, each warp issues its first group of loads (weights:
+//    nothing a kernel of the step writes), and the block lets the next kernel launch at once
+//    (to_pdl_trigger first), so the DRAM latency of the first loads overlaps the previous
+//    kernel's tail, and the next kernel's this one's (H200, decode step graph replay, same build:
+//    0.6B 1,035-1,043 -> 943-945 us, 4B 3,738-3,751 -> 3,620 us). INFERENCE_PIO_GEMV_EARLY=0
+//    turns it off. It is a run-time flag on purpose: built with the early loads unconditional, the
+//    kernel measured no faster on the 0.6B shapes than without them (the compiler is free to sink
+//    a read-only load past the wait, and apparently did). It no longer asks the L2 to prefetch
+//    its whole rows as well: with the early launches, the blocks that became resident during the
+//    decode attention flooded the DRAM queues with their rows, and the attention's own loads
+//    waited behind them (H200, step graph replay, same build: 4B 3,255-3,262 -> 3,125-3,126 us,
+//    0.6B 826 -> 820);
 //  - a warp owns GV_ROWS consecutive rows and each lane issues GV_GROUP 16-byte loads of each
 //    before using any (8 in flight per lane), and every x value it reads serves GV_ROWS rows;
 //  - x is read straight from global memory (L1/L2 hits after the first warp), so there is no
@@ -334,8 +338,6 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
     }
     if (a.early_loads)
         to_pdl_trigger();
-    if (part == 0 && lane < R && n0 + lane < a.N)
-        prefetch_l2(a.w + (n0 + lane) * a.w_row_bytes, (uint32_t)(nvec * 16));
     const int j0 = part * 32 + lane;
     uint4 wv[G][R];
     auto load_group = [&](int j) {

@@ -114,8 +114,10 @@ template <int N> __device__ __forceinline__ void cp_wait() {
 }
 
 // Asks the L2 to fetch [p, p + bytes) (16-byte aligned, a multiple of 16 bytes) ahead of the loads:
-// the GEMVs issue it for their weight rows before to_pdl_wait() (safe whatever the previous kernel
-// writes: the L2 is coherent), so the DRAM latency overlaps that kernel's tail. sm_90+; a no-op before.
+// the quantized GEMV and the batched-decode product issue it for their weight rows before
+// to_pdl_wait() (safe whatever the previous kernel writes: the L2 is coherent), so the DRAM latency
+// overlaps that kernel's tail. (The float GEMV no longer does: matmul.cu says why.) sm_90+; a no-op
+// before.
 __device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
