@@ -19,7 +19,11 @@
 // Work: a block owns 64 weight rows (4 groups of 16) and a range of K, which it takes in slabs of
 // 256 k; its 8 warps are the 4 row groups x the 2 halves of each slab. Each warp issues its first
 // slab's weight loads before waiting for the previous kernel (weights never depend on it) and the
-// next slab's before its mma's on this one, while the block copies x's slab after next into a
+// next slab's before its mma's on this one, evict-first (ld.global.cs: read once per step, they
+// should not push the activations and the KV cache out of the L2; and, as for the float GEMV
+// (matmul.cu), no L2 prefetch of the block's rows: H200, bench_gpu.py 0.6B batch 32, one build
+// with both as switches: 12,059-12,071 tok/s with them as before, 12,549 without the prefetch and
+// with evict-first loads), while the block copies x's slab after next into a
 // shared-memory buffer with cp.async (two buffers; with the norm, the norm weight's slab too and
 // each row's sum of squares gathered from the staged values). When N alone gives too few blocks
 // to fill the GPU, K is split further over a thread-block cluster (sm_90, up to 8 blocks, no more
@@ -169,7 +173,7 @@ __global__ void __launch_bounds__(SK_THREADS) gemm_skinny_kernel(const __grid_co
             if (u * SK_CHUNK < half)
 #pragma unroll
                 for (int r = 0; r < 2; r++)
-                    v[u][r] = __ldg((const uint4 *)(wrow[r] + (int64_t)(s * SK_SLAB + part * half + u * SK_CHUNK) * sizeof(T)));
+                    v[u][r] = __ldcs((const uint4 *)(wrow[r] + (int64_t)(s * SK_SLAB + part * half + u * SK_CHUNK) * sizeof(T)));
     };
     auto stage = [&](int s) { // slab s of x (rows past M: zeros) and of the norm weight, into buffer s % 2
         char *buf = smem + (s % 2) * L.slab_bytes;
@@ -188,10 +192,6 @@ __global__ void __launch_bounds__(SK_THREADS) gemm_skinny_kernel(const __grid_co
         cp_commit();
     };
 
-    // the block's weight rows over its k range asked of the L2 ahead of the slabs' loads (H200,
-    // 0.6B shapes at 32 rows: 2-4 % faster)
-    if (threadIdx.x < SK_ROWS && n0 + threadIdx.x < a.N)
-        prefetch_l2(a.w + (n0 + threadIdx.x) * a.w_row_bytes + k0 * (int64_t)sizeof(T), (uint32_t)(kb * sizeof(T)));
     uint4 win[SK_WINDOW][2];
     if (a.early_loads) // (a run-time flag, as in gemv_stream_kernel: matmul.cu says why)
         load_weights(0, win);
