@@ -335,6 +335,9 @@ __global__ void __launch_bounds__(32 * QV_WARPS, 3) gemv_quant_kernel(MatmulArgs
     for (int i = 0; i < S - 1; i++)
         issue(part + (int64_t)i * ksplit, i);
     to_pdl_wait();
+    RowsAddends<MR, R> add;
+    if (part == 0 && lane == 0)
+        add.load(a, n0, ok);
 
     float acc[MR][R] = {}, ss[MR] = {};
     int st = 0;
@@ -391,7 +394,7 @@ __global__ void __launch_bounds__(32 * QV_WARPS, 3) gemv_quant_kernel(MatmulArgs
     }
     cp_wait<0>(); // (only empty groups can be left, but leave nothing in flight)
 
-    gemv_rows_finish<MR, R, NORM>(a, acc, ss, partial, ksplit, warp, lane, n0, ok);
+    gemv_rows_finish<MR, R, NORM>(a, acc, ss, partial, ksplit, warp, lane, n0, ok, add);
 }
 
 // ---------------------------------------------------------------------------------------------

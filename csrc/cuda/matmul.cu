@@ -302,6 +302,8 @@ static void launch_gemv_float(const MatmulArgs &a, bool aligned16, cudaStream_t 
 //    3,133 -> 3,030);
 //  - x is read straight from global memory (L1/L2 hits after the first warp), so there is no
 //    staging pass and no barrier;
+//  - what the epilogue adds (the bias, and for to_matmul_add out's old values) is loaded right
+//    after the wait by the lane that stores (RowsAddends, matmul.cuh), not after the products;
 //  - KSPLIT warps share a row pair (interleaved 16-byte columns) when N alone gives too few
 //    blocks to cover the GPU, their partial sums meeting in shared memory.
 // (Measured on the H200 over Qwen3-0.6B/4B layer shapes streamed from DRAM, benchmarks/
@@ -356,6 +358,9 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
     to_pdl_wait();
     if (!a.early_loads)
         to_pdl_trigger();
+    RowsAddends<MR, R> add;
+    if (part == 0 && lane == 0)
+        add.load(a, n0, ok);
 
     // NORM (to_rms_norm_matmul): out = rinv * sum_k w[k] (x[k] g[k]) with rinv from the sum of
     // squares of x, which the warps of a row group gather from the x values they read anyway: the
@@ -408,7 +413,7 @@ __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs
         }
     }
 
-    gemv_rows_finish<MR, R, NORM != 0>(a, acc, ss, partial, KSPLIT, warp, lane, n0, ok);
+    gemv_rows_finish<MR, R, NORM != 0>(a, acc, ss, partial, KSPLIT, warp, lane, n0, ok, add);
 }
 
 // gemv_stream_kernel for a's norm (none, or its weight in w's dtype or another)
