@@ -19,13 +19,12 @@
 // Work: a block owns 64 weight rows (4 groups of 16) and a range of K, which it takes in slabs of
 // 256 k; its 8 warps are the 4 row groups x the 2 halves of each slab. Each warp issues its first
 // slab's weight loads before waiting for the previous kernel (weights never depend on it) and the
-// next slab's before its mma's on this one, evict-first (ld.global.cs: read once per step, they
-// should not push the activations and the KV cache out of the L2; and, as for the float GEMV
-// (matmul.cu), no L2 prefetch of the block's rows: H200, bench_gpu.py 0.6B batch 32, one build
-// with both as switches: 12,059-12,071 tok/s with them as before, 12,549 without the prefetch and
-// with evict-first loads), while the block copies x's slab after next into a
+// next slab's before its mma's on this one, while the block copies x's slab after next into a
 // shared-memory buffer with cp.async (two buffers; with the norm, the norm weight's slab too and
-// each row's sum of squares gathered from the staged values). When N alone gives too few blocks
+// each row's sum of squares gathered from the staged values). Weights are loaded evict-first
+// (ld.global.cs: read once per step, they should not push the activations and the KV cache out
+// of the L2) and, as in the float GEMV (matmul.cu), not prefetched into the L2 (H200, bench_gpu.py
+// 0.6B batch 32, one build with both as switches: 12,059-12,071 tok/s before, 12,549 after). When N alone gives too few blocks
 // to fill the GPU, K is split further over a thread-block cluster (sm_90, up to 8 blocks, no more
 // than stay resident at once), whose partial sums meet through distributed shared memory: each
 // block of the cluster finishes a slice of the 64 rows, summing the partials in block order
