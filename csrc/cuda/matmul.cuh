@@ -66,6 +66,7 @@ __device__ __forceinline__ void store_swiglu_sum(const MatmulArgs &a, int64_t m,
     to_store(a.out, a.out_dt, m * a.os0 + n / 2, __fmul_rn(to_silu(gate), up));
 }
 
+// The same, loading the biases itself (as store_out does).
 __device__ __forceinline__ void store_swiglu(const MatmulArgs &a, int64_t m, int64_t n, float gate, float up) {
     store_swiglu_sum(a, m, n, gate, up, a.bias ? to_load(a.bias, a.bias_dt, n * a.bs0) : 0.0f,
                      a.bias ? to_load(a.bias, a.bias_dt, (n + 1) * a.bs0) : 0.0f);
