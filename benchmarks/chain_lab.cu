@@ -65,6 +65,18 @@ __device__ __forceinline__ void unit_coords(const Stage &s, int tile, int warp, 
     *ok = *n0 < s.N;
 }
 
+// A group of loads: rows n0 .. n0 + kRows, columns j0 + g * stride (16-byte vectors), zeros past K
+__device__ __forceinline__ void load_group(const Stage &s, int64_t n0, bool ok, int j0, int stride, Preload &p) {
+    const int nvec = s.K / 8;
+#pragma unroll
+    for (int g = 0; g < kGroup; g++)
+#pragma unroll
+        for (int r = 0; r < kRows; r++) {
+            const int j = j0 + g * stride;
+            p.w[g][r] = ok && j < nvec ? __ldcs(s.w + (n0 + r) * nvec + j) : make_uint4(0, 0, 0, 0);
+        }
+}
+
 // The first group of this warp's loads of `tile` (nothing a stage writes: may precede the wait).
 __device__ __forceinline__ void preload(const Stage &s, int tile, Preload &p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -72,14 +84,7 @@ __device__ __forceinline__ void preload(const Stage &s, int tile, Preload &p) {
     int part;
     bool ok;
     unit_coords(s, tile, warp, &n0, &part, &ok);
-    const int nvec = s.K / 8, stride = 32 * s.ks;
-#pragma unroll
-    for (int g = 0; g < kGroup; g++)
-#pragma unroll
-        for (int r = 0; r < kRows; r++) {
-            const int j = part * 32 + lane + g * stride;
-            p.w[g][r] = ok && j < nvec ? __ldcs(s.w + (n0 + r) * nvec + j) : make_uint4(0, 0, 0, 0);
-        }
+    load_group(s, n0, ok, part * 32 + lane, 32 * s.ks, p);
 }
 
 __device__ __forceinline__ float dot8(uint4 w, const float *x) {
@@ -101,13 +106,7 @@ __device__ __forceinline__ void run_tile(const Stage &s, int tile, Preload &p, f
     float acc[kRows] = {};
     for (int j0 = part * 32 + lane; j0 < nvec; j0 += kGroup * stride) {
         if (j0 != part * 32 + lane) // later groups: loaded here
-#pragma unroll
-            for (int g = 0; g < kGroup; g++)
-#pragma unroll
-                for (int r = 0; r < kRows; r++) {
-                    const int j = j0 + g * stride;
-                    p.w[g][r] = ok && j < nvec ? __ldcs(s.w + (n0 + r) * nvec + j) : make_uint4(0, 0, 0, 0);
-                }
+            load_group(s, n0, ok, j0, stride, p);
 #pragma unroll
         for (int g = 0; g < kGroup; g++) {
             const int j = j0 + g * stride;
@@ -333,10 +332,8 @@ __global__ void __launch_bounds__(32 * kWarps, 2) even_kernel(const __grid_const
     }
 }
 
-static void launch_smem(int grid, cudaStream_t st, const Chain &c) {
-    const Stage &s = c.st[c.first];
-    const int rpb = (s.N + grid - 1) / grid;
-    const size_t smem = (size_t)rpb * s.K * 2 + (size_t)s.K * 4;
+// A launch allowed to start early (programmatic dependent launch), as the library's are
+static void launch(void (*k)(Chain), int grid, cudaStream_t st, const Chain &c, size_t smem = 0) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(grid);
     cfg.blockDim = dim3(32 * kWarps);
@@ -347,20 +344,13 @@ static void launch_smem(int grid, cudaStream_t st, const Chain &c) {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    CK(cudaLaunchKernelEx(&cfg, smem_kernel, c));
+    CK(cudaLaunchKernelEx(&cfg, k, c));
 }
 
-static void launch(void (*k)(Chain), int grid, cudaStream_t st, const Chain &c) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(32 * kWarps);
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CK(cudaLaunchKernelEx(&cfg, k, c));
+// smem_kernel's shared memory: its rows' weights, then x in f32
+static size_t smem_bytes(const Stage &s, int grid) {
+    const int rpb = (s.N + grid - 1) / grid;
+    return (size_t)rpb * s.K * 2 + (size_t)s.K * 4;
 }
 
 enum Kind { KERNELS, PER_LAYER, ONE_KERNEL, SMEM, EVEN };
@@ -494,7 +484,7 @@ int main() {
                 c.first = i;
                 c.count = v.kind == PER_LAYER ? 4 : v.kind == ONE_KERNEL ? n : 1;
                 if (v.kind == SMEM)
-                    launch_smem(v.per_sm * sms, st, c);
+                    launch(smem_kernel, v.per_sm * sms, st, c, smem_bytes(c.st[i], v.per_sm * sms));
                 else if (v.kind == EVEN)
                     launch(even_kernel, v.per_sm * sms, st, c);
                 else if (v.kind == KERNELS)
