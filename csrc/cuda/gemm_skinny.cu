@@ -24,9 +24,10 @@
 // each row's sum of squares gathered from the staged values). Weights are loaded evict-first
 // (ld.global.cs: read once per step, they should not push the activations and the KV cache out
 // of the L2) and, as in the float GEMV (matmul.cu), not prefetched into the L2 (H200, bench_gpu.py
-// 0.6B batch 32, one build with both as switches: 12,059-12,071 tok/s before, 12,549 after). When N alone gives too few blocks
-// to fill the GPU, K is split further over a thread-block cluster (sm_90, up to 8 blocks, no more
-// than stay resident at once), whose partial sums meet through distributed shared memory: each
+// 0.6B batch 32, one build with both as switches: 12,059-12,071 tok/s before, 12,549 after).
+// When N alone gives too few blocks to fill the GPU, K is split further over a thread-block
+// cluster (sm_90, up to 8 blocks, no more than stay resident at once), whose partial sums meet
+// through distributed shared memory: each
 // block of the cluster finishes a slice of the 64 rows, summing the partials in block order
 // (deterministic: the same inputs give the same bits), and stores them through the epilogue.
 // Shapes it does not win are left to the tiled GEMMs (launch_skinny says which and why), measured

@@ -123,8 +123,8 @@ def check_result(got, x64, wtype, wdeq, off, b64, out_dtype):
     ref_a = xq @ wdeq.T
     mag = np.abs(xq) @ (np.abs(wdeq - off) + np.abs(off)).T
     ref_b = x64 @ wdeq.T
-    grid = np.broadcast_to(d.astype(np.float64) * (0.5 + 1e-4), (M, K // bs, bs)).reshape(M, K)
-    xerr = grid @ np.abs(wdeq).T
+    d_k = np.broadcast_to(d.astype(np.float64), (M, nb, bs)).reshape(M, K)  # each x element's step
+    xerr = (d_k * (0.5 + 1e-4)) @ np.abs(wdeq).T
     if b64 is not None:
         ref_a, ref_b, mag = ref_a + b64, ref_b + b64, mag + np.abs(b64)
     acc = (8 + 2 * min(nb, 2 * math.sqrt(nb))) * U32 * mag
@@ -141,7 +141,6 @@ def check_result(got, x64, wtype, wdeq, off, b64, out_dtype):
     # far outside it. (A fixed 2 % bound failed for about 1 draw in 300 of a single-block K.)
     norm = np.linalg.norm(ref_b)
     if got.size >= 100 and norm > 0:
-        d_k = np.repeat(d.reshape(M, nb).astype(np.float64), bs, axis=1)
         model = np.sqrt(np.sum((d_k ** 2 / 12) @ (wdeq ** 2).T))
         rel, bound = np.linalg.norm(got - ref_b) / norm, (5 * model + np.linalg.norm(acc)) / norm + 2 * u
         assert rel < bound, f"(c) relative error {rel:.4f} above the quantization model's {bound:.4f}"
