@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from inference_pio import dtypes, ops
 from inference_pio.tensor import Tensor
 from inference_pio.io.hf_config import field, rope_theta, rope_type
-from inference_pio.layers import Attention, GatedMLP, final_hidden, rope_inv_freq
+from inference_pio.layers import Attention, GatedMLP, final_logits, rope_inv_freq
 from inference_pio.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 
 from . import register
@@ -124,5 +124,4 @@ class LlamaForCausalLM(Module):
         self.model.embed_tokens(batch.token_ids, out=residual)
         for layer in self.model.layers:
             layer(residual, batch)
-        h = final_hidden(residual, self.model.norm, batch.logits_indices)
-        return ops.matmul(h, self.head.weight, out_dtype=dtypes.float32)
+        return final_logits(residual, self.model.norm, batch.logits_indices, self.head.weight)

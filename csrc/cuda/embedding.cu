@@ -14,6 +14,7 @@ namespace {
 
 constexpr int kQK = 32;   // elements per block of Q8_0, Q4_0, Q4_1
 constexpr int kQKK = 256; // elements per super-block of Q4_K, Q6_K
+constexpr int kConvertLoads = 16; // a converted row's loads in flight per thread
 
 struct EmbeddingArgs {
     TensorView out, table, ids;
@@ -60,10 +61,24 @@ __global__ void embedding_kernel(EmbeddingArgs a) {
                 default: ((uint64_t *)a.out.data)[dst] = ((const uint64_t *)a.table.data)[src]; break;
                 }
             }
-        } else {
+        } else { // kConvertLoads elements per thread loaded before any is stored: one trip to memory
+                 // for a row of up to 256 kConvertLoads (the stores could alias the table, so the
+                 // compiler would not move a load past one: a 4B row took ten trips, 8 us)
             const int64_t to = id * a.table.strides[0];
-            for (int64_t j = threadIdx.x; j < a.D; j += blockDim.x)
-                to_store(a.out.data, a.out.dtype, oo + j * so, to_load(a.table.data, a.table.dtype, to + j * st));
+            for (int64_t j0 = threadIdx.x; j0 < a.D; j0 += (int64_t)blockDim.x * kConvertLoads) {
+                float v[kConvertLoads];
+#pragma unroll
+                for (int u = 0; u < kConvertLoads; u++) {
+                    const int64_t j = j0 + (int64_t)u * blockDim.x;
+                    v[u] = j < a.D ? to_load(a.table.data, a.table.dtype, to + j * st) : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < kConvertLoads; u++) {
+                    const int64_t j = j0 + (int64_t)u * blockDim.x;
+                    if (j < a.D)
+                        to_store(a.out.data, a.out.dtype, oo + j * so, v[u]);
+                }
+            }
         }
     }
 }

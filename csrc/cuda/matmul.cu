@@ -325,8 +325,13 @@ template <typename T> __device__ __forceinline__ void unpack16(uint4 raw, float 
 }
 
 // NORM: 0 no norm; 1 the norm weight has w's dtype (read like the weights); 2 any float dtype.
+// (For one row, 4 blocks per SM in the launch bounds hold the kernel to 64 registers: left alone,
+// ptxas gave the norm variants 72-80, three blocks (24 warps) per SM, and fewer bytes in flight.
+// Capped, they spill ~160 bytes (stored once, ~24 read back in the epilogue) and measured faster:
+// decode step graph replay, one build with both forms, twice, H200: 0.6B 791-792 -> 780-781 us,
+// 4B 2,958 -> 2,920. With more rows the cap spills 0.3-2.3 KB: not applied.)
 template <int MR, typename T, int KSPLIT, int NORM>
-__global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_stream_kernel(MatmulArgs a) {
+__global__ void __launch_bounds__(32 * GEMV_WARPS, MR == 1 ? 4 : 1) gemv_stream_kernel(MatmulArgs a) {
     constexpr int VEC = 16 / sizeof(T);            // weights per 16-byte load
     constexpr int R = GV_ROWS, G = GV_GROUP;
     constexpr int UNITS = GEMV_WARPS / KSPLIT;     // row groups per block

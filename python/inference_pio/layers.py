@@ -159,10 +159,14 @@ class GatedMLP(Module):
         ops.matmul_add(residual, act, self.down_proj.weight)
 
 
-def final_hidden(residual, norm, indices):
-    """The final norm of only the rows whose logits are wanted, `indices` [L] of the residual
-    stream (usually one row per sequence)."""
-    return norm(ops.embedding(residual, indices))
+def final_logits(residual, norm, indices, head_weight):
+    """Float32 logits of the rows `indices` [L] of the residual stream (usually one row per
+    sequence): the final norm and the output head in one op (on a GPU one kernel for few rows:
+    the norm kernel before it cost a decode step ~7 us on Qwen3-0.6B, ~13 on 4B). Where every row
+    is wanted (a decode step: L = T, and the indices rise, so they are 0 .. T - 1) the rows are
+    not gathered first."""
+    rows = residual if indices.numel() == residual.shape[0] else ops.embedding(residual, indices)
+    return ops.rms_norm_matmul(rows, norm.weight, norm.eps, head_weight)
 
 
-__all__ = ["Attention", "GatedMLP", "final_hidden", "rope_inv_freq"]
+__all__ = ["Attention", "GatedMLP", "final_logits", "rope_inv_freq"]

@@ -47,9 +47,19 @@ class ForwardBatch:
                  block_table_width=None):
         self.block_size, self.logits_for, self.kv_cache = block_manager.block_size, logits_for, kv_cache
         arrays, self.sampled, width = _layout(scheduled, self.block_size, logits_for, block_table_width)
+        # Every field is a view of one int32 buffer, so that a step's batch goes to the GPU in one
+        # copy: each copy is a transfer of its own on the GPU's timeline (a decode step made six).
+        # Fields start at multiples of 4 entries (16 bytes).
+        self._offsets = {}
+        at = 0
         for name in _FIELDS:
-            t = Tensor.frombuffer(arrays[name], dtypes.int32)
-            setattr(self, name, t if device == "cpu" else t.to(device))
+            self._offsets[name] = at
+            at += (len(arrays[name]) + 3) // 4 * 4
+        self._packed = Tensor.frombuffer(_pack(arrays, self._offsets, at), dtypes.int32)
+        if device != "cpu":
+            self._packed = self._packed.to(device)
+        for name in _FIELDS:
+            setattr(self, name, self._packed.narrow(0, self._offsets[name], len(arrays[name])))
         self.block_tables = self.block_tables.view(len(scheduled), width)
         self.num_tokens = len(arrays["token_ids"])
 
@@ -59,11 +69,22 @@ class ForwardBatch:
         token_ids=False leaves the token ids to the caller (they come from the device)."""
         arrays, self.sampled, _ = _layout(scheduled, self.block_size, self.logits_for,
                                           self.block_tables.shape[1])
-        for name in _FIELDS if token_ids else _FIELDS[1:]:
-            t, a = getattr(self, name), arrays[name]
-            if len(a) != t.numel():
-                raise ValueError(f"batch field {name} has {len(a)} entries, the graph's has {t.numel()}")
-            if t.is_cuda:
-                t.copy_(Tensor.frombuffer(a, dtypes.int32).view(t.shape))
-            else:
-                ffi.memmove(ffi.cast("void *", t.data_ptr()), a, len(a) * 4)
+        for name in _FIELDS:
+            t = getattr(self, name)
+            if len(arrays[name]) != t.numel():
+                raise ValueError(f"batch field {name} has {len(arrays[name])} entries, the graph's has {t.numel()}")
+        packed = _pack(arrays, self._offsets, self._packed.numel())
+        start = 0 if token_ids else self._offsets[_FIELDS[1]]  # token_ids come first
+        n = self._packed.numel() - start
+        if self._packed.is_cuda:
+            self._packed.narrow(0, start, n).copy_(Tensor.frombuffer(packed, dtypes.int32, offset=4 * start))
+        else:
+            ffi.memmove(ffi.cast("int32_t *", self._packed.data_ptr()) + start, packed[start:], n * 4)
+
+
+def _pack(arrays, offsets, size):
+    """The fields' int32 arrays at their offsets in one array of `size` entries."""
+    packed = array("i", bytes(4 * size))
+    for name, a in arrays.items():
+        packed[offsets[name]:offsets[name] + len(a)] = a
+    return packed
