@@ -18,14 +18,10 @@
 //              (cp.async) before the wait (0.6B only: 4B's rows do not fit).
 // It prints µs per layer beside the bytes' time at the measured device copy bandwidth.
 // Results: BENCHMARKS.md, CUDA thirteenth pass.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <vector>
+#include "lab.cuh"
 
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); exit(1); } } while (0)
+#include <stdint.h>
+#include <vector>
 
 constexpr int kWarps = 8;   // per block
 constexpr int kRows = 2;    // weight rows per warp
@@ -45,13 +41,6 @@ struct Chain {
     int trig;           // product kernels: where the next launch is allowed (see product_kernel)
     unsigned *arrived;  // per stage: blocks done (persistent kernels), zeroed before the replay
 };
-
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" :::); }
-__device__ __forceinline__ float wsum(float v) {
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 // A unit is a row pair and one of ks slices of K; a tile is a block's kWarps units.
 __host__ __device__ __forceinline__ int tiles_of(const Stage &s) { return (s.N / kRows * s.ks + kWarps - 1) / kWarps; }
@@ -85,14 +74,6 @@ __device__ __forceinline__ void preload(const Stage &s, int tile, Preload &p) {
     bool ok;
     unit_coords(s, tile, warp, &n0, &part, &ok);
     load_group(s, n0, ok, part * 32 + lane, 32 * s.ks, p);
-}
-
-__device__ __forceinline__ float dot8(uint4 w, const float *x) {
-    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&w;
-    const float4 a = *(const float4 *)x, b = *(const float4 *)(x + 4);
-    float2 f0 = __bfloat1622float2(h[0]), f1 = __bfloat1622float2(h[1]), f2 = __bfloat1622float2(h[2]),
-           f3 = __bfloat1622float2(h[3]);
-    return f0.x * a.x + f0.y * a.y + f1.x * a.z + f1.y * a.w + f2.x * b.x + f2.y * b.y + f3.x * b.z + f3.y * b.w;
 }
 
 // The tile's products, from its preloaded first group; y written by the first warp of each unit.
