@@ -315,16 +315,8 @@ __global__ void __launch_bounds__(32 * kWarps, 2) even_kernel(const __grid_const
 
 // A launch allowed to start early (programmatic dependent launch), as the library's are
 static void launch(void (*k)(Chain), int grid, cudaStream_t st, const Chain &c, size_t smem = 0) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(32 * kWarps);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = pdl_config(dim3(grid), dim3(32 * kWarps), smem, st, attr);
     CK(cudaLaunchKernelEx(&cfg, k, c));
 }
 
@@ -363,26 +355,6 @@ const Variant kVariants[] = {
     {"even split, 2 blocks/SM", EVEN, 2, false, 0, 0},
     {"kernels (again)", KERNELS, 0, false, 0, 0},
 };
-
-static float replay_us(cudaGraphExec_t g, cudaStream_t st, int reps) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    for (int i = 0; i < 5; i++)
-        CK(cudaGraphLaunch(g, st));
-    float best = 1e30f;
-    for (int round = 0; round < 5; round++) {
-        CK(cudaEventRecord(a, st));
-        for (int i = 0; i < reps; i++)
-            CK(cudaGraphLaunch(g, st));
-        CK(cudaEventRecord(b, st));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        best = ms * 1000.0f / reps < best ? ms * 1000.0f / reps : best;
-    }
-    return best;
-}
 
 int main() {
     int sms;

@@ -193,15 +193,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attn_kernel(const __grid_cons
 
 // ---- launches ----
 static void launch_prod(const Prod &p, cudaStream_t st) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((p.N / 2 * p.ks + 7) / 8);
-    cfg.blockDim = dim3(256);
-    cfg.stream = st;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = pdl_config(dim3((p.N / 2 * p.ks + 7) / 8), dim3(256), 0, st, attr);
     CK(cudaLaunchKernelEx(&cfg, prod_kernel, p));
 }
 
@@ -214,41 +207,14 @@ static void launch_attn(const Attn &a, cudaStream_t st) {
         CK(cudaFuncSetAttribute(attn_kernel<FORM>, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024));
         once = true;
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(kHkv * kCluster);
-    cfg.blockDim = dim3(kAttnThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
     cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = pdl_config(dim3(kHkv * kCluster), dim3(kAttnThreads), smem, st, attr);
     attr[1].id = cudaLaunchAttributeClusterDimension;
     attr[1].val.clusterDim.x = kCluster;
     attr[1].val.clusterDim.y = 1;
     attr[1].val.clusterDim.z = 1;
-    cfg.attrs = attr;
     cfg.numAttrs = 2;
     CK(cudaLaunchKernelEx(&cfg, attn_kernel<FORM>, a));
-}
-
-static float replay_us(cudaGraphExec_t g, cudaStream_t st) {
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    for (int i = 0; i < 5; i++)
-        CK(cudaGraphLaunch(g, st));
-    float best = 1e30f;
-    for (int round = 0; round < 5; round++) {
-        CK(cudaEventRecord(e0, st));
-        for (int i = 0; i < 20; i++)
-            CK(cudaGraphLaunch(g, st));
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        best = ms * 50.0f < best ? ms * 50.0f : best; // us per replay: ms * 1000 / 20
-    }
-    return best;
 }
 
 int main() {
@@ -320,7 +286,7 @@ int main() {
             CK(cudaStreamSynchronize(st));
             if (pass == 0)
                 first_out[form] = out;
-            const float us = replay_us(exec, st);
+            const float us = replay_us(exec, st, 20);
             printf("%-48s %8.1f us per step, %5.2f us per layer (check value %.6g)\n", names[form], us, us / kLayers,
                    first_out[form]);
             CK(cudaGraphExecDestroy(exec));

@@ -23,3 +23,43 @@ __device__ __forceinline__ float dot8(uint4 w, const float *x) {
            f3 = __bfloat1622float2(h[3]);
     return f0.x * a.x + f0.y * a.y + f1.x * a.z + f1.y * a.w + f2.x * b.x + f2.y * b.y + f3.x * b.z + f3.y * b.w;
 }
+
+// A launch configuration that may start before the kernel ahead of it completes (programmatic
+// dependent launch), as the library's launches do. attrs: room for the attributes (the first is
+// set here; a caller may add more and raise numAttrs).
+static inline cudaLaunchConfig_t pdl_config(dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                                            cudaLaunchAttribute *attrs) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attrs;
+    cfg.numAttrs = 1;
+    return cfg;
+}
+
+// µs per replay of g: the best of five rounds of `reps` back-to-back replays, after five more
+static inline float replay_us(cudaGraphExec_t g, cudaStream_t st, int reps) {
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    for (int i = 0; i < 5; i++)
+        CK(cudaGraphLaunch(g, st));
+    float best = 1e30f;
+    for (int round = 0; round < 5; round++) {
+        CK(cudaEventRecord(a, st));
+        for (int i = 0; i < reps; i++)
+            CK(cudaGraphLaunch(g, st));
+        CK(cudaEventRecord(b, st));
+        CK(cudaEventSynchronize(b));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        best = ms * 1000.0f / reps < best ? ms * 1000.0f / reps : best;
+    }
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
+    return best;
+}
