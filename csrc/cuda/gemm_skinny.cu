@@ -27,9 +27,9 @@
 // 0.6B batch 32, one build with both as switches: 12,059-12,071 tok/s before, 12,549 after).
 // When N alone gives too few blocks to fill the GPU, K is split further over a thread-block
 // cluster (sm_90, up to 8 blocks, no more than stay resident at once), whose partial sums meet
-// through distributed shared memory: each
-// block of the cluster finishes a slice of the 64 rows, summing the partials in block order
-// (deterministic: the same inputs give the same bits), and stores them through the epilogue.
+// through distributed shared memory: each block of the cluster finishes a slice of the 64 rows,
+// summing the partials in block order (deterministic: the same inputs give the same bits), and
+// stores them through the epilogue.
 // Shapes it does not win are left to the tiled GEMMs (launch_skinny says which and why), measured
 // with benchmarks/bench_gpu_kernels.py; benchmarks/skinny_lab.cu measures the weight stream alone.
 //
